@@ -1,0 +1,328 @@
+/*
+ * samopt: Sharpness-Aware Minimization as an embeddable optimizer plugin.
+ *
+ * One SAM step, with the host's own forward/backward passes:
+ *   1. compute the gradient at w into the registered gradient buffers
+ *   2. sam_first_step(opt)   -- w <- w + e(w), using one global gradient norm
+ *   3. compute the gradient at w + e(w) into the same buffers
+ *   4. sam_second_step(opt)  -- w restored bit for bit
+ *   5. the base optimizer steps w with that gradient
+ *
+ * Every function returns SAM_OK (0) or a negative SamStatus; on failure nothing changed and
+ * sam_last_error() says which argument was wrong and why.
+ */
+
+#ifndef SAMOPT_H
+#define SAMOPT_H
+
+/* Generated from src/capi by cbindgen (cbindgen.toml); do not edit by hand. */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/**
+ * Version of the C ABI: bumped on any incompatible change to a signature or struct layout.
+ * Compare `sam_abi_version()` with `SAM_ABI_VERSION` from the header you compiled against.
+ */
+#define SAM_ABI_VERSION 1
+
+/**
+ * The result of every fallible call. `SAM_OK` is 0, errors are negative, and a number never
+ * changes meaning (retired numbers are not reused).
+ */
+enum SamStatus
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * Success.
+     */
+    SAM_OK = 0,
+    /**
+     * A required pointer argument was NULL.
+     */
+    SAM_ERR_NULL_POINTER = -1,
+    /**
+     * An argument had a value the call cannot accept; the message names it.
+     */
+    SAM_ERR_INVALID_ARGUMENT = -2,
+    /**
+     * The call is not allowed now: a second step before a first step, a first step twice,
+     * registering while the weights are perturbed.
+     */
+    SAM_ERR_INVALID_STATE = -3,
+    /**
+     * A gradient held NaN or infinity: no parameter was changed. A loss-scaled loop lowers its
+     * scale and retries.
+     */
+    SAM_ERR_NON_FINITE = -4,
+    /**
+     * Valid, but not supported by this build or backend.
+     */
+    SAM_ERR_UNSUPPORTED = -5,
+    /**
+     * The GPU device or driver failed.
+     */
+    SAM_ERR_DEVICE = -6,
+    /**
+     * Reading or writing a file or a serialized state failed.
+     */
+    SAM_ERR_IO = -7,
+    /**
+     * The optimizer's state could not be allocated.
+     */
+    SAM_ERR_OUT_OF_MEMORY = -8,
+    /**
+     * A bug in samopt (a caught panic); please report the message.
+     */
+    SAM_ERR_INTERNAL = -9,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum SamStatus SamStatus;
+#else
+typedef int32_t SamStatus;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * An optimizer handle: create with `sam_create`, free with `sam_destroy`.
+ */
+typedef struct SamOptimizer SamOptimizer;
+
+/**
+ * Which engine runs the passes: one of the `SAM_BACKEND_*` values.
+ */
+typedef uint32_t SamBackend;
+
+/**
+ * Configuration of an optimizer. Always start from `sam_config_default()`, which also sets
+ * `struct_size`, then change the fields you need.
+ */
+typedef struct {
+    /**
+     * `sizeof(SamConfig)` as the caller compiled it; lets the struct grow in later versions
+     * without breaking programs built against older headers.
+     */
+    size_t struct_size;
+    /**
+     * Radius of the perturbation ball; finite and > 0. Default 0.05 (ASAM: about 2.0).
+     */
+    double rho;
+    /**
+     * Added to the gradient norm before dividing by it; finite and >= 0. Default 1e-12.
+     */
+    double eps;
+    /**
+     * ASAM's offset in `T_w = |w| + eta`; finite and >= 0. Default 0.0.
+     */
+    double eta;
+    /**
+     * The norm of the ball: 2.0 (default) or `INFINITY` (the sign perturbation).
+     */
+    double norm_p;
+    /**
+     * Adaptive SAM (ASAM): scale the ascent elementwise by `T_w`. Default false.
+     */
+    bool adaptive;
+    /**
+     * A `SAM_BACKEND_*` value. Default `SAM_BACKEND_AUTO`.
+     */
+    SamBackend backend;
+    /**
+     * Worker threads of the CPU engine; 0 (default) uses every available core.
+     */
+    uint32_t num_threads;
+} SamConfig;
+
+/**
+ * Element type of a parameter and its gradient: one of the `SAM_DTYPE_*` values.
+ */
+typedef uint32_t SamDType;
+
+/**
+ * The CPU for host buffers.
+ */
+#define SAM_BACKEND_AUTO 0
+
+/**
+ * The fused multithreaded CPU engine.
+ */
+#define SAM_BACKEND_CPU 1
+
+/**
+ * The wgpu compute engine.
+ */
+#define SAM_BACKEND_GPU 2
+
+/**
+ * IEEE 754 binary32.
+ */
+#define SAM_DTYPE_F32 0
+
+/**
+ * IEEE 754 binary16.
+ */
+#define SAM_DTYPE_F16 1
+
+/**
+ * bfloat16.
+ */
+#define SAM_DTYPE_BF16 2
+
+#ifdef __cplusplus
+extern "C" {
+#endif // __cplusplus
+
+/**
+ * The default configuration: rho 0.05, eps 1e-12, no ASAM (eta 0), p = 2, backend AUTO, all
+ * cores, and `struct_size = sizeof(SamConfig)`.
+ */
+SamConfig sam_config_default(void);
+
+/**
+ * Creates an optimizer from `config` and stores its handle in `*out`.
+ *
+ * Fails with `SAM_ERR_NULL_POINTER` (config or out NULL), `SAM_ERR_INVALID_ARGUMENT` (a wrong
+ * `struct_size`, `rho <= 0` or NaN, `eps < 0`, `eta < 0`, an unknown backend, `norm_p < 1`),
+ * `SAM_ERR_UNSUPPORTED` (a `norm_p` other than 2 or infinity, or a backend this build lacks).
+ * On failure `*out` is left as it was.
+ *
+ * # Safety
+ * `config` must be NULL or point to a `SamConfig` of at least `config->struct_size` bytes; `out`
+ * must be NULL or valid for a write.
+ */
+SamStatus sam_create(const SamConfig *config, SamOptimizer **out);
+
+/**
+ * Frees an optimizer. The host's buffers are not touched (between the two steps they keep the
+ * perturbed weights). NULL is a no-op.
+ *
+ * # Safety
+ * `opt` must be NULL or a handle from `sam_create` not yet destroyed, with no call on it running.
+ */
+void sam_destroy(SamOptimizer *opt);
+
+/**
+ * Registers a parameter buffer and its gradient buffer, both owned by the host, and stores the
+ * tensor's id (0, 1, 2, ... in registration order) in `*out_id`.
+ *
+ * At every step the plugin reads `grad` and rewrites `param` in place; the host keeps both alive
+ * and in place for the optimizer's lifetime, writes the gradient between calls, and does not
+ * touch either while a call runs.
+ *
+ * Fails, registering nothing, with `SAM_ERR_NULL_POINTER` (any pointer NULL),
+ * `SAM_ERR_INVALID_ARGUMENT` (`len` 0, an unknown `dtype`, a pointer not aligned to the element
+ * size, a byte size that overflows, `param` and `grad` overlapping, either overlapping a buffer
+ * registered before) or `SAM_ERR_INVALID_STATE` (between a first and a second step).
+ *
+ * # Safety
+ * `param` must be valid for reads and writes, and `grad` for reads, of `len` elements of `dtype`
+ * for the optimizer's lifetime; `opt` must be NULL or a live handle; `out_id` NULL or writable.
+ */
+SamStatus sam_register_host(SamOptimizer *opt,
+                            void *param,
+                            const void *grad,
+                            size_t len,
+                            SamDType dtype,
+                            uint32_t *out_id);
+
+/**
+ * The ascent (first) step: computes one L2 norm over the gradients of every registered tensor,
+ * then moves every parameter to `w + e(w)` and keeps `w` for the restore.
+ *
+ * Returns `SAM_ERR_NON_FINITE`, with no parameter touched, when any gradient (under ASAM, any
+ * weight) holds NaN or infinity; `SAM_ERR_INVALID_STATE` when called twice without a second step
+ * in between, or with no tensor registered.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle whose registered buffers are valid.
+ */
+SamStatus sam_first_step(SamOptimizer *opt);
+
+/**
+ * The second step: restores every parameter to exactly the bits it had before the first step.
+ * The host then runs its base optimizer with the gradient it computed at `w + e(w)`.
+ *
+ * Returns `SAM_ERR_INVALID_STATE` without a preceding first step.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle whose registered buffers are valid.
+ */
+SamStatus sam_second_step(SamOptimizer *opt);
+
+/**
+ * Stores in `*out` the L2 norm `||T_w * g||_2` (plain `||g||_2` without ASAM) that the last
+ * successful first step computed, over every registered tensor. Also computed for
+ * `norm_p = INFINITY`, where the perturbation does not use it. `SAM_ERR_INVALID_STATE` before the
+ * first successful first step.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_grad_norm(const SamOptimizer *opt, double *out);
+
+/**
+ * Stores the number of registered tensors in `*out`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_tensor_count(const SamOptimizer *opt, size_t *out);
+
+/**
+ * Stores the number of completed SAM steps (second steps) in `*out`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_step_count(const SamOptimizer *opt, uint64_t *out);
+
+/**
+ * Stores in `*out` whether the weights are perturbed (between a first and a second step).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_is_perturbed(const SamOptimizer *opt, bool *out);
+
+/**
+ * Stores in `*out` the backend that runs this optimizer's passes (`SAM_BACKEND_CPU` or
+ * `SAM_BACKEND_GPU`; never AUTO).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_get_backend(const SamOptimizer *opt, SamBackend *out);
+
+/**
+ * This thread's message for its last failing call, starting with the function's name, e.g.
+ * `"sam_register_host: len = 0: a tensor needs at least one element"`. Empty if no call failed on
+ * this thread. Never NULL. The string stays valid until the next failing call on this thread:
+ * copy it to keep it.
+ */
+const char *sam_last_error(void);
+
+/**
+ * A static, never-NULL description of a status, e.g. `"invalid argument"`; `"unknown status"`
+ * for a number that is not a `SamStatus`.
+ */
+const char *sam_status_string(int32_t status);
+
+/**
+ * The library's version, e.g. `"0.1.0"`: static, never NULL.
+ */
+const char *sam_version(void);
+
+/**
+ * The C ABI version of the loaded library; equal to `SAM_ABI_VERSION` of a compatible header.
+ */
+uint32_t sam_abi_version(void);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif  // __cplusplus
+
+#endif  /* SAMOPT_H */

@@ -1,0 +1,439 @@
+//! The C ABI: `include/samopt.h` is generated from this module by cbindgen.
+//!
+//! This layer only translates and checks: every function runs inside one panic boundary, turns
+//! pointers into references through helpers that name the argument when it is NULL, reads enums as
+//! plain integers so that an out-of-range value is an error rather than undefined behaviour, and
+//! hands the work to [`Optimizer`]. A failing call returns a negative [`SamStatus`], sets this
+//! thread's [`sam_last_error`] message and changes nothing.
+//!
+//! A handle may be used from any thread; calls on one handle are serialised by a lock.
+
+mod ffi;
+
+use std::ffi::{c_char, c_void};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::config::{Backend, Config, Norm};
+use crate::dtype::DType;
+use crate::engine::{Optimizer, Phase};
+use crate::error::{Error, ErrorKind, Result};
+use ffi::{arg_ref, boundary, non_null, write_out};
+
+/// Version of the C ABI: bumped on any incompatible change to a signature or struct layout.
+/// Compare `sam_abi_version()` with `SAM_ABI_VERSION` from the header you compiled against.
+pub const SAM_ABI_VERSION: u32 = 1;
+
+/// The result of every fallible call. `SAM_OK` is 0, errors are negative, and a number never
+/// changes meaning (retired numbers are not reused).
+#[repr(i32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum SamStatus {
+    /// Success.
+    SAM_OK = 0,
+    /// A required pointer argument was NULL.
+    SAM_ERR_NULL_POINTER = -1,
+    /// An argument had a value the call cannot accept; the message names it.
+    SAM_ERR_INVALID_ARGUMENT = -2,
+    /// The call is not allowed now: a second step before a first step, a first step twice,
+    /// registering while the weights are perturbed.
+    SAM_ERR_INVALID_STATE = -3,
+    /// A gradient held NaN or infinity: no parameter was changed. A loss-scaled loop lowers its
+    /// scale and retries.
+    SAM_ERR_NON_FINITE = -4,
+    /// Valid, but not supported by this build or backend.
+    SAM_ERR_UNSUPPORTED = -5,
+    /// The GPU device or driver failed.
+    SAM_ERR_DEVICE = -6,
+    /// Reading or writing a file or a serialized state failed.
+    SAM_ERR_IO = -7,
+    /// The optimizer's state could not be allocated.
+    SAM_ERR_OUT_OF_MEMORY = -8,
+    /// A bug in samopt (a caught panic); please report the message.
+    SAM_ERR_INTERNAL = -9,
+}
+
+/// Which engine runs the passes: one of the `SAM_BACKEND_*` values.
+pub type SamBackend = u32;
+/// The CPU for host buffers.
+pub const SAM_BACKEND_AUTO: SamBackend = 0;
+/// The fused multithreaded CPU engine.
+pub const SAM_BACKEND_CPU: SamBackend = 1;
+/// The wgpu compute engine.
+pub const SAM_BACKEND_GPU: SamBackend = 2;
+
+/// Element type of a parameter and its gradient: one of the `SAM_DTYPE_*` values.
+pub type SamDType = u32;
+/// IEEE 754 binary32.
+pub const SAM_DTYPE_F32: SamDType = 0;
+/// IEEE 754 binary16.
+pub const SAM_DTYPE_F16: SamDType = 1;
+/// bfloat16.
+pub const SAM_DTYPE_BF16: SamDType = 2;
+
+/// Configuration of an optimizer. Always start from `sam_config_default()`, which also sets
+/// `struct_size`, then change the fields you need.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamConfig {
+    /// `sizeof(SamConfig)` as the caller compiled it; lets the struct grow in later versions
+    /// without breaking programs built against older headers.
+    pub struct_size: usize,
+    /// Radius of the perturbation ball; finite and > 0. Default 0.05 (ASAM: about 2.0).
+    pub rho: f64,
+    /// Added to the gradient norm before dividing by it; finite and >= 0. Default 1e-12.
+    pub eps: f64,
+    /// ASAM's offset in `T_w = |w| + eta`; finite and >= 0. Default 0.0.
+    pub eta: f64,
+    /// The norm of the ball: 2.0 (default) or `INFINITY` (the sign perturbation).
+    pub norm_p: f64,
+    /// Adaptive SAM (ASAM): scale the ascent elementwise by `T_w`. Default false.
+    pub adaptive: bool,
+    /// A `SAM_BACKEND_*` value. Default `SAM_BACKEND_AUTO`.
+    pub backend: SamBackend,
+    /// Worker threads of the CPU engine; 0 (default) uses every available core.
+    pub num_threads: u32,
+}
+
+/// An optimizer handle: create with `sam_create`, free with `sam_destroy`.
+pub struct SamOptimizer {
+    inner: Mutex<Optimizer>,
+}
+
+impl SamOptimizer {
+    fn lock(&self) -> Result<MutexGuard<'_, Optimizer>> {
+        self.inner.lock().map_err(|_| {
+            Error::new(ErrorKind::Internal, "the optimizer is unusable after an earlier internal error")
+        })
+    }
+}
+
+const CONFIG_SIZES: [usize; 1] = [size_of::<SamConfig>()];
+
+/// Reads a caller's config, honouring its `struct_size`.
+///
+/// # Safety
+/// A non-null `ptr` must point to at least `struct_size` readable bytes.
+unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
+    non_null(ptr, "config")?;
+    // Read the size first: an older caller's struct may be shorter than ours.
+    // SAFETY: every version of the struct starts with `struct_size`.
+    let size = unsafe { ptr.cast::<usize>().read_unaligned() };
+    if !CONFIG_SIZES.contains(&size) {
+        return Err(Error::invalid(format!(
+            "config->struct_size = {size}, but this library knows SamConfig of {} bytes: start from sam_config_default()",
+            CONFIG_SIZES[0]
+        )));
+    }
+    let mut c = sam_config_default();
+    // SAFETY: `size` bytes are readable (the caller's contract) and fit in `c`.
+    unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&raw mut c).cast::<u8>(), size) };
+    let backend = match c.backend {
+        SAM_BACKEND_AUTO => Backend::Auto,
+        SAM_BACKEND_CPU => Backend::Cpu,
+        SAM_BACKEND_GPU => Backend::Gpu,
+        other => {
+            return Err(Error::invalid(format!(
+                "config->backend = {other}: not a SamBackend (0 AUTO, 1 CPU, 2 GPU)"
+            )));
+        }
+    };
+    let norm = Norm::from_p(c.norm_p).map_err(|e| Error::new(e.kind(), format!("config->{}", e.message())))?;
+    let config = Config {
+        rho: c.rho,
+        eps: c.eps,
+        adaptive: c.adaptive,
+        eta: c.eta,
+        norm,
+        backend,
+        threads: c.num_threads as usize,
+    };
+    config.validate().map_err(|e| Error::new(e.kind(), format!("config->{}", e.message())))?;
+    Ok(config)
+}
+
+fn dtype_from_c(dtype: SamDType) -> Result<DType> {
+    match dtype {
+        SAM_DTYPE_F32 => Ok(DType::F32),
+        SAM_DTYPE_F16 => Ok(DType::F16),
+        SAM_DTYPE_BF16 => Ok(DType::BF16),
+        other => Err(Error::invalid(format!("dtype = {other}: not a SamDType (0 F32, 1 F16, 2 BF16)"))),
+    }
+}
+
+/// The default configuration: rho 0.05, eps 1e-12, no ASAM (eta 0), p = 2, backend AUTO, all
+/// cores, and `struct_size = sizeof(SamConfig)`.
+#[unsafe(no_mangle)]
+pub extern "C" fn sam_config_default() -> SamConfig {
+    let d = Config::default();
+    SamConfig {
+        struct_size: size_of::<SamConfig>(),
+        rho: d.rho,
+        eps: d.eps,
+        eta: d.eta,
+        norm_p: d.norm.p(),
+        adaptive: d.adaptive,
+        backend: SAM_BACKEND_AUTO,
+        num_threads: 0,
+    }
+}
+
+/// Creates an optimizer from `config` and stores its handle in `*out`.
+///
+/// Fails with `SAM_ERR_NULL_POINTER` (config or out NULL), `SAM_ERR_INVALID_ARGUMENT` (a wrong
+/// `struct_size`, `rho <= 0` or NaN, `eps < 0`, `eta < 0`, an unknown backend, `norm_p < 1`),
+/// `SAM_ERR_UNSUPPORTED` (a `norm_p` other than 2 or infinity, or a backend this build lacks).
+/// On failure `*out` is left as it was.
+///
+/// # Safety
+/// `config` must be NULL or point to a `SamConfig` of at least `config->struct_size` bytes; `out`
+/// must be NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_create(config: *const SamConfig, out: *mut *mut SamOptimizer) -> SamStatus {
+    boundary("sam_create", || {
+        non_null(out, "out")?;
+        // SAFETY: the caller's contract.
+        let config = unsafe { read_config(config) }?;
+        let opt = Optimizer::new(config)?;
+        let handle = Box::into_raw(Box::new(SamOptimizer { inner: Mutex::new(opt) }));
+        // SAFETY: checked non-null above.
+        unsafe { write_out(out, "out", handle) }
+    })
+}
+
+/// Frees an optimizer. The host's buffers are not touched (between the two steps they keep the
+/// perturbed weights). NULL is a no-op.
+///
+/// # Safety
+/// `opt` must be NULL or a handle from `sam_create` not yet destroyed, with no call on it running.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_destroy(opt: *mut SamOptimizer) {
+    if opt.is_null() {
+        return;
+    }
+    boundary("sam_destroy", || {
+        // SAFETY: the caller's contract: a live handle from `sam_create`, freed once.
+        drop(unsafe { Box::from_raw(opt) });
+        Ok(())
+    });
+}
+
+/// Registers a parameter buffer and its gradient buffer, both owned by the host, and stores the
+/// tensor's id (0, 1, 2, ... in registration order) in `*out_id`.
+///
+/// At every step the plugin reads `grad` and rewrites `param` in place; the host keeps both alive
+/// and in place for the optimizer's lifetime, writes the gradient between calls, and does not
+/// touch either while a call runs.
+///
+/// Fails, registering nothing, with `SAM_ERR_NULL_POINTER` (any pointer NULL),
+/// `SAM_ERR_INVALID_ARGUMENT` (`len` 0, an unknown `dtype`, a pointer not aligned to the element
+/// size, a byte size that overflows, `param` and `grad` overlapping, either overlapping a buffer
+/// registered before) or `SAM_ERR_INVALID_STATE` (between a first and a second step).
+///
+/// # Safety
+/// `param` must be valid for reads and writes, and `grad` for reads, of `len` elements of `dtype`
+/// for the optimizer's lifetime; `opt` must be NULL or a live handle; `out_id` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_register_host(
+    opt: *mut SamOptimizer,
+    param: *mut c_void,
+    grad: *const c_void,
+    len: usize,
+    dtype: SamDType,
+    out_id: *mut u32,
+) -> SamStatus {
+    boundary("sam_register_host", || {
+        // SAFETY: the caller's contract.
+        let opt = unsafe { arg_ref(opt, "opt") }?;
+        non_null(param, "param")?;
+        non_null(grad, "grad")?;
+        non_null(out_id, "out_id")?;
+        let dtype = dtype_from_c(dtype)?;
+        let mut inner = opt.lock()?;
+        // SAFETY: the host's promise about the buffers, passed on.
+        let id = unsafe { inner.register_host_raw(param.cast(), grad.cast(), len, dtype) }?;
+        // SAFETY: checked non-null above.
+        unsafe { write_out(out_id, "out_id", id) }
+    })
+}
+
+/// The ascent (first) step: computes one L2 norm over the gradients of every registered tensor,
+/// then moves every parameter to `w + e(w)` and keeps `w` for the restore.
+///
+/// Returns `SAM_ERR_NON_FINITE`, with no parameter touched, when any gradient (under ASAM, any
+/// weight) holds NaN or infinity; `SAM_ERR_INVALID_STATE` when called twice without a second step
+/// in between, or with no tensor registered.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle whose registered buffers are valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_first_step(opt: *mut SamOptimizer) -> SamStatus {
+    boundary("sam_first_step", || {
+        // SAFETY: the caller's contract.
+        unsafe { arg_ref(opt, "opt") }?.lock()?.first_step()
+    })
+}
+
+/// The second step: restores every parameter to exactly the bits it had before the first step.
+/// The host then runs its base optimizer with the gradient it computed at `w + e(w)`.
+///
+/// Returns `SAM_ERR_INVALID_STATE` without a preceding first step.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle whose registered buffers are valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_second_step(opt: *mut SamOptimizer) -> SamStatus {
+    boundary("sam_second_step", || {
+        // SAFETY: the caller's contract.
+        unsafe { arg_ref(opt, "opt") }?.lock()?.second_step()
+    })
+}
+
+/// Stores in `*out` the L2 norm `||T_w * g||_2` (plain `||g||_2` without ASAM) that the last
+/// successful first step computed, over every registered tensor. Also computed for
+/// `norm_p = INFINITY`, where the perturbation does not use it. `SAM_ERR_INVALID_STATE` before the
+/// first successful first step.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_grad_norm(opt: *const SamOptimizer, out: *mut f64) -> SamStatus {
+    boundary("sam_grad_norm", || {
+        // SAFETY: the caller's contract.
+        let opt = unsafe { arg_ref(opt, "opt") }?;
+        non_null(out, "out")?;
+        let norm = opt.lock()?.grad_norm().ok_or_else(|| Error::state("no first step has succeeded yet"))?;
+        // SAFETY: checked non-null above.
+        unsafe { write_out(out, "out", norm) }
+    })
+}
+
+/// Stores the number of registered tensors in `*out`.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_tensor_count(opt: *const SamOptimizer, out: *mut usize) -> SamStatus {
+    boundary("sam_tensor_count", || {
+        // SAFETY: the caller's contract.
+        let n = unsafe { arg_ref(opt, "opt") }?.lock()?.tensor_count();
+        // SAFETY: the caller's contract.
+        unsafe { write_out(out, "out", n) }
+    })
+}
+
+/// Stores the number of completed SAM steps (second steps) in `*out`.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_step_count(opt: *const SamOptimizer, out: *mut u64) -> SamStatus {
+    boundary("sam_step_count", || {
+        // SAFETY: the caller's contract.
+        let n = unsafe { arg_ref(opt, "opt") }?.lock()?.steps();
+        // SAFETY: the caller's contract.
+        unsafe { write_out(out, "out", n) }
+    })
+}
+
+/// Stores in `*out` whether the weights are perturbed (between a first and a second step).
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_is_perturbed(opt: *const SamOptimizer, out: *mut bool) -> SamStatus {
+    boundary("sam_is_perturbed", || {
+        // SAFETY: the caller's contract.
+        let phase = unsafe { arg_ref(opt, "opt") }?.lock()?.phase();
+        // SAFETY: the caller's contract.
+        unsafe { write_out(out, "out", phase == Phase::Perturbed) }
+    })
+}
+
+/// Stores in `*out` the backend that runs this optimizer's passes (`SAM_BACKEND_CPU` or
+/// `SAM_BACKEND_GPU`; never AUTO).
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_get_backend(opt: *const SamOptimizer, out: *mut SamBackend) -> SamStatus {
+    boundary("sam_get_backend", || {
+        // SAFETY: the caller's contract.
+        let backend = match unsafe { arg_ref(opt, "opt") }?.lock()?.backend() {
+            Backend::Gpu => SAM_BACKEND_GPU,
+            Backend::Cpu | Backend::Auto => SAM_BACKEND_CPU,
+        };
+        // SAFETY: the caller's contract.
+        unsafe { write_out(out, "out", backend) }
+    })
+}
+
+/// This thread's message for its last failing call, starting with the function's name, e.g.
+/// `"sam_register_host: len = 0: a tensor needs at least one element"`. Empty if no call failed on
+/// this thread. Never NULL. The string stays valid until the next failing call on this thread:
+/// copy it to keep it.
+#[unsafe(no_mangle)]
+pub extern "C" fn sam_last_error() -> *const c_char {
+    ffi::last_error_ptr()
+}
+
+/// A static, never-NULL description of a status, e.g. `"invalid argument"`; `"unknown status"`
+/// for a number that is not a `SamStatus`.
+#[unsafe(no_mangle)]
+pub extern "C" fn sam_status_string(status: i32) -> *const c_char {
+    let s: &'static std::ffi::CStr = match status {
+        0 => c"ok",
+        -1 => c"null pointer",
+        -2 => c"invalid argument",
+        -3 => c"invalid state",
+        -4 => c"non-finite gradient",
+        -5 => c"unsupported",
+        -6 => c"device error",
+        -7 => c"I/O or format error",
+        -8 => c"out of memory",
+        -9 => c"internal error",
+        _ => c"unknown status",
+    };
+    s.as_ptr()
+}
+
+/// The library's version, e.g. `"0.1.0"`: static, never NULL.
+#[unsafe(no_mangle)]
+pub extern "C" fn sam_version() -> *const c_char {
+    const V: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+    V.as_ptr().cast()
+}
+
+/// The C ABI version of the loaded library; equal to `SAM_ABI_VERSION` of a compatible header.
+#[unsafe(no_mangle)]
+pub extern "C" fn sam_abi_version() -> u32 {
+    SAM_ABI_VERSION
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_strings_cover_every_status() {
+        for s in [
+            SamStatus::SAM_OK,
+            SamStatus::SAM_ERR_NULL_POINTER,
+            SamStatus::SAM_ERR_INVALID_ARGUMENT,
+            SamStatus::SAM_ERR_INVALID_STATE,
+            SamStatus::SAM_ERR_NON_FINITE,
+            SamStatus::SAM_ERR_UNSUPPORTED,
+            SamStatus::SAM_ERR_DEVICE,
+            SamStatus::SAM_ERR_IO,
+            SamStatus::SAM_ERR_OUT_OF_MEMORY,
+            SamStatus::SAM_ERR_INTERNAL,
+        ] {
+            // SAFETY: static NUL-terminated strings.
+            let text = unsafe { std::ffi::CStr::from_ptr(sam_status_string(s as i32)) };
+            assert_ne!(text.to_str().unwrap(), "unknown status", "{s:?}");
+        }
+        // SAFETY: as above.
+        let text = unsafe { std::ffi::CStr::from_ptr(sam_status_string(12345)) };
+        assert_eq!(text.to_str().unwrap(), "unknown status");
+    }
+}

@@ -1,0 +1,352 @@
+//! The fused multithreaded CPU engine for host memory.
+//!
+//! All registered tensors are laid end to end in one index space and cut into fixed chunks of
+//! [`CHUNK`] elements; a chunk may hold the tail of one tensor and the heads of the next ones.
+//! Threads take whole chunks, so thousands of small tensors cost what one large tensor of the same
+//! total size costs, and the chunk boundaries depend only on the registered lengths: the norm's
+//! per-chunk partial sums, added in chunk order, give the same bits whatever the thread count.
+//!
+//! Inside a chunk, work goes in blocks of [`BLOCK`] elements that stay in L1: the perturbation pass
+//! copies a block of weights to the backup and then updates the same block, so each weight and
+//! gradient crosses the memory bus once per pass.
+
+use std::ops::Range;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::backend::{AscentNorm, HostTensor, Passes};
+use crate::config::Config;
+use crate::dtype::{DType, Element};
+use crate::error::{Error, ErrorKind, Result};
+use crate::math::{Perturbation, ascent_norm_term, perturbed};
+
+/// Elements per unit of parallel work.
+pub(crate) const CHUNK: usize = 1 << 16;
+/// Elements per L1-resident block inside a chunk.
+const BLOCK: usize = 1024;
+/// Backups start on 64-byte boundaries (8 words), so every tensor's backup is cache-line aligned.
+const BACKUP_ALIGN_WORDS: usize = 8;
+
+/// A registered tensor and where its backup lives.
+struct Slot {
+    host: HostTensor,
+    /// Offset of the backup in `CpuEngine::backup`, in u64 words.
+    backup_word: usize,
+}
+
+/// A contiguous piece of one tensor inside one chunk.
+#[derive(Clone, Copy)]
+struct Segment {
+    tensor: usize,
+    start: usize,
+    len: usize,
+}
+
+/// The base address of the backup, shareable across worker threads.
+#[derive(Clone, Copy)]
+struct BackupPtr(*mut u64);
+// SAFETY: every worker writes the disjoint backup range of the segments it owns.
+unsafe impl Send for BackupPtr {}
+// SAFETY: as above.
+unsafe impl Sync for BackupPtr {}
+
+impl BackupPtr {
+    /// The address of backup word `word` (a method, so closures capture the whole `Sync` wrapper).
+    fn word(self, word: usize) -> *mut u64 {
+        self.0.wrapping_add(word)
+    }
+}
+
+/// The CPU backend.
+pub(crate) struct CpuEngine {
+    pool: rayon::ThreadPool,
+    slots: Vec<Slot>,
+    /// Saved weights, all tensors end to end, each aligned to [`BACKUP_ALIGN_WORDS`].
+    backup: Vec<u64>,
+    segments: Vec<Segment>,
+    /// Each chunk's range in `segments`.
+    chunks: Vec<Range<usize>>,
+    /// Elements in the last chunk so far.
+    last_chunk_fill: usize,
+    /// Per-chunk partial sums of the norm pass, reused every step.
+    partials: Vec<f64>,
+}
+
+impl CpuEngine {
+    /// A CPU engine with `threads` workers (0: one per available core).
+    pub fn new(threads: usize) -> Result<CpuEngine> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("samopt-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("cannot start CPU worker threads: {e}")))?;
+        Ok(CpuEngine {
+            pool,
+            slots: Vec::new(),
+            backup: Vec::new(),
+            segments: Vec::new(),
+            chunks: Vec::new(),
+            last_chunk_fill: CHUNK,
+            partials: Vec::new(),
+        })
+    }
+
+    /// Worker threads in this engine's pool.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Cuts a new tensor of `len` elements into the chunk list, continuing the last chunk.
+    fn append_segments(&mut self, tensor: usize, len: usize) {
+        let mut start = 0;
+        while start < len {
+            if self.last_chunk_fill == CHUNK {
+                self.chunks.push(self.segments.len()..self.segments.len());
+                self.last_chunk_fill = 0;
+            }
+            let take = (len - start).min(CHUNK - self.last_chunk_fill);
+            self.segments.push(Segment { tensor, start, len: take });
+            self.chunks.last_mut().expect("a chunk was just pushed").end += 1;
+            self.last_chunk_fill += take;
+            start += take;
+        }
+    }
+
+    fn chunk_segments(&self, chunk: &Range<usize>) -> &[Segment] {
+        &self.segments[chunk.clone()]
+    }
+}
+
+impl Passes for CpuEngine {
+    fn add_host(&mut self, host: HostTensor) -> Result<()> {
+        let bytes = host.len * host.dtype.size();
+        let words = bytes.div_ceil(8).next_multiple_of(BACKUP_ALIGN_WORDS);
+        let backup_word = self.backup.len();
+        // Reserve everything before changing anything, so a failure leaves the engine as it was.
+        let new_chunks = (host.len + CHUNK - 1) / CHUNK + 1;
+        self.backup
+            .try_reserve_exact(words)
+            .and_then(|_| self.segments.try_reserve(new_chunks))
+            .and_then(|_| self.chunks.try_reserve(new_chunks))
+            .and_then(|_| self.partials.try_reserve(new_chunks))
+            .and_then(|_| self.slots.try_reserve(1))
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::OutOfMemory,
+                    format!("cannot allocate the {bytes}-byte backup of a tensor of {} elements", host.len),
+                )
+            })?;
+        self.backup.resize(backup_word + words, 0);
+        self.slots.push(Slot { host, backup_word });
+        self.append_segments(self.slots.len() - 1, host.len);
+        self.partials.resize(self.chunks.len(), 0.0);
+        Ok(())
+    }
+
+    fn ascent_norm(&mut self, config: &Config) -> Result<AscentNorm> {
+        let (adaptive, eta) = (config.adaptive, config.eta);
+        let slots = &self.slots;
+        let segments = &self.segments;
+        let chunks = &self.chunks;
+        self.pool.install(|| {
+            self.partials.par_iter_mut().zip(chunks.par_iter()).for_each(|(partial, chunk)| {
+                let mut sum = 0.0;
+                for seg in &segments[chunk.clone()] {
+                    // SAFETY: the segment lies inside a registered tensor (see `append_segments`).
+                    sum += unsafe { norm_segment(&slots[seg.tensor].host, seg, adaptive, eta) };
+                }
+                *partial = sum;
+            })
+        });
+        // A fixed order over fixed chunks: the same bits for any number of threads.
+        let sum_sq = self.partials.iter().sum();
+        Ok(AscentNorm { sum_sq })
+    }
+
+    fn perturb(&mut self, p: &Perturbation) -> Result<()> {
+        let backup = BackupPtr(self.backup.as_mut_ptr());
+        let this = &*self;
+        this.pool.install(|| {
+            this.chunks.par_iter().for_each(|chunk| {
+                for seg in this.chunk_segments(chunk) {
+                    let slot = &this.slots[seg.tensor];
+                    // SAFETY: the segment lies inside its tensor and its backup; chunks are
+                    // disjoint, so no two workers touch the same bytes.
+                    unsafe { perturb_segment(slot, seg, backup, p) };
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn restore(&mut self) -> Result<()> {
+        let backup = BackupPtr(self.backup.as_mut_ptr());
+        let this = &*self;
+        this.pool.install(|| {
+            this.chunks.par_iter().for_each(|chunk| {
+                for seg in this.chunk_segments(chunk) {
+                    let slot = &this.slots[seg.tensor];
+                    let size = slot.host.dtype.size();
+                    // SAFETY: as in `perturb`; a plain copy of the saved bits.
+                    unsafe {
+                        let src = backup.word(slot.backup_word).cast::<u8>().add(seg.start * size);
+                        let dst = slot.host.param.add(seg.start * size);
+                        std::ptr::copy_nonoverlapping(src, dst, seg.len * size);
+                    }
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn find_non_finite(&self, adaptive: bool) -> Option<(usize, usize)> {
+        self.slots.iter().enumerate().find_map(|(i, slot)| {
+            // SAFETY: the tensor is registered; this only reads.
+            let at = unsafe { first_non_finite(&slot.host, adaptive) };
+            at.map(|e| (i, e))
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", self.threads())
+    }
+}
+
+/// The parameter and gradient of a segment as typed slices.
+///
+/// # Safety
+/// The segment must lie inside the tensor, the tensor's buffers must be valid and aligned for `T`,
+/// and no other thread may access these ranges for the returned lifetime.
+unsafe fn segment_slices<'a, T: Element>(t: &HostTensor, seg: &Segment) -> (&'a mut [T], &'a [T]) {
+    unsafe {
+        let w = std::slice::from_raw_parts_mut(t.param.cast::<T>().add(seg.start), seg.len);
+        let g = std::slice::from_raw_parts(t.grad.cast::<T>().add(seg.start), seg.len);
+        (w, g)
+    }
+}
+
+/// # Safety
+/// As [`segment_slices`], read-only.
+unsafe fn norm_segment(t: &HostTensor, seg: &Segment, adaptive: bool, eta: f64) -> f64 {
+    unsafe fn typed<T: Element>(t: &HostTensor, seg: &Segment, adaptive: bool, eta: f64) -> f64 {
+        let (w, g) = unsafe { segment_slices::<T>(t, seg) };
+        let w: &[T] = w;
+        if let (Some(w), Some(g)) = (T::as_f32(w), T::as_f32(g)) {
+            return sum_sq(w, g, adaptive, eta);
+        }
+        let (mut wf, mut gf) = ([0f32; BLOCK], [0f32; BLOCK]);
+        let mut sum = 0.0;
+        for (wb, gb) in w.chunks(BLOCK).zip(g.chunks(BLOCK)) {
+            let n = wb.len();
+            T::widen(gb, &mut gf[..n]);
+            if adaptive {
+                T::widen(wb, &mut wf[..n]);
+            }
+            sum += sum_sq(&wf[..n], &gf[..n], adaptive, eta);
+        }
+        sum
+    }
+    unsafe {
+        match t.dtype {
+            DType::F32 => typed::<f32>(t, seg, adaptive, eta),
+            DType::F16 => typed::<f16>(t, seg, adaptive, eta),
+            DType::BF16 => typed::<bf16>(t, seg, adaptive, eta),
+        }
+    }
+}
+
+/// `sum (T_w g)^2` in f64 over eight independent lanes (so the loop vectorizes), then added in a
+/// fixed tree. `w` is read only under ASAM.
+fn sum_sq(w: &[f32], g: &[f32], adaptive: bool, eta: f64) -> f64 {
+    fn lanes<const ADAPTIVE: bool>(w: &[f32], g: &[f32], eta: f64) -> f64 {
+        const L: usize = 8;
+        let mut acc = [0f64; L];
+        let (gc, wc) = (g.chunks_exact(L), w.chunks_exact(L));
+        let (gt, wt) = (gc.remainder(), wc.remainder());
+        for (gb, wb) in gc.zip(wc) {
+            for l in 0..L {
+                acc[l] += ascent_norm_term::<ADAPTIVE>(wb[l], gb[l], eta);
+            }
+        }
+        for (l, (&gv, &wv)) in gt.iter().zip(wt).enumerate() {
+            acc[l] += ascent_norm_term::<ADAPTIVE>(wv, gv, eta);
+        }
+        ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+    }
+    if adaptive { lanes::<true>(w, g, eta) } else { lanes::<false>(g, g, eta) }
+}
+
+/// # Safety
+/// As [`segment_slices`]; the backup range of the segment must be exclusively this caller's.
+unsafe fn perturb_segment(slot: &Slot, seg: &Segment, backup: BackupPtr, p: &Perturbation) {
+    unsafe fn typed<T: Element>(slot: &Slot, seg: &Segment, backup: BackupPtr, p: &Perturbation) {
+        let (w, g) = unsafe { segment_slices::<T>(&slot.host, seg) };
+        let saved = unsafe {
+            let base = backup.word(slot.backup_word).cast::<T>().add(seg.start);
+            std::slice::from_raw_parts_mut(base, seg.len)
+        };
+        match (p.adaptive, p.sign) {
+            (false, false) => blocks::<T, false, false>(w, g, saved, p),
+            (false, true) => blocks::<T, false, true>(w, g, saved, p),
+            (true, false) => blocks::<T, true, false>(w, g, saved, p),
+            (true, true) => blocks::<T, true, true>(w, g, saved, p),
+        }
+    }
+    unsafe {
+        match slot.host.dtype {
+            DType::F32 => typed::<f32>(slot, seg, backup, p),
+            DType::F16 => typed::<f16>(slot, seg, backup, p),
+            DType::BF16 => typed::<bf16>(slot, seg, backup, p),
+        }
+    }
+}
+
+/// Backs up and perturbs `w` block by block, so the block read for the backup is still in L1 when
+/// it is updated.
+fn blocks<T: Element, const ADAPTIVE: bool, const SIGN: bool>(
+    w: &mut [T],
+    g: &[T],
+    saved: &mut [T],
+    p: &Perturbation,
+) {
+    let (eta, scale) = (p.eta, p.scale);
+    let (mut wf, mut gf) = ([0f32; BLOCK], [0f32; BLOCK]);
+    for ((wb, gb), sb) in w.chunks_mut(BLOCK).zip(g.chunks(BLOCK)).zip(saved.chunks_mut(BLOCK)) {
+        sb.copy_from_slice(wb);
+        if let (Some(gb), Some(wb)) = (T::as_f32(gb), T::as_f32_mut(wb)) {
+            for (w, &g) in wb.iter_mut().zip(gb) {
+                *w = perturbed::<ADAPTIVE, SIGN>(*w, g, eta, scale);
+            }
+            continue;
+        }
+        let n = wb.len();
+        T::widen(wb, &mut wf[..n]);
+        T::widen(gb, &mut gf[..n]);
+        for (w, &g) in wf[..n].iter_mut().zip(&gf[..n]) {
+            *w = perturbed::<ADAPTIVE, SIGN>(*w, g, eta, scale);
+        }
+        T::narrow(&wf[..n], wb);
+    }
+}
+
+/// # Safety
+/// The tensor's buffers must be valid for reads.
+unsafe fn first_non_finite(t: &HostTensor, adaptive: bool) -> Option<usize> {
+    unsafe fn typed<T: Element>(t: &HostTensor, adaptive: bool) -> Option<usize> {
+        let seg = Segment { tensor: 0, start: 0, len: t.len };
+        let (w, g) = unsafe { segment_slices::<T>(t, &seg) };
+        let mut buf = [0f32; 2];
+        (0..t.len).find(|&i| {
+            T::widen(&[g[i], w[i]], &mut buf);
+            !buf[0].is_finite() || (adaptive && !buf[1].is_finite())
+        })
+    }
+    unsafe {
+        match t.dtype {
+            DType::F32 => typed::<f32>(t, adaptive),
+            DType::F16 => typed::<f16>(t, adaptive),
+            DType::BF16 => typed::<bf16>(t, adaptive),
+        }
+    }
+}
