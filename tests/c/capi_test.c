@@ -1,0 +1,170 @@
+/*
+ * The C API as a C program sees it: compiled with -std=c11 -Wall -Wextra -Werror -pedantic
+ * against include/samopt.h, linked against the cdylib. Checks SAM's first step against a double
+ * precision reference written here, the bitwise restore, and the error paths.
+ * Prints "N passed, M failed" and exits non-zero on any failure.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "samopt.h"
+
+static int passed, failed;
+
+#define EXPECT(cond, ...)                                              \
+    do {                                                               \
+        if (cond) {                                                    \
+            passed++;                                                  \
+        } else {                                                       \
+            failed++;                                                  \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                              \
+            fprintf(stderr, " [last error: %s]\n", sam_last_error());  \
+        }                                                              \
+    } while (0)
+
+static uint64_t rng_state = 12345;
+static double uniform(void) { /* [-1, 1) */
+    rng_state = rng_state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (double)(rng_state >> 11) / 4503599627370496.0 - 1.0;
+}
+
+enum { NT = 4 };
+static const size_t lens[NT] = {1, 3, 1023, (1u << 20) + 7};
+
+/* One first/second step on f32 tensors of awkward sizes, against a double reference. */
+static void check_f32_step(int adaptive, int sign) {
+    float *w[NT], *g[NT], *saved[NT];
+    double sum = 0.0;
+    const double rho = adaptive ? 0.5 : 0.05, eta = adaptive ? 0.01 : 0.0, eps = 1e-12;
+    for (int k = 0; k < NT; k++) {
+        w[k] = malloc(lens[k] * sizeof(float));
+        g[k] = malloc(lens[k] * sizeof(float));
+        saved[k] = malloc(lens[k] * sizeof(float));
+        for (size_t i = 0; i < lens[k]; i++) {
+            w[k][i] = (float)uniform();
+            g[k][i] = (float)(uniform() * 0.1);
+            double t = adaptive ? fabs((double)w[k][i]) + eta : 1.0;
+            sum += (t * g[k][i]) * (t * g[k][i]);
+        }
+        memcpy(saved[k], w[k], lens[k] * sizeof(float));
+    }
+    const double norm = sqrt(sum);
+
+    SamConfig config = sam_config_default();
+    config.rho = rho;
+    config.eta = eta;
+    config.adaptive = adaptive;
+    config.norm_p = sign ? INFINITY : 2.0;
+    SamOptimizer *opt = NULL;
+    EXPECT(sam_create(&config, &opt) == SAM_OK, "create");
+    for (int k = 0; k < NT; k++) {
+        uint32_t id = 99;
+        EXPECT(sam_register_host(opt, w[k], g[k], lens[k], SAM_DTYPE_F32, &id) == SAM_OK, "register %d", k);
+        EXPECT(id == (uint32_t)k, "id %u", id);
+    }
+    EXPECT(sam_first_step(opt) == SAM_OK, "first step");
+    double got_norm = 0.0;
+    EXPECT(sam_grad_norm(opt, &got_norm) == SAM_OK, "grad norm");
+    EXPECT(fabs(got_norm - norm) <= 1e-9 * norm, "norm %.17g vs reference %.17g", got_norm, norm);
+
+    double worst = 0.0;
+    for (int k = 0; k < NT; k++) {
+        for (size_t i = 0; i < lens[k]; i++) {
+            double w0 = saved[k][i], gi = g[k][i];
+            double t = adaptive ? fabs(w0) + eta : 1.0;
+            double e = sign ? rho * t * (gi > 0 ? 1.0 : gi < 0 ? -1.0 : 0.0) : rho * t * t * gi / (norm + eps);
+            double ref = w0 + e;
+            double err = fabs((double)w[k][i] - ref) / (fabs(ref) * 0x1p-24 + (fabs(w0) + fabs(e)) * 0x1p-21 + 1e-45);
+            if (err > worst) worst = err;
+        }
+    }
+    EXPECT(worst <= 1.0, "adaptive %d sign %d: worst error %.3f tolerances", adaptive, sign, worst);
+
+    EXPECT(sam_second_step(opt) == SAM_OK, "second step");
+    for (int k = 0; k < NT; k++) {
+        EXPECT(memcmp(w[k], saved[k], lens[k] * sizeof(float)) == 0, "tensor %d not restored bitwise", k);
+        free(w[k]);
+        free(g[k]);
+        free(saved[k]);
+    }
+    sam_destroy(opt);
+}
+
+/* f16 given as raw bits: 1.0 = 0x3C00, 0.5 = 0x3800, infinity = 0x7C00. */
+static void check_f16_and_non_finite(void) {
+    uint16_t w[2] = {0x3C00, 0x3C00}; /* 1.0, 1.0 */
+    uint16_t g[2] = {0x3800, 0x0000}; /* 0.5, 0.0 */
+    SamConfig config = sam_config_default();
+    config.rho = 0.5;
+    SamOptimizer *opt = NULL;
+    uint32_t id;
+    EXPECT(sam_create(&config, &opt) == SAM_OK, "create");
+    EXPECT(sam_register_host(opt, w, g, 2, SAM_DTYPE_F16, &id) == SAM_OK, "register f16");
+    EXPECT(sam_first_step(opt) == SAM_OK, "first step");
+    /* ||g|| = 0.5, e = 0.5 * g / 0.5 = g: w = 1.5 (0x3E00), 1.0 */
+    EXPECT(w[0] == 0x3E00 && w[1] == 0x3C00, "perturbed f16 bits %04x %04x", w[0], w[1]);
+    EXPECT(sam_second_step(opt) == SAM_OK, "second step");
+    EXPECT(w[0] == 0x3C00 && w[1] == 0x3C00, "restored f16 bits %04x %04x", w[0], w[1]);
+
+    g[1] = 0x7C00; /* +infinity */
+    EXPECT(sam_first_step(opt) == SAM_ERR_NON_FINITE, "infinite gradient");
+    EXPECT(strstr(sam_last_error(), "element 1") != NULL, "message names the element: %s", sam_last_error());
+    EXPECT(w[0] == 0x3C00 && w[1] == 0x3C00, "weights touched by a failed step");
+    bool perturbed = true;
+    EXPECT(sam_is_perturbed(opt, &perturbed) == SAM_OK && !perturbed, "still idle");
+    sam_destroy(opt);
+}
+
+static void check_errors(void) {
+    SamOptimizer *opt = NULL;
+    SamConfig config = sam_config_default();
+    EXPECT(config.struct_size == sizeof(SamConfig), "struct_size %zu", config.struct_size);
+    EXPECT(config.rho == 0.05 && config.eps == 1e-12 && config.norm_p == 2.0 && !config.adaptive,
+           "defaults");
+    EXPECT(sam_create(NULL, &opt) == SAM_ERR_NULL_POINTER, "NULL config");
+    EXPECT(strstr(sam_last_error(), "config is NULL") != NULL, "%s", sam_last_error());
+
+    config.rho = -1.0;
+    EXPECT(sam_create(&config, &opt) == SAM_ERR_INVALID_ARGUMENT, "negative rho");
+    EXPECT(strstr(sam_last_error(), "rho = -1") != NULL, "%s", sam_last_error());
+    EXPECT(opt == NULL, "out written on failure");
+
+    config = sam_config_default();
+    config.struct_size = sizeof(SamConfig) - 8;
+    EXPECT(sam_create(&config, &opt) == SAM_ERR_INVALID_ARGUMENT, "short struct");
+
+    config = sam_config_default();
+    EXPECT(sam_create(&config, &opt) == SAM_OK, "create");
+    float w[4] = {1, 2, 3, 4}, g[4] = {0};
+    uint32_t id = 7;
+    EXPECT(sam_register_host(opt, w, g, 0, SAM_DTYPE_F32, &id) == SAM_ERR_INVALID_ARGUMENT, "len 0");
+    EXPECT(strstr(sam_last_error(), "len = 0") != NULL, "%s", sam_last_error());
+    EXPECT(sam_register_host(opt, w, w, 4, SAM_DTYPE_F32, &id) == SAM_ERR_INVALID_ARGUMENT, "aliasing");
+    EXPECT(sam_register_host(opt, w, g, 4, 42, &id) == SAM_ERR_INVALID_ARGUMENT, "dtype 42");
+    EXPECT(sam_register_host(opt, NULL, g, 4, SAM_DTYPE_F32, &id) == SAM_ERR_NULL_POINTER, "NULL param");
+    EXPECT(id == 7, "out_id written on failure");
+    EXPECT(sam_second_step(opt) == SAM_ERR_INVALID_STATE, "second before first");
+    EXPECT(sam_first_step(opt) == SAM_ERR_INVALID_STATE, "first with nothing registered");
+    size_t count = 99;
+    EXPECT(sam_tensor_count(opt, &count) == SAM_OK && count == 0, "count %zu", count);
+    sam_destroy(opt);
+    sam_destroy(NULL);
+
+    EXPECT(strcmp(sam_status_string(SAM_OK), "ok") == 0, "status string");
+    EXPECT(strcmp(sam_status_string(-1000), "unknown status") == 0, "unknown status string");
+    EXPECT(sam_abi_version() == SAM_ABI_VERSION, "ABI %u", sam_abi_version());
+    EXPECT(strlen(sam_version()) > 0, "version");
+}
+
+int main(void) {
+    for (int adaptive = 0; adaptive <= 1; adaptive++)
+        for (int sign = 0; sign <= 1; sign++) check_f32_step(adaptive, sign);
+    check_f16_and_non_finite();
+    check_errors();
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,216 @@
+//! Shared pieces of the integration tests: typed host buffers, a deterministic generator, and the
+//! float64 reference of SAM's first step, written here from SAM.md independently of the crate.
+
+#![allow(dead_code)]
+
+use std::ffi::CStr;
+
+use samopt::capi::*;
+use samopt::half::{bf16, f16};
+
+/// A small deterministic generator (SplitMix64), so the tests need no RNG crate.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in [-a, a).
+    pub fn sym(&mut self, a: f64) -> f64 {
+        (2.0 * self.unit() - 1.0) * a
+    }
+    /// A signed value whose magnitude is log-uniform over [10^lo, 10^hi), sometimes exactly 0.
+    pub fn wide(&mut self, lo: f64, hi: f64) -> f64 {
+        if self.next_u64() % 64 == 0 {
+            return 0.0;
+        }
+        let m = 10f64.powf(lo + (hi - lo) * self.unit());
+        if self.next_u64() & 1 == 0 { m } else { -m }
+    }
+}
+
+/// The element types under test, with their C dtype and rounding unit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Ty {
+    F32,
+    F16,
+    BF16,
+}
+
+pub const ALL_TYPES: [Ty; 3] = [Ty::F32, Ty::F16, Ty::BF16];
+
+impl Ty {
+    pub fn c(self) -> SamDType {
+        match self {
+            Ty::F32 => SAM_DTYPE_F32,
+            Ty::F16 => SAM_DTYPE_F16,
+            Ty::BF16 => SAM_DTYPE_BF16,
+        }
+    }
+    /// Unit roundoff (half an ulp, relative).
+    pub fn unit_roundoff(self) -> f64 {
+        match self {
+            Ty::F32 => 2f64.powi(-24),
+            Ty::F16 => 2f64.powi(-11),
+            Ty::BF16 => 2f64.powi(-8),
+        }
+    }
+    /// The smallest positive subnormal: the absolute rounding floor near zero.
+    pub fn tiny(self) -> f64 {
+        match self {
+            Ty::F32 => 2f64.powi(-149),
+            Ty::F16 => 2f64.powi(-24),
+            Ty::BF16 => 2f64.powi(-133),
+        }
+    }
+}
+
+/// A host buffer of one element type, stored as raw bits with 8-byte alignment.
+#[derive(Clone, Debug)]
+pub struct Buf {
+    pub ty: Ty,
+    pub len: usize,
+    words: Vec<u64>,
+}
+
+impl Buf {
+    pub fn from_f64(ty: Ty, values: &[f64]) -> Buf {
+        let size = if ty == Ty::F32 { 4 } else { 2 };
+        let mut b = Buf { ty, len: values.len(), words: vec![0; (values.len() * size).div_ceil(8)] };
+        for (i, &v) in values.iter().enumerate() {
+            b.set(i, v);
+        }
+        b
+    }
+    pub fn ptr(&mut self) -> *mut std::ffi::c_void {
+        self.words.as_mut_ptr().cast()
+    }
+    pub fn bytes(&self) -> &[u8] {
+        let size = if self.ty == Ty::F32 { 4 } else { 2 };
+        &bytemuck_bytes(&self.words)[..self.len * size]
+    }
+    pub fn get(&self, i: usize) -> f64 {
+        let b = self.bytes();
+        match self.ty {
+            Ty::F32 => f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as f64,
+            Ty::F16 => f16::from_le_bytes(b[2 * i..2 * i + 2].try_into().unwrap()).to_f64(),
+            Ty::BF16 => bf16::from_le_bytes(b[2 * i..2 * i + 2].try_into().unwrap()).to_f64(),
+        }
+    }
+    pub fn set(&mut self, i: usize, v: f64) {
+        let bytes: &mut [u8] = bytemuck_bytes_mut(&mut self.words);
+        match self.ty {
+            Ty::F32 => bytes[4 * i..4 * i + 4].copy_from_slice(&(v as f32).to_le_bytes()),
+            Ty::F16 => bytes[2 * i..2 * i + 2].copy_from_slice(&f16::from_f64(v).to_le_bytes()),
+            Ty::BF16 => bytes[2 * i..2 * i + 2].copy_from_slice(&bf16::from_f64(v).to_le_bytes()),
+        }
+    }
+    pub fn values(&self) -> Vec<f64> {
+        (0..self.len).map(|i| self.get(i)).collect()
+    }
+}
+
+fn bytemuck_bytes(w: &[u64]) -> &[u8] {
+    // SAFETY: u64 has no padding; any bytes are valid u8.
+    unsafe { std::slice::from_raw_parts(w.as_ptr().cast(), w.len() * 8) }
+}
+fn bytemuck_bytes_mut(w: &mut [u64]) -> &mut [u8] {
+    // SAFETY: as above.
+    unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr().cast(), w.len() * 8) }
+}
+
+/// One tensor under test: parameter, gradient, and the reference inputs they were rounded from.
+pub struct Tensor {
+    pub param: Buf,
+    pub grad: Buf,
+}
+
+impl Tensor {
+    /// Weights uniform in [-1, 1), gradients over several decades (and some zeros).
+    pub fn random(ty: Ty, len: usize, rng: &mut Rng) -> Tensor {
+        let w: Vec<f64> = (0..len).map(|_| rng.sym(1.0)).collect();
+        let g: Vec<f64> = (0..len).map(|_| rng.wide(-3.0, 1.0)).collect();
+        Tensor { param: Buf::from_f64(ty, &w), grad: Buf::from_f64(ty, &g) }
+    }
+}
+
+/// SAM's first step in float64, over the values the buffers actually hold.
+/// Returns the global norm `||T_w g||_2` and each tensor's perturbed weights.
+pub fn reference_first_step(
+    tensors: &[Tensor],
+    rho: f64,
+    eps: f64,
+    adaptive: bool,
+    eta: f64,
+    p_inf: bool,
+) -> (f64, Vec<Vec<f64>>) {
+    let t = |w: f64| if adaptive { w.abs() + eta } else { 1.0 };
+    let mut sum = 0.0f64;
+    let mut comp = 0.0f64; // Neumaier compensation: the reference must be better than the code
+    for x in tensors {
+        for i in 0..x.param.len {
+            let v = t(x.param.get(i)) * x.grad.get(i);
+            let y = v * v;
+            let s = sum + y;
+            comp += if sum.abs() >= y { (sum - s) + y } else { (y - s) + sum };
+            sum = s;
+        }
+    }
+    let norm = (sum + comp).sqrt();
+    let perturbed = tensors
+        .iter()
+        .map(|x| {
+            (0..x.param.len)
+                .map(|i| {
+                    let (w, g) = (x.param.get(i), x.grad.get(i));
+                    let e = if p_inf {
+                        rho * t(w) * if g > 0.0 { 1.0 } else if g < 0.0 { -1.0 } else { 0.0 }
+                    } else {
+                        rho * t(w) * t(w) * g / (norm + eps)
+                    };
+                    w + e
+                })
+                .collect()
+        })
+        .collect();
+    (norm, perturbed)
+}
+
+/// The last error message of this thread.
+pub fn last_error() -> String {
+    // SAFETY: sam_last_error never returns NULL and the string is NUL-terminated.
+    unsafe { CStr::from_ptr(sam_last_error()) }.to_string_lossy().into_owned()
+}
+
+/// Creates an optimizer through the C ABI, panicking with the library's message on failure.
+pub fn create(config: &SamConfig) -> *mut SamOptimizer {
+    let mut opt = std::ptr::null_mut();
+    // SAFETY: valid pointers.
+    let s = unsafe { sam_create(config, &mut opt) };
+    assert_eq!(s, SamStatus::SAM_OK, "{}", last_error());
+    opt
+}
+
+/// Registers every tensor through the C ABI.
+pub fn register_all(opt: *mut SamOptimizer, tensors: &mut [Tensor]) {
+    for (k, t) in tensors.iter_mut().enumerate() {
+        let mut id = u32::MAX;
+        let (len, ty) = (t.param.len, t.param.ty);
+        let grad = t.grad.ptr();
+        // SAFETY: the buffers outlive the optimizer in every test.
+        let s = unsafe { sam_register_host(opt, t.param.ptr(), grad, len, ty.c(), &mut id) };
+        assert_eq!(s, SamStatus::SAM_OK, "{}", last_error());
+        assert_eq!(id as usize, k);
+    }
+}
