@@ -39,10 +39,7 @@ impl Norm {
                 "norm_p = {p}: a norm needs p >= 1 (use 2.0, or INFINITY for the sign perturbation)"
             )))
         } else {
-            Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("norm_p = {p}: only 2.0 and INFINITY are supported"),
-            ))
+            Err(Error::new(ErrorKind::Unsupported, format!("norm_p = {p}: only 2.0 and INFINITY are supported")))
         }
     }
 
@@ -76,15 +73,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            rho: 0.05,
-            eps: 1e-12,
-            adaptive: false,
-            eta: 0.0,
-            norm: Norm::L2,
-            backend: Backend::Auto,
-            threads: 0,
-        }
+        Config { rho: 0.05, eps: 1e-12, adaptive: false, eta: 0.0, norm: Norm::L2, backend: Backend::Auto, threads: 0 }
     }
 }
 

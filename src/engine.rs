@@ -237,9 +237,11 @@ impl Optimizer {
     }
 
     fn owned_pair<T: Element>(&self, id: TensorId) -> Result<&OwnedPair> {
-        let pair = self.owned.get(id as usize).and_then(Option::as_ref).ok_or_else(|| {
-            Error::invalid(format!("id = {id}: not a tensor allocated by add_tensor"))
-        })?;
+        let pair = self
+            .owned
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| Error::invalid(format!("id = {id}: not a tensor allocated by add_tensor")))?;
         if pair.dtype != T::DTYPE {
             return Err(Error::invalid(format!(
                 "id = {id}: tensor holds {}, not {}",
@@ -321,9 +323,9 @@ impl Optimizer {
     fn expect_idle(&self, action: &str) -> Result<()> {
         match self.phase {
             Phase::Idle => Ok(()),
-            Phase::Perturbed => Err(Error::state(format!(
-                "cannot {action} while the weights are perturbed: call second_step first"
-            ))),
+            Phase::Perturbed => {
+                Err(Error::state(format!("cannot {action} while the weights are perturbed: call second_step first")))
+            }
         }
     }
 
@@ -331,7 +333,7 @@ impl Optimizer {
         if addr == 0 {
             return Err(Error::new(ErrorKind::NullPointer, format!("{name} is NULL")));
         }
-        if addr % dtype.size() != 0 {
+        if !addr.is_multiple_of(dtype.size()) {
             return Err(Error::invalid(format!(
                 "{name} = {addr:#x} is not aligned to {} bytes, as {} elements need",
                 dtype.size(),

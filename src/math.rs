@@ -51,12 +51,7 @@ impl Perturbation {
 
 /// `w + e(w)` for one element. The const parameters let each variant's loop vectorize.
 #[inline(always)]
-pub(crate) fn perturbed<const ADAPTIVE: bool, const SIGN: bool>(
-    w: f32,
-    g: f32,
-    eta: f32,
-    scale: f32,
-) -> f32 {
+pub(crate) fn perturbed<const ADAPTIVE: bool, const SIGN: bool>(w: f32, g: f32, eta: f32, scale: f32) -> f32 {
     let t = if ADAPTIVE { w.abs() + eta } else { 1.0 };
     let e = if SIGN {
         let s = if g > 0.0 {

@@ -14,9 +14,7 @@ fn cdylib_dir() -> PathBuf {
     let target_dir = profile_dir.parent().unwrap();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["build", "--lib", "--target-dir"])
-        .arg(target_dir);
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args(["build", "--lib", "--target-dir"]).arg(target_dir);
     if profile_dir.file_name().unwrap() == "release" {
         cmd.arg("--release");
     }

@@ -17,7 +17,7 @@ fn expect_err(status: SamStatus, want: SamStatus, needles: &[&str]) {
 }
 
 fn try_create(config: &SamConfig) -> (SamStatus, *mut SamOptimizer) {
-    let sentinel = 0x1 as *mut SamOptimizer;
+    let sentinel = std::ptr::dangling_mut::<SamOptimizer>();
     let mut out = sentinel;
     // SAFETY: valid pointers.
     let s = unsafe { sam_create(config, &mut out) };
@@ -167,24 +167,46 @@ fn register_rejects_bad_buffers() {
             ),
             // Misaligned for f32.
             (
-                Box::new(|| sam_register_host(opt, pc.cast::<u8>().add(1).cast(), pc.add(32).cast(), 4, SAM_DTYPE_F32, id_ptr)),
+                Box::new(|| {
+                    sam_register_host(opt, pc.cast::<u8>().add(1).cast(), pc.add(32).cast(), 4, SAM_DTYPE_F32, id_ptr)
+                }),
                 SamStatus::SAM_ERR_INVALID_ARGUMENT,
                 vec!["param", "aligned"],
             ),
             // A length whose byte size overflows.
             (
-                Box::new(|| sam_register_host(opt, pc.cast(), pc.add(32).cast(), usize::MAX / 2, SAM_DTYPE_F32, id_ptr)),
+                Box::new(|| {
+                    sam_register_host(opt, pc.cast(), pc.add(32).cast(), usize::MAX / 2, SAM_DTYPE_F32, id_ptr)
+                }),
                 SamStatus::SAM_ERR_INVALID_ARGUMENT,
                 vec!["len = 9223372036854775807", "overflow"],
             ),
             // A range running past the end of the address space.
             (
-                Box::new(|| sam_register_host(opt, usize::MAX as *mut std::ffi::c_void, pc.cast(), 1 << 20, SAM_DTYPE_BF16, id_ptr)),
+                Box::new(|| {
+                    sam_register_host(
+                        opt,
+                        usize::MAX as *mut std::ffi::c_void,
+                        pc.cast(),
+                        1 << 20,
+                        SAM_DTYPE_BF16,
+                        id_ptr,
+                    )
+                }),
                 SamStatus::SAM_ERR_INVALID_ARGUMENT,
                 vec!["aligned"],
             ),
             (
-                Box::new(|| sam_register_host(opt, (usize::MAX - 7) as *mut std::ffi::c_void, pc.cast(), 1 << 20, SAM_DTYPE_F32, id_ptr)),
+                Box::new(|| {
+                    sam_register_host(
+                        opt,
+                        (usize::MAX - 7) as *mut std::ffi::c_void,
+                        pc.cast(),
+                        1 << 20,
+                        SAM_DTYPE_F32,
+                        id_ptr,
+                    )
+                }),
                 SamStatus::SAM_ERR_INVALID_ARGUMENT,
                 vec!["param", "overflows the address space"],
             ),
@@ -239,7 +261,8 @@ fn non_finite_gradients_change_nothing() {
     for ty in ALL_TYPES {
         for (bad, adaptive) in [(f64::NAN, false), (f64::INFINITY, false), (f64::NEG_INFINITY, true)] {
             let mut rng = Rng::new(3);
-            let mut tensors: Vec<Tensor> = [5usize, 100_000, 9].iter().map(|&n| Tensor::random(ty, n, &mut rng)).collect();
+            let mut tensors: Vec<Tensor> =
+                [5usize, 100_000, 9].iter().map(|&n| Tensor::random(ty, n, &mut rng)).collect();
             let opt = create(&SamConfig { adaptive, ..sam_config_default() });
             register_all(opt, &mut tensors);
             // SAFETY: live handle; the buffers outlive it.
@@ -273,7 +296,8 @@ fn non_finite_gradients_change_nothing() {
 /// Under ASAM the weights enter the norm, so a non-finite weight is caught by the same pass.
 #[test]
 fn non_finite_weight_under_asam() {
-    let mut t = Tensor { param: Buf::from_f64(Ty::F32, &[1.0, f64::INFINITY]), grad: Buf::from_f64(Ty::F32, &[0.5, 0.0]) };
+    let mut t =
+        Tensor { param: Buf::from_f64(Ty::F32, &[1.0, f64::INFINITY]), grad: Buf::from_f64(Ty::F32, &[0.5, 0.0]) };
     let opt = create(&SamConfig { adaptive: true, ..sam_config_default() });
     register_all(opt, std::slice::from_mut(&mut t));
     // SAFETY: live handle.

@@ -11,8 +11,7 @@ const AWKWARD: [usize; 4] = [1, 3, 1023, (1 << 20) + 7];
 /// Runs one SAM step over `tensors` and checks the norm, every perturbed weight and the restore.
 fn check_step(tensors: &mut [Tensor], config: SamConfig) {
     let p_inf = config.norm_p.is_infinite();
-    let (norm_ref, expect) =
-        reference_first_step(tensors, config.rho, config.eps, config.adaptive, config.eta, p_inf);
+    let (norm_ref, expect) = reference_first_step(tensors, config.rho, config.eps, config.adaptive, config.eta, p_inf);
     let before: Vec<Vec<u8>> = tensors.iter().map(|t| t.param.bytes().to_vec()).collect();
     let w_before: Vec<Vec<f64>> = tensors.iter().map(|t| t.param.values()).collect();
 

@@ -102,9 +102,9 @@ pub struct SamOptimizer {
 
 impl SamOptimizer {
     fn lock(&self) -> Result<MutexGuard<'_, Optimizer>> {
-        self.inner.lock().map_err(|_| {
-            Error::new(ErrorKind::Internal, "the optimizer is unusable after an earlier internal error")
-        })
+        self.inner
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Internal, "the optimizer is unusable after an earlier internal error"))
     }
 }
 
@@ -133,9 +133,7 @@ unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
         SAM_BACKEND_CPU => Backend::Cpu,
         SAM_BACKEND_GPU => Backend::Gpu,
         other => {
-            return Err(Error::invalid(format!(
-                "config->backend = {other}: not a SamBackend (0 AUTO, 1 CPU, 2 GPU)"
-            )));
+            return Err(Error::invalid(format!("config->backend = {other}: not a SamBackend (0 AUTO, 1 CPU, 2 GPU)")));
         }
     };
     let norm = Norm::from_p(c.norm_p).map_err(|e| Error::new(e.kind(), format!("config->{}", e.message())))?;

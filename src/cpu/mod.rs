@@ -124,7 +124,7 @@ impl Passes for CpuEngine {
         let words = bytes.div_ceil(8).next_multiple_of(BACKUP_ALIGN_WORDS);
         let backup_word = self.backup.len();
         // Reserve everything before changing anything, so a failure leaves the engine as it was.
-        let new_chunks = (host.len + CHUNK - 1) / CHUNK + 1;
+        let new_chunks = host.len.div_ceil(CHUNK) + 1;
         self.backup
             .try_reserve_exact(words)
             .and_then(|_| self.segments.try_reserve(new_chunks))
@@ -304,12 +304,7 @@ unsafe fn perturb_segment(slot: &Slot, seg: &Segment, backup: BackupPtr, p: &Per
 
 /// Backs up and perturbs `w` block by block, so the block read for the backup is still in L1 when
 /// it is updated.
-fn blocks<T: Element, const ADAPTIVE: bool, const SIGN: bool>(
-    w: &mut [T],
-    g: &[T],
-    saved: &mut [T],
-    p: &Perturbation,
-) {
+fn blocks<T: Element, const ADAPTIVE: bool, const SIGN: bool>(w: &mut [T], g: &[T], saved: &mut [T], p: &Perturbation) {
     let (eta, scale) = (p.eta, p.scale);
     let (mut wf, mut gf) = ([0f32; BLOCK], [0f32; BLOCK]);
     for ((wb, gb), sb) in w.chunks_mut(BLOCK).zip(g.chunks(BLOCK)).zip(saved.chunks_mut(BLOCK)) {

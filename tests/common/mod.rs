@@ -32,7 +32,7 @@ impl Rng {
     }
     /// A signed value whose magnitude is log-uniform over [10^lo, 10^hi), sometimes exactly 0.
     pub fn wide(&mut self, lo: f64, hi: f64) -> f64 {
-        if self.next_u64() % 64 == 0 {
+        if self.next_u64().is_multiple_of(64) {
             return 0.0;
         }
         let m = 10f64.powf(lo + (hi - lo) * self.unit());
@@ -175,7 +175,14 @@ pub fn reference_first_step(
                 .map(|i| {
                     let (w, g) = (x.param.get(i), x.grad.get(i));
                     let e = if p_inf {
-                        rho * t(w) * if g > 0.0 { 1.0 } else if g < 0.0 { -1.0 } else { 0.0 }
+                        rho * t(w)
+                            * if g > 0.0 {
+                                1.0
+                            } else if g < 0.0 {
+                                -1.0
+                            } else {
+                                0.0
+                            }
                     } else {
                         rho * t(w) * t(w) * g / (norm + eps)
                     };
