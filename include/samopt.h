@@ -135,6 +135,13 @@ typedef struct {
      * Worker threads of the CPU engine; 0 (default) uses every available core.
      */
     uint32_t num_threads;
+    /**
+     * The GPU adapter: its index in the list `samopt info` prints, or a case-insensitive part of
+     * its name. NULL (default): the `SAMOPT_ADAPTER` environment variable, else the best adapter
+     * (discrete, integrated, virtual, CPU). `WGPU_BACKEND=vulkan|gl|...` limits the APIs searched.
+     * Read during `sam_create` only.
+     */
+    const char *adapter;
 } SamConfig;
 
 /**
@@ -143,7 +150,65 @@ typedef struct {
 typedef uint32_t SamDType;
 
 /**
- * The CPU for host buffers.
+ * Which buffer of an optimizer-allocated tensor: one of the `SAM_PART_*` values.
+ */
+typedef uint32_t SamTensorPart;
+
+/**
+ * A GPU adapter, as `sam_gpu_adapter_info` and `sam_get_adapter_info` report it. Set
+ * `struct_size = sizeof(SamAdapterInfo)` before the call. Strings are NUL-terminated and
+ * truncated to fit.
+ */
+typedef struct {
+    /**
+     * `sizeof(SamAdapterInfo)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * The adapter's name, e.g. "NVIDIA H200" or "llvmpipe (LLVM 15.0.6, 256 bits)".
+     */
+    char name[256];
+    /**
+     * The graphics API: "vulkan", "metal", "dx12" or "gl".
+     */
+    char backend[16];
+    /**
+     * "discrete", "integrated", "virtual", "cpu" or "other".
+     */
+    char device_type[16];
+    /**
+     * The driver's name and version, where reported.
+     */
+    char driver[256];
+    /**
+     * The largest storage binding in bytes; larger tensors run in windows.
+     */
+    uint64_t max_binding_bytes;
+    /**
+     * The largest buffer in bytes: the largest tensor the GPU engine can hold.
+     */
+    uint64_t max_buffer_bytes;
+    /**
+     * Whether the adapter can time passes with timestamp queries.
+     */
+    bool timestamps;
+} SamAdapterInfo;
+
+/**
+ * A log message's severity, for `sam_set_log_callback`: 1 error, 2 warning, 3 info, 4 debug.
+ */
+typedef uint32_t SamLogLevel;
+
+/**
+ * Receives samopt's log messages (for example that backend AUTO fell back to the CPU).
+ * `message` is valid only during the call.
+ */
+typedef void (*SamLogCallback)(SamLogLevel level, const char *message, void *user);
+
+/**
+ * Decided at the first registration: the CPU for host buffers (`sam_register_host`), the GPU
+ * for tensors the optimizer allocates (`sam_tensor_create`), or the CPU when no GPU adapter
+ * exists (logged once).
  */
 #define SAM_BACKEND_AUTO 0
 
@@ -171,6 +236,16 @@ typedef uint32_t SamDType;
  * bfloat16.
  */
 #define SAM_DTYPE_BF16 2
+
+/**
+ * The parameter `w`.
+ */
+#define SAM_PART_PARAM 0
+
+/**
+ * The gradient `g`.
+ */
+#define SAM_PART_GRAD 1
 
 #ifdef __cplusplus
 extern "C" {
@@ -296,6 +371,83 @@ SamStatus sam_is_perturbed(const SamOptimizer *opt, bool *out);
  * `opt` must be NULL or a live handle; `out` NULL or writable.
  */
 SamStatus sam_get_backend(const SamOptimizer *opt, SamBackend *out);
+
+/**
+ * Allocates a parameter/gradient pair of `len` zeros owned by the optimizer and stores its id in
+ * `*out_id`: on the GPU backend both live on the device, with the optimizer's state, and the
+ * passes run there with no host copy; on the CPU backend they live in host memory. Under
+ * `SAM_BACKEND_AUTO` the first such call (before any `sam_register_host`) picks the GPU, or the
+ * CPU when no adapter exists. Fill and read them with `sam_tensor_write` and `sam_tensor_read`.
+ *
+ * Fails with `SAM_ERR_INVALID_ARGUMENT` (`len` 0, unknown dtype, a size over the device's
+ * largest buffer), `SAM_ERR_INVALID_STATE` (between the two steps), `SAM_ERR_DEVICE`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out_id` NULL or writable.
+ */
+SamStatus sam_tensor_create(SamOptimizer *opt, size_t len, SamDType dtype, uint32_t *out_id);
+
+/**
+ * Copies `len` elements from `src` into the parameter or gradient (`part`) of tensor `id`, which
+ * `sam_tensor_create` allocated; `len` must be the tensor's length and `src` hold its dtype.
+ * Writing the parameter between the two steps is overwritten by the restore.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `src` NULL or valid for reads of `len` elements.
+ */
+SamStatus sam_tensor_write(SamOptimizer *opt,
+                           uint32_t id,
+                           SamTensorPart part,
+                           const void *src,
+                           size_t len);
+
+/**
+ * Copies the parameter or gradient (`part`) of tensor `id`, which `sam_tensor_create`
+ * allocated, into `dst` (`len` elements: the tensor's length). Between the two steps the
+ * parameter reads as `w + e(w)`. Waits for the device.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `dst` NULL or valid for writes of `len` elements.
+ */
+SamStatus sam_tensor_read(SamOptimizer *opt,
+                          uint32_t id,
+                          SamTensorPart part,
+                          void *dst,
+                          size_t len);
+
+/**
+ * Stores in `*out` how many GPU adapters wgpu finds (honouring `WGPU_BACKEND`). Creating the
+ * list can take a moment: it starts the graphics drivers.
+ *
+ * # Safety
+ * `out` must be NULL or writable.
+ */
+SamStatus sam_gpu_adapter_count(size_t *out);
+
+/**
+ * Describes adapter `index` (0 is the one `SAM_BACKEND_GPU` picks without `config.adapter` or
+ * `SAMOPT_ADAPTER`).
+ *
+ * # Safety
+ * `out` must be NULL or point to a `SamAdapterInfo` whose `struct_size` is set.
+ */
+SamStatus sam_gpu_adapter_info(size_t index, SamAdapterInfo *out);
+
+/**
+ * Describes the adapter this optimizer's GPU backend runs on; `SAM_ERR_UNSUPPORTED` when the
+ * backend is the CPU (or AUTO has not decided yet).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or a `SamAdapterInfo` with `struct_size` set.
+ */
+SamStatus sam_get_adapter_info(const SamOptimizer *opt, SamAdapterInfo *out);
+
+/**
+ * Sends samopt's log messages (errors, warnings such as AUTO's fallback to the CPU) to
+ * `callback` with `user`, from any thread; NULL stops them. Without a callback, messages go to
+ * standard error when the environment sets `SAMOPT_LOG` (to `error`, `warn`, `info` or `debug`).
+ */
+SamStatus sam_set_log_callback(SamLogCallback callback, void *user);
 
 /**
  * This thread's message for its last failing call, starting with the function's name, e.g.

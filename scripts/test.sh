@@ -6,14 +6,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests use: a C compiler for the C programs built against the header.
+# System packages the tests use: a C compiler for the C programs built against the header, and
+# Vulkan's loader with Mesa's lavapipe, a conformant Vulkan 1.3 driver that runs on the CPU, so the
+# GPU engine's tests run for real on a machine without a GPU.
 need=()
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+if ! ldconfig -p | grep -q 'libvulkan\.so\.1'; then need+=(libvulkan1); fi
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then need+=(mesa-vulkan-drivers); fi
 if ((${#need[@]})); then
     echo "scripts/test.sh: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# The GPU tests fail, rather than skip, when no adapter is found.
+export SAMOPT_REQUIRE_GPU=1
+# Mesa warns on every start unless XDG_RUNTIME_DIR names a private directory.
+if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
+    export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/samopt-xdg-$(id -u)"
+    mkdir -p -m 0700 "$XDG_RUNTIME_DIR"
 fi
 
 # Release mode: the numeric tests run 10^8-element passes and the C programs link the release cdylib.

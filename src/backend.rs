@@ -36,10 +36,33 @@ pub(crate) struct AscentNorm {
     pub sum_sq: f64,
 }
 
+/// Which buffer of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The parameter `w`.
+    Param,
+    /// The gradient `g`.
+    Grad,
+}
+
 /// The passes of one SAM step.
 pub(crate) trait Passes: Send {
-    /// Adds a tensor; it takes part in every later pass. Allocates its backup.
+    /// Adds a host tensor; it takes part in every later pass. Allocates its backup.
     fn add_host(&mut self, tensor: HostTensor) -> Result<()>;
+
+    /// Allocates a zeroed parameter/gradient pair owned by the backend (host memory on the CPU,
+    /// device buffers on the GPU) and adds it as the next tensor.
+    fn add_owned(&mut self, len: usize, dtype: DType) -> Result<()>;
+
+    /// The host addresses of an owned tensor's parameter and gradient, where they live in host
+    /// memory (the CPU backend); `None` otherwise.
+    fn owned_host_ptrs(&self, tensor: usize) -> Option<(*mut u8, *mut u8)>;
+
+    /// Overwrites a part of an owned tensor with `bytes` (exactly the tensor's size).
+    fn write_owned(&mut self, tensor: usize, part: Part, bytes: &[u8]) -> Result<()>;
+
+    /// Copies a part of an owned tensor into `out` (exactly the tensor's size).
+    fn read_owned(&mut self, tensor: usize, part: Part, out: &mut [u8]) -> Result<()>;
 
     /// Reads every gradient (and, under ASAM, every weight) once; writes nothing.
     fn ascent_norm(&mut self, config: &Config) -> Result<AscentNorm>;
@@ -56,4 +79,25 @@ pub(crate) trait Passes: Send {
 
     /// Threads (CPU) or adapter (GPU), for messages and `samopt info`.
     fn describe(&self) -> String;
+
+    /// The GPU adapter, for a GPU backend.
+    fn adapter(&self) -> Option<crate::gpu::AdapterSummary> {
+        None
+    }
+
+    /// Starts timing the passes with timestamp queries (GPU only); `false` when not possible.
+    fn enable_timing(&mut self) -> bool {
+        false
+    }
+
+    /// The pass times of the last step, when timing is enabled.
+    fn pass_times(&mut self) -> Option<crate::gpu::PassTimes> {
+        None
+    }
+
+    /// Times a device buffer copy of `bytes` (GPU only), for benchmarks: nanoseconds per repetition
+    /// and whether they come from timestamps.
+    fn time_copy(&self, _bytes: u64, _reps: usize) -> Result<Vec<(f64, bool)>> {
+        Err(crate::error::Error::new(crate::error::ErrorKind::Unsupported, "only a GPU backend times device copies"))
+    }
 }

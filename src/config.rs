@@ -8,7 +8,8 @@ use crate::error::{Error, ErrorKind, Result};
 /// Which engine runs the SAM passes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Backend {
-    /// The CPU for host buffers (the only kind of buffer so far).
+    /// Decided at the first registration: the CPU for host buffers, the GPU for tensors the
+    /// optimizer allocates (the CPU when there is no GPU adapter).
     #[default]
     Auto,
     /// The fused multithreaded CPU engine.
@@ -53,7 +54,7 @@ impl Norm {
 }
 
 /// How SAM perturbs the weights. See `SAM.md` for the formulas.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// Radius of the neighbourhood, `rho > 0` (0.05; ASAM usually wants about 2.0).
     pub rho: f64,
@@ -69,11 +70,24 @@ pub struct Config {
     pub backend: Backend,
     /// Worker threads of the CPU engine; 0 uses every available core.
     pub threads: usize,
+    /// The GPU adapter: an index into [`crate::gpu::adapters`], or a case-insensitive part of its
+    /// name. `None`: the `SAMOPT_ADAPTER` environment variable, else the best adapter (discrete,
+    /// integrated, virtual, CPU). `WGPU_BACKEND` (e.g. `vulkan`, `gl`) limits the APIs searched.
+    pub adapter: Option<String>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { rho: 0.05, eps: 1e-12, adaptive: false, eta: 0.0, norm: Norm::L2, backend: Backend::Auto, threads: 0 }
+        Config {
+            rho: 0.05,
+            eps: 1e-12,
+            adaptive: false,
+            eta: 0.0,
+            norm: Norm::L2,
+            backend: Backend::Auto,
+            threads: 0,
+            adapter: None,
+        }
     }
 }
 

@@ -9,11 +9,12 @@
 
 use std::collections::BTreeMap;
 
-use crate::backend::{HostTensor, Passes};
+use crate::backend::{HostTensor, Part, Passes};
 use crate::config::{Backend, Config};
 use crate::cpu::CpuEngine;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, ErrorKind, Result};
+use crate::gpu::{AdapterSummary, GpuEngine, PassTimes};
 use crate::math::Perturbation;
 
 /// Identifies a registered tensor: its index in registration order, from 0.
@@ -33,14 +34,8 @@ pub enum Phase {
 struct TensorInfo {
     len: usize,
     dtype: DType,
-}
-
-/// A parameter/gradient pair allocated and owned by the optimizer (the safe Rust route).
-struct OwnedPair {
-    param: Box<[u64]>,
-    grad: Box<[u64]>,
-    len: usize,
-    dtype: DType,
+    /// Allocated by the backend (`add_tensor`), rather than registered host buffers.
+    owned: bool,
 }
 
 /// A Sharpness-Aware Minimization optimizer over host buffers.
@@ -66,22 +61,25 @@ struct OwnedPair {
 /// ```
 pub struct Optimizer {
     config: Config,
+    /// The backend running the passes; [`Backend::Auto`] until the first registration decides.
     backend: Backend,
-    passes: Box<dyn Passes>,
+    passes: Option<Box<dyn Passes>>,
     phase: Phase,
     tensors: Vec<TensorInfo>,
     /// Every registered host byte range, `start -> (end, tensor)`, to refuse overlaps.
     ranges: BTreeMap<usize, (usize, TensorId)>,
-    owned: Vec<Option<OwnedPair>>,
     last_norm: Option<f64>,
     steps: u64,
 }
+
+/// Whether AUTO has already said, once per process, that it fell back to the CPU.
+static AUTO_FALLBACK_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl std::fmt::Debug for Optimizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Optimizer")
             .field("config", &self.config)
-            .field("backend", &self.passes.describe())
+            .field("backend", &self.backend_description())
             .field("phase", &self.phase)
             .field("tensors", &self.tensors.len())
             .field("last_norm", &self.last_norm)
@@ -91,28 +89,61 @@ impl std::fmt::Debug for Optimizer {
 
 impl Optimizer {
     /// Validates `config` and creates an optimizer with no tensors.
+    ///
+    /// [`Backend::Gpu`] opens the adapter now and fails with [`ErrorKind::Device`] when there is
+    /// none. [`Backend::Auto`] decides at the first registration: the CPU for host buffers, the GPU
+    /// for tensors the optimizer allocates ([`add_tensor`](Self::add_tensor)), falling back to the
+    /// CPU (and saying so once through the `log` crate) when no adapter is found.
     pub fn new(config: Config) -> Result<Optimizer> {
         config.validate()?;
-        let (backend, passes): (Backend, Box<dyn Passes>) = match config.backend {
-            Backend::Auto | Backend::Cpu => (Backend::Cpu, Box::new(CpuEngine::new(config.threads)?)),
-            Backend::Gpu => {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    "backend = GPU: this build has no GPU engine yet; use CPU or AUTO",
-                ));
-            }
+        let passes: Option<Box<dyn Passes>> = match config.backend {
+            Backend::Cpu => Some(Box::new(CpuEngine::new(config.threads)?)),
+            Backend::Gpu => Some(Box::new(GpuEngine::new(config.adapter.as_deref())?)),
+            Backend::Auto => None,
         };
         Ok(Optimizer {
+            backend: config.backend,
             config,
-            backend,
             passes,
             phase: Phase::Idle,
             tensors: Vec::new(),
             ranges: BTreeMap::new(),
-            owned: Vec::new(),
             last_norm: None,
             steps: 0,
         })
+    }
+
+    /// The backend, created on first use under AUTO: the GPU for owned tensors when an adapter
+    /// exists, else the CPU.
+    fn passes_for(&mut self, owned: bool) -> Result<&mut Box<dyn Passes>> {
+        if self.passes.is_none() {
+            let passes: Box<dyn Passes> = if owned {
+                match GpuEngine::new(self.config.adapter.as_deref()) {
+                    Ok(gpu) => {
+                        self.backend = Backend::Gpu;
+                        Box::new(gpu)
+                    }
+                    Err(e) => {
+                        if !AUTO_FALLBACK_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            log::warn!("samopt: backend AUTO runs on the CPU: {}", e.message());
+                        }
+                        self.backend = Backend::Cpu;
+                        Box::new(CpuEngine::new(self.config.threads)?)
+                    }
+                }
+            } else {
+                self.backend = Backend::Cpu;
+                Box::new(CpuEngine::new(self.config.threads)?)
+            };
+            self.passes = Some(passes);
+        }
+        Ok(self.passes.as_mut().expect("set above"))
+    }
+
+    fn passes(&mut self) -> Result<&mut Box<dyn Passes>> {
+        self.passes
+            .as_mut()
+            .ok_or_else(|| Error::state("no tensor is registered: register the parameters before the first step"))
     }
 
     /// The validated configuration.
@@ -120,14 +151,20 @@ impl Optimizer {
         &self.config
     }
 
-    /// The backend that runs the passes (never [`Backend::Auto`]).
+    /// The backend that runs the passes; [`Backend::Auto`] only before the first registration
+    /// of an AUTO optimizer.
     pub fn backend(&self) -> Backend {
         self.backend
     }
 
-    /// A one-line description of the backend, e.g. `cpu (2 threads)`.
+    /// A one-line description of the backend, e.g. `cpu (2 threads, Avx2)`.
     pub fn backend_description(&self) -> String {
-        self.passes.describe()
+        self.passes.as_ref().map_or_else(|| "auto (decided at the first registration)".to_owned(), |p| p.describe())
+    }
+
+    /// The GPU adapter, when the GPU backend runs the passes.
+    pub fn adapter(&self) -> Option<AdapterSummary> {
+        self.passes.as_ref().and_then(|p| p.adapter())
     }
 
     /// The phase of the current step.
@@ -200,11 +237,10 @@ impl Optimizer {
             }
         }
         let id = self.tensors.len() as TensorId;
-        self.passes.add_host(HostTensor { param, grad, len, dtype })?;
+        self.passes_for(false)?.add_host(HostTensor { param, grad, len, dtype })?;
         self.ranges.insert(p.start, (p.end, id));
         self.ranges.insert(g.start, (g.end, id));
-        self.tensors.push(TensorInfo { len, dtype });
-        self.owned.push(None);
+        self.tensors.push(TensorInfo { len, dtype, owned: false });
         Ok(id)
     }
 
@@ -216,65 +252,148 @@ impl Optimizer {
         unsafe { self.register_host_raw(param.cast(), grad.cast(), len, T::DTYPE) }
     }
 
-    /// Allocates a parameter initialised from `init` and a zeroed gradient, owned by the
-    /// optimizer, and registers them. Read and write them with [`param`](Self::param),
-    /// [`param_mut`](Self::param_mut) and [`grad_mut`](Self::grad_mut): the safe route for Rust code
-    /// that does not need its own buffers.
-    pub fn add_tensor<T: Element>(&mut self, init: &[T]) -> Result<TensorId> {
+    /// Allocates a parameter/gradient pair of `len` zeros, owned by the optimizer: in host memory
+    /// on the CPU backend, on the device on the GPU backend (where the optimizer's state then stays
+    /// too). Write and read it with [`write_param`](Self::write_param),
+    /// [`write_grad`](Self::write_grad), [`read_param`](Self::read_param); on the CPU also
+    /// through slices ([`param`](Self::param), [`grad_mut`](Self::grad_mut)).
+    pub fn add_zeroed_tensor(&mut self, len: usize, dtype: DType) -> Result<TensorId> {
         self.expect_idle("add a tensor")?;
-        let len = init.len();
-        let words = (len * T::DTYPE.size()).div_ceil(8);
-        let mut param = vec![0u64; words].into_boxed_slice();
-        let mut grad = vec![0u64; words].into_boxed_slice();
-        bytemuck::cast_slice_mut::<u64, T>(&mut param)[..len].copy_from_slice(init);
-        // SAFETY: both boxes live in `self.owned` as long as the optimizer, never move (boxed
-        // slices), and are only reachable through `&self`/`&mut self` outside optimizer calls.
-        let id = unsafe {
-            self.register_host_raw(param.as_mut_ptr().cast(), grad.as_mut_ptr().cast_const().cast(), len, T::DTYPE)?
-        };
-        self.owned[id as usize] = Some(OwnedPair { param, grad, len, dtype: T::DTYPE });
+        if len == 0 {
+            return Err(Error::invalid("len = 0: a tensor needs at least one element"));
+        }
+        if self.tensors.len() >= TensorId::MAX as usize {
+            return Err(Error::invalid(format!("too many tensors: {}", self.tensors.len())));
+        }
+        len.checked_mul(dtype.size()).filter(|&b| b <= isize::MAX as usize).ok_or_else(|| {
+            Error::invalid(format!("len = {len}: {len} elements of {} overflow the address space", dtype.name()))
+        })?;
+        self.passes_for(true)?.add_owned(len, dtype)?;
+        self.tensors.push(TensorInfo { len, dtype, owned: true });
+        Ok((self.tensors.len() - 1) as TensorId)
+    }
+
+    /// [`add_zeroed_tensor`](Self::add_zeroed_tensor), with the parameter set to `init`.
+    pub fn add_tensor<T: Element>(&mut self, init: &[T]) -> Result<TensorId> {
+        let id = self.add_zeroed_tensor(init.len(), T::DTYPE)?;
+        self.write_param(id, init)?;
         Ok(id)
     }
 
-    fn owned_pair<T: Element>(&self, id: TensorId) -> Result<&OwnedPair> {
-        let pair = self
-            .owned
-            .get(id as usize)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| Error::invalid(format!("id = {id}: not a tensor allocated by add_tensor")))?;
-        if pair.dtype != T::DTYPE {
+    /// Checks that `id` is an owned tensor of `T` with `len` elements.
+    fn owned_info<T: Element>(&self, id: TensorId, len: Option<usize>) -> Result<TensorInfo> {
+        let info = *self.tensors.get(id as usize).filter(|t| t.owned).ok_or_else(|| {
+            Error::invalid(format!("id = {id}: not a tensor allocated by the optimizer (add_tensor)"))
+        })?;
+        if info.dtype != T::DTYPE {
             return Err(Error::invalid(format!(
-                "id = {id}: tensor holds {}, not {}",
-                pair.dtype.name(),
+                "id = {id}: the tensor holds {}, not {}",
+                info.dtype.name(),
                 T::DTYPE.name()
             )));
         }
-        Ok(pair)
+        if let Some(len) = len.filter(|&l| l != info.len) {
+            return Err(Error::invalid(format!("len = {len}: tensor {id} has {} elements", info.len)));
+        }
+        Ok(info)
     }
 
-    fn owned_pair_mut<T: Element>(&mut self, id: TensorId) -> Result<&mut OwnedPair> {
-        self.owned_pair::<T>(id)?;
-        Ok(self.owned[id as usize].as_mut().expect("checked above"))
+    /// [`write_param`](Self::write_param) or [`write_grad`](Self::write_grad) by `part`.
+    pub(crate) fn write_owned_part<T: Element>(&mut self, id: TensorId, part: Part, data: &[T]) -> Result<()> {
+        self.write_part(id, part, data)
     }
 
-    /// The parameter of a tensor from [`add_tensor`](Self::add_tensor): `w`, or `w + e(w)` between
+    /// [`read_param`](Self::read_param) or [`read_grad`](Self::read_grad) by `part`.
+    pub(crate) fn read_owned_part<T: Element>(&mut self, id: TensorId, part: Part, out: &mut [T]) -> Result<()> {
+        self.read_part(id, part, out)
+    }
+
+    fn write_part<T: Element>(&mut self, id: TensorId, part: Part, data: &[T]) -> Result<()> {
+        self.owned_info::<T>(id, Some(data.len()))?;
+        self.passes()?.write_owned(id as usize, part, bytemuck::cast_slice(data))
+    }
+
+    fn read_part<T: Element>(&mut self, id: TensorId, part: Part, out: &mut [T]) -> Result<()> {
+        self.owned_info::<T>(id, Some(out.len()))?;
+        self.passes()?.read_owned(id as usize, part, bytemuck::cast_slice_mut(out))
+    }
+
+    /// Overwrites the parameter of an owned tensor (`data.len()` must be its length). Between the
+    /// two steps a write is overwritten by the restore.
+    pub fn write_param<T: Element>(&mut self, id: TensorId, data: &[T]) -> Result<()> {
+        self.write_part(id, Part::Param, data)
+    }
+
+    /// Overwrites the gradient of an owned tensor (`data.len()` must be its length).
+    pub fn write_grad<T: Element>(&mut self, id: TensorId, data: &[T]) -> Result<()> {
+        self.write_part(id, Part::Grad, data)
+    }
+
+    /// Copies the parameter of an owned tensor into `out`: `w`, or `w + e(w)` between the steps.
+    pub fn read_param<T: Element>(&mut self, id: TensorId, out: &mut [T]) -> Result<()> {
+        self.read_part(id, Part::Param, out)
+    }
+
+    /// Copies the gradient of an owned tensor into `out`.
+    pub fn read_grad<T: Element>(&mut self, id: TensorId, out: &mut [T]) -> Result<()> {
+        self.read_part(id, Part::Grad, out)
+    }
+
+    /// Host addresses of an owned tensor that lives in host memory.
+    fn host_owned<T: Element>(&self, id: TensorId) -> Result<(TensorInfo, *mut u8, *mut u8)> {
+        let info = self.owned_info::<T>(id, None)?;
+        let (p, g) = self.passes.as_ref().and_then(|p| p.owned_host_ptrs(id as usize)).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unsupported,
+                format!("id = {id}: the tensor lives on the GPU; use read_param/write_param/write_grad"),
+            )
+        })?;
+        Ok((info, p, g))
+    }
+
+    /// The parameter of an owned tensor in host memory (CPU backend): `w`, or `w + e(w)` between
     /// the two steps.
     pub fn param<T: Element>(&self, id: TensorId) -> Result<&[T]> {
-        let pair = self.owned_pair::<T>(id)?;
-        Ok(&bytemuck::cast_slice(&pair.param)[..pair.len])
+        let (info, p, _) = self.host_owned::<T>(id)?;
+        // SAFETY: an owned, T-aligned host buffer of `len` elements, alive as long as `self`,
+        // written only through `&mut self`.
+        Ok(unsafe { std::slice::from_raw_parts(p.cast::<T>(), info.len) })
     }
 
-    /// The parameter of a tensor from [`add_tensor`](Self::add_tensor), for the host's own update.
-    /// Between the two steps a write is overwritten by the restore.
+    /// The parameter of an owned tensor in host memory, for the host's own update.
     pub fn param_mut<T: Element>(&mut self, id: TensorId) -> Result<&mut [T]> {
-        let pair = self.owned_pair_mut::<T>(id)?;
-        Ok(&mut bytemuck::cast_slice_mut(&mut pair.param)[..pair.len])
+        let (info, p, _) = self.host_owned::<T>(id)?;
+        // SAFETY: as in `param`; `&mut self` makes the borrow exclusive.
+        Ok(unsafe { std::slice::from_raw_parts_mut(p.cast::<T>(), info.len) })
     }
 
-    /// The gradient of a tensor from [`add_tensor`](Self::add_tensor), for the host to fill.
+    /// The gradient of an owned tensor in host memory, for the host to fill.
     pub fn grad_mut<T: Element>(&mut self, id: TensorId) -> Result<&mut [T]> {
-        let pair = self.owned_pair_mut::<T>(id)?;
-        Ok(&mut bytemuck::cast_slice_mut(&mut pair.grad)[..pair.len])
+        let (info, _, g) = self.host_owned::<T>(id)?;
+        // SAFETY: as in `param_mut`.
+        Ok(unsafe { std::slice::from_raw_parts_mut(g.cast::<T>(), info.len) })
+    }
+
+    /// Starts timing the GPU passes with timestamp queries, for benchmarks; `false` on the CPU or
+    /// when the adapter cannot.
+    pub fn enable_pass_timing(&mut self) -> bool {
+        self.passes.as_mut().is_some_and(|p| p.enable_timing())
+    }
+
+    /// The GPU time of each pass of the last step, once [`enable_pass_timing`](Self::enable_pass_timing)
+    /// succeeded.
+    pub fn pass_times(&mut self) -> Option<PassTimes> {
+        self.passes.as_mut().and_then(|p| p.pass_times())
+    }
+
+    /// Times `reps` device buffer-to-buffer copies of `bytes` on the optimizer's GPU, the bandwidth
+    /// reference of the benchmarks: nanoseconds per copy, and whether they come from timestamps
+    /// (else wall-clock submit-to-completion).
+    pub fn time_device_copy(&self, bytes: u64, reps: usize) -> Result<Vec<(f64, bool)>> {
+        match &self.passes {
+            Some(p) => p.time_copy(bytes, reps),
+            None => Err(Error::new(ErrorKind::Unsupported, "no backend yet: register a tensor first")),
+        }
     }
 
     /// The ascent: computes one global norm over every registered gradient, then moves every
@@ -288,9 +407,11 @@ impl Optimizer {
         if self.tensors.is_empty() {
             return Err(Error::state("no tensor is registered: register the parameters before the first step"));
         }
-        let norm = self.passes.ascent_norm(&self.config)?;
+        self.passes()?;
+        let (config, passes) = (&self.config, self.passes.as_mut().expect("checked above"));
+        let norm = passes.ascent_norm(config)?;
         if !norm.sum_sq.is_finite() {
-            let place = match self.passes.find_non_finite(self.config.adaptive) {
+            let place = match passes.find_non_finite(config.adaptive) {
                 Some((t, e)) => format!("tensor {t}, element {e}"),
                 None => "an element".to_owned(),
             };
@@ -301,7 +422,7 @@ impl Optimizer {
             ));
         }
         let n = norm.sum_sq.sqrt();
-        self.passes.perturb(&Perturbation::new(&self.config, n))?;
+        passes.perturb(&Perturbation::new(config, n))?;
         self.last_norm = Some(n);
         self.phase = Phase::Perturbed;
         Ok(())
@@ -314,7 +435,7 @@ impl Optimizer {
         if self.phase != Phase::Perturbed {
             return Err(Error::state("second step without a first step: call first_step before second_step"));
         }
-        self.passes.restore()?;
+        self.passes()?.restore()?;
         self.phase = Phase::Idle;
         self.steps += 1;
         Ok(())

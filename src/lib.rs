@@ -26,8 +26,8 @@
 //! ```
 //!
 //! Layout: [`config`] validates once; [`engine`] owns the state machine; `backend` names the passes
-//! every engine implements; `cpu` is the fused multithreaded CPU engine; `math` writes the formulas
-//! once; [`capi`] only translates and checks.
+//! every engine implements; `cpu` is the fused multithreaded CPU engine; [`gpu`] the wgpu compute
+//! engine; `math` writes the formulas once; [`capi`] only translates and checks.
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -39,6 +39,7 @@ mod cpu;
 pub mod dtype;
 pub mod engine;
 pub mod error;
+pub mod gpu;
 mod math;
 
 pub use config::{Backend, Config, Norm};

@@ -9,8 +9,9 @@
 //! A handle may be used from any thread; calls on one handle are serialised by a lock.
 
 mod ffi;
+mod logging;
 
-use std::ffi::{c_char, c_void};
+use std::ffi::{CStr, c_char, c_void};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::config::{Backend, Config, Norm};
@@ -55,7 +56,9 @@ pub enum SamStatus {
 
 /// Which engine runs the passes: one of the `SAM_BACKEND_*` values.
 pub type SamBackend = u32;
-/// The CPU for host buffers.
+/// Decided at the first registration: the CPU for host buffers (`sam_register_host`), the GPU
+/// for tensors the optimizer allocates (`sam_tensor_create`), or the CPU when no GPU adapter
+/// exists (logged once).
 pub const SAM_BACKEND_AUTO: SamBackend = 0;
 /// The fused multithreaded CPU engine.
 pub const SAM_BACKEND_CPU: SamBackend = 1;
@@ -70,6 +73,44 @@ pub const SAM_DTYPE_F32: SamDType = 0;
 pub const SAM_DTYPE_F16: SamDType = 1;
 /// bfloat16.
 pub const SAM_DTYPE_BF16: SamDType = 2;
+
+/// Which buffer of an optimizer-allocated tensor: one of the `SAM_PART_*` values.
+pub type SamTensorPart = u32;
+/// The parameter `w`.
+pub const SAM_PART_PARAM: SamTensorPart = 0;
+/// The gradient `g`.
+pub const SAM_PART_GRAD: SamTensorPart = 1;
+
+/// A GPU adapter, as `sam_gpu_adapter_info` and `sam_get_adapter_info` report it. Set
+/// `struct_size = sizeof(SamAdapterInfo)` before the call. Strings are NUL-terminated and
+/// truncated to fit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SamAdapterInfo {
+    /// `sizeof(SamAdapterInfo)` as the caller compiled it.
+    pub struct_size: usize,
+    /// The adapter's name, e.g. "NVIDIA H200" or "llvmpipe (LLVM 15.0.6, 256 bits)".
+    pub name: [c_char; 256],
+    /// The graphics API: "vulkan", "metal", "dx12" or "gl".
+    pub backend: [c_char; 16],
+    /// "discrete", "integrated", "virtual", "cpu" or "other".
+    pub device_type: [c_char; 16],
+    /// The driver's name and version, where reported.
+    pub driver: [c_char; 256],
+    /// The largest storage binding in bytes; larger tensors run in windows.
+    pub max_binding_bytes: u64,
+    /// The largest buffer in bytes: the largest tensor the GPU engine can hold.
+    pub max_buffer_bytes: u64,
+    /// Whether the adapter can time passes with timestamp queries.
+    pub timestamps: bool,
+}
+
+/// A log message's severity, for `sam_set_log_callback`: 1 error, 2 warning, 3 info, 4 debug.
+pub type SamLogLevel = u32;
+
+/// Receives samopt's log messages (for example that backend AUTO fell back to the CPU).
+/// `message` is valid only during the call.
+pub type SamLogCallback = Option<unsafe extern "C" fn(level: SamLogLevel, message: *const c_char, user: *mut c_void)>;
 
 /// Configuration of an optimizer. Always start from `sam_config_default()`, which also sets
 /// `struct_size`, then change the fields you need.
@@ -93,6 +134,11 @@ pub struct SamConfig {
     pub backend: SamBackend,
     /// Worker threads of the CPU engine; 0 (default) uses every available core.
     pub num_threads: u32,
+    /// The GPU adapter: its index in the list `samopt info` prints, or a case-insensitive part of
+    /// its name. NULL (default): the `SAMOPT_ADAPTER` environment variable, else the best adapter
+    /// (discrete, integrated, virtual, CPU). `WGPU_BACKEND=vulkan|gl|...` limits the APIs searched.
+    /// Read during `sam_create` only.
+    pub adapter: *const c_char,
 }
 
 /// An optimizer handle: create with `sam_create`, free with `sam_destroy`.
@@ -137,7 +183,15 @@ unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
         }
     };
     let norm = Norm::from_p(c.norm_p).map_err(|e| Error::new(e.kind(), format!("config->{}", e.message())))?;
+    let adapter = if c.adapter.is_null() {
+        None
+    } else {
+        // SAFETY: a non-NULL adapter is a NUL-terminated string (the caller's contract).
+        let name = unsafe { CStr::from_ptr(c.adapter) };
+        Some(name.to_str().map_err(|_| Error::invalid("config->adapter is not UTF-8"))?.to_owned())
+    };
     let config = Config {
+        adapter,
         rho: c.rho,
         eps: c.eps,
         adaptive: c.adaptive,
@@ -173,6 +227,7 @@ pub extern "C" fn sam_config_default() -> SamConfig {
         adaptive: d.adaptive,
         backend: SAM_BACKEND_AUTO,
         num_threads: 0,
+        adapter: std::ptr::null(),
     }
 }
 
@@ -189,6 +244,7 @@ pub extern "C" fn sam_config_default() -> SamConfig {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sam_create(config: *const SamConfig, out: *mut *mut SamOptimizer) -> SamStatus {
     boundary("sam_create", || {
+        logging::install();
         non_null(out, "out")?;
         // SAFETY: the caller's contract.
         let config = unsafe { read_config(config) }?;
@@ -363,6 +419,231 @@ pub unsafe extern "C" fn sam_get_backend(opt: *const SamOptimizer, out: *mut Sam
         };
         // SAFETY: the caller's contract.
         unsafe { write_out(out, "out", backend) }
+    })
+}
+
+/// Allocates a parameter/gradient pair of `len` zeros owned by the optimizer and stores its id in
+/// `*out_id`: on the GPU backend both live on the device, with the optimizer's state, and the
+/// passes run there with no host copy; on the CPU backend they live in host memory. Under
+/// `SAM_BACKEND_AUTO` the first such call (before any `sam_register_host`) picks the GPU, or the
+/// CPU when no adapter exists. Fill and read them with `sam_tensor_write` and `sam_tensor_read`.
+///
+/// Fails with `SAM_ERR_INVALID_ARGUMENT` (`len` 0, unknown dtype, a size over the device's
+/// largest buffer), `SAM_ERR_INVALID_STATE` (between the two steps), `SAM_ERR_DEVICE`.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out_id` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_tensor_create(
+    opt: *mut SamOptimizer,
+    len: usize,
+    dtype: SamDType,
+    out_id: *mut u32,
+) -> SamStatus {
+    boundary("sam_tensor_create", || {
+        // SAFETY: the caller's contract.
+        let opt = unsafe { arg_ref(opt, "opt") }?;
+        non_null(out_id, "out_id")?;
+        let dtype = dtype_from_c(dtype)?;
+        let id = opt.lock()?.add_zeroed_tensor(len, dtype)?;
+        // SAFETY: checked non-null above.
+        unsafe { write_out(out_id, "out_id", id) }
+    })
+}
+
+fn part_from_c(part: SamTensorPart) -> Result<crate::backend::Part> {
+    match part {
+        SAM_PART_PARAM => Ok(crate::backend::Part::Param),
+        SAM_PART_GRAD => Ok(crate::backend::Part::Grad),
+        other => Err(Error::invalid(format!("part = {other}: not a SamTensorPart (0 PARAM, 1 GRAD)"))),
+    }
+}
+
+/// Checks a raw buffer argument for tensor `id` and returns the tensor's element type.
+fn check_tensor_buffer(opt: &Optimizer, id: u32, ptr: *const c_void, name: &str, len: usize) -> Result<DType> {
+    non_null(ptr, name)?;
+    let (n, dtype) = opt
+        .tensor(id)
+        .ok_or_else(|| Error::invalid(format!("id = {id}: only {} tensors are registered", opt.tensor_count())))?;
+    if len != n {
+        return Err(Error::invalid(format!("len = {len}: tensor {id} has {n} elements")));
+    }
+    if !(ptr as usize).is_multiple_of(dtype.size()) {
+        return Err(Error::invalid(format!("{name} = {ptr:p} is not aligned to {} bytes", dtype.size())));
+    }
+    Ok(dtype)
+}
+
+/// Copies `len` elements from `src` into the parameter or gradient (`part`) of tensor `id`, which
+/// `sam_tensor_create` allocated; `len` must be the tensor's length and `src` hold its dtype.
+/// Writing the parameter between the two steps is overwritten by the restore.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `src` NULL or valid for reads of `len` elements.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_tensor_write(
+    opt: *mut SamOptimizer,
+    id: u32,
+    part: SamTensorPart,
+    src: *const c_void,
+    len: usize,
+) -> SamStatus {
+    boundary("sam_tensor_write", || {
+        // SAFETY: the caller's contract.
+        let mut inner = unsafe { arg_ref(opt, "opt") }?.lock()?;
+        let part = part_from_c(part)?;
+        let dtype = check_tensor_buffer(&inner, id, src, "src", len)?;
+        // SAFETY: checked non-null and aligned; the caller promises `len` readable elements.
+        unsafe {
+            match dtype {
+                DType::F32 => inner.write_owned_part(id, part, std::slice::from_raw_parts(src.cast::<f32>(), len)),
+                DType::F16 => {
+                    inner.write_owned_part(id, part, std::slice::from_raw_parts(src.cast::<half::f16>(), len))
+                }
+                DType::BF16 => {
+                    inner.write_owned_part(id, part, std::slice::from_raw_parts(src.cast::<half::bf16>(), len))
+                }
+            }
+        }
+    })
+}
+
+/// Copies the parameter or gradient (`part`) of tensor `id`, which `sam_tensor_create`
+/// allocated, into `dst` (`len` elements: the tensor's length). Between the two steps the
+/// parameter reads as `w + e(w)`. Waits for the device.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `dst` NULL or valid for writes of `len` elements.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_tensor_read(
+    opt: *mut SamOptimizer,
+    id: u32,
+    part: SamTensorPart,
+    dst: *mut c_void,
+    len: usize,
+) -> SamStatus {
+    boundary("sam_tensor_read", || {
+        // SAFETY: the caller's contract.
+        let mut inner = unsafe { arg_ref(opt, "opt") }?.lock()?;
+        let part = part_from_c(part)?;
+        let dtype = check_tensor_buffer(&inner, id, dst, "dst", len)?;
+        // SAFETY: checked non-null and aligned; the caller promises `len` writable elements.
+        unsafe {
+            match dtype {
+                DType::F32 => inner.read_owned_part(id, part, std::slice::from_raw_parts_mut(dst.cast::<f32>(), len)),
+                DType::F16 => {
+                    inner.read_owned_part(id, part, std::slice::from_raw_parts_mut(dst.cast::<half::f16>(), len))
+                }
+                DType::BF16 => {
+                    inner.read_owned_part(id, part, std::slice::from_raw_parts_mut(dst.cast::<half::bf16>(), len))
+                }
+            }
+        }
+    })
+}
+
+fn copy_c_string(dst: &mut [c_char], s: &str) {
+    let n = s.len().min(dst.len() - 1);
+    for (d, &b) in dst.iter_mut().zip(&s.as_bytes()[..n]) {
+        *d = b as c_char;
+    }
+    dst[n] = 0;
+}
+
+/// Fills a caller's `SamAdapterInfo`, honouring its `struct_size`.
+///
+/// # Safety
+/// A non-null `out` must be writable for `out->struct_size` bytes.
+unsafe fn write_adapter_info(out: *mut SamAdapterInfo, a: &crate::gpu::AdapterSummary) -> Result<()> {
+    non_null(out, "out")?;
+    // SAFETY: every version of the struct starts with `struct_size`.
+    let size = unsafe { out.cast::<usize>().read_unaligned() };
+    if size != size_of::<SamAdapterInfo>() {
+        return Err(Error::invalid(format!(
+            "out->struct_size = {size}, but this library knows SamAdapterInfo of {} bytes",
+            size_of::<SamAdapterInfo>()
+        )));
+    }
+    let mut info = SamAdapterInfo {
+        struct_size: size,
+        name: [0; 256],
+        backend: [0; 16],
+        device_type: [0; 16],
+        driver: [0; 256],
+        max_binding_bytes: a.max_binding_bytes,
+        max_buffer_bytes: a.max_buffer_bytes,
+        timestamps: a.timestamps,
+    };
+    copy_c_string(&mut info.name, &a.name);
+    copy_c_string(&mut info.backend, &a.backend);
+    copy_c_string(&mut info.device_type, &a.device_type);
+    copy_c_string(&mut info.driver, &a.driver);
+    // SAFETY: checked non-null and of our size.
+    unsafe { out.write(info) };
+    Ok(())
+}
+
+/// Stores in `*out` how many GPU adapters wgpu finds (honouring `WGPU_BACKEND`). Creating the
+/// list can take a moment: it starts the graphics drivers.
+///
+/// # Safety
+/// `out` must be NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_gpu_adapter_count(out: *mut usize) -> SamStatus {
+    boundary("sam_gpu_adapter_count", || {
+        non_null(out, "out")?;
+        let n = crate::gpu::adapters().len();
+        // SAFETY: checked non-null.
+        unsafe { write_out(out, "out", n) }
+    })
+}
+
+/// Describes adapter `index` (0 is the one `SAM_BACKEND_GPU` picks without `config.adapter` or
+/// `SAMOPT_ADAPTER`).
+///
+/// # Safety
+/// `out` must be NULL or point to a `SamAdapterInfo` whose `struct_size` is set.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_gpu_adapter_info(index: usize, out: *mut SamAdapterInfo) -> SamStatus {
+    boundary("sam_gpu_adapter_info", || {
+        non_null(out, "out")?;
+        let list = crate::gpu::adapters();
+        let a = list
+            .get(index)
+            .ok_or_else(|| Error::invalid(format!("index = {index}: wgpu found {} adapters", list.len())))?;
+        // SAFETY: the caller's contract.
+        unsafe { write_adapter_info(out, a) }
+    })
+}
+
+/// Describes the adapter this optimizer's GPU backend runs on; `SAM_ERR_UNSUPPORTED` when the
+/// backend is the CPU (or AUTO has not decided yet).
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out` NULL or a `SamAdapterInfo` with `struct_size` set.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_get_adapter_info(opt: *const SamOptimizer, out: *mut SamAdapterInfo) -> SamStatus {
+    boundary("sam_get_adapter_info", || {
+        // SAFETY: the caller's contract.
+        let opt = unsafe { arg_ref(opt, "opt") }?;
+        non_null(out, "out")?;
+        let inner = opt.lock()?;
+        let a = inner.adapter().ok_or_else(|| {
+            Error::new(ErrorKind::Unsupported, format!("the backend is {}, not a GPU", inner.backend_description()))
+        })?;
+        // SAFETY: the caller's contract.
+        unsafe { write_adapter_info(out, &a) }
+    })
+}
+
+/// Sends samopt's log messages (errors, warnings such as AUTO's fallback to the CPU) to
+/// `callback` with `user`, from any thread; NULL stops them. Without a callback, messages go to
+/// standard error when the environment sets `SAMOPT_LOG` (to `error`, `warn`, `info` or `debug`).
+#[unsafe(no_mangle)]
+pub extern "C" fn sam_set_log_callback(callback: SamLogCallback, user: *mut c_void) -> SamStatus {
+    boundary("sam_set_log_callback", || {
+        logging::set_callback(callback, user);
+        Ok(())
     })
 }
 

@@ -15,7 +15,7 @@ use std::ops::Range;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::backend::{AscentNorm, HostTensor, Passes};
+use crate::backend::{AscentNorm, HostTensor, Part, Passes};
 use crate::config::Config;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, ErrorKind, Result};
@@ -33,6 +33,13 @@ struct Slot {
     host: HostTensor,
     /// Offset of the backup in `CpuEngine::backup`, in u64 words.
     backup_word: usize,
+}
+
+/// A parameter/gradient pair the engine allocated (an owned tensor), 8-byte aligned. Only held
+/// to keep the memory alive: the passes reach it through the tensor's `HostTensor` addresses.
+struct OwnedPair {
+    _param: Box<[u64]>,
+    _grad: Box<[u64]>,
 }
 
 /// A contiguous piece of one tensor inside one chunk.
@@ -63,6 +70,8 @@ pub(crate) struct CpuEngine {
     pool: rayon::ThreadPool,
     isa: Isa,
     slots: Vec<Slot>,
+    /// Per slot: the buffers of an owned tensor (`None` for the host's own buffers).
+    owned: Vec<Option<OwnedPair>>,
     /// Saved weights, all tensors end to end, each aligned to [`BACKUP_ALIGN_WORDS`].
     backup: Vec<u64>,
     segments: Vec<Segment>,
@@ -86,6 +95,7 @@ impl CpuEngine {
             pool,
             isa: Isa::detect(),
             slots: Vec::new(),
+            owned: Vec::new(),
             backup: Vec::new(),
             segments: Vec::new(),
             chunks: Vec::new(),
@@ -133,6 +143,7 @@ impl Passes for CpuEngine {
             .and_then(|_| self.chunks.try_reserve(new_chunks))
             .and_then(|_| self.partials.try_reserve(new_chunks))
             .and_then(|_| self.slots.try_reserve(1))
+            .and_then(|_| self.owned.try_reserve(1))
             .map_err(|_| {
                 Error::new(
                     ErrorKind::OutOfMemory,
@@ -141,8 +152,48 @@ impl Passes for CpuEngine {
             })?;
         self.backup.resize(backup_word + words, 0);
         self.slots.push(Slot { host, backup_word });
+        self.owned.push(None);
         self.append_segments(self.slots.len() - 1, host.len);
         self.partials.resize(self.chunks.len(), 0.0);
+        Ok(())
+    }
+
+    fn add_owned(&mut self, len: usize, dtype: DType) -> Result<()> {
+        let words = (len * dtype.size()).div_ceil(8);
+        let alloc = || -> Option<Box<[u64]>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(words).ok()?;
+            v.resize(words, 0u64);
+            Some(v.into_boxed_slice())
+        };
+        let (Some(mut param), Some(grad)) = (alloc(), alloc()) else {
+            return Err(Error::new(ErrorKind::OutOfMemory, format!("cannot allocate a tensor of {len} elements")));
+        };
+        // Boxed slices never move, so these addresses stay valid while `self.owned` keeps them.
+        let host = HostTensor { param: param.as_mut_ptr().cast(), grad: grad.as_ptr().cast(), len, dtype };
+        self.add_host(host)?;
+        *self.owned.last_mut().expect("add_host pushed a slot") = Some(OwnedPair { _param: param, _grad: grad });
+        Ok(())
+    }
+
+    fn owned_host_ptrs(&self, tensor: usize) -> Option<(*mut u8, *mut u8)> {
+        let slot = &self.slots[tensor];
+        self.owned[tensor].as_ref().map(|_| (slot.host.param, slot.host.grad.cast_mut()))
+    }
+
+    fn write_owned(&mut self, tensor: usize, part: Part, bytes: &[u8]) -> Result<()> {
+        let (param, grad) = self.owned_host_ptrs(tensor).expect("the engine checked that the tensor is owned");
+        let dst = if part == Part::Param { param } else { grad };
+        // SAFETY: an owned buffer of the tensor's size, which the engine checked `bytes` has.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+        Ok(())
+    }
+
+    fn read_owned(&mut self, tensor: usize, part: Part, out: &mut [u8]) -> Result<()> {
+        let (param, grad) = self.owned_host_ptrs(tensor).expect("the engine checked that the tensor is owned");
+        let src = if part == Part::Param { param } else { grad };
+        // SAFETY: as in `write_owned`.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
         Ok(())
     }
 
@@ -401,7 +452,7 @@ fn blocks<T: Element, const ADAPTIVE: bool, const SIGN: bool>(w: &mut [T], g: &[
 
 /// # Safety
 /// The tensor's buffers must be valid for reads.
-unsafe fn first_non_finite(t: &HostTensor, adaptive: bool) -> Option<usize> {
+pub(crate) unsafe fn first_non_finite(t: &HostTensor, adaptive: bool) -> Option<usize> {
     unsafe fn typed<T: Element>(t: &HostTensor, adaptive: bool) -> Option<usize> {
         let seg = Segment { tensor: 0, start: 0, len: t.len };
         let (w, g) = unsafe { segment_slices::<T>(t, &seg) };

@@ -194,6 +194,67 @@ pub fn reference_first_step(
     (norm, perturbed)
 }
 
+/// Sizes that straddle the engines' block, chunk and workgroup boundaries.
+pub const AWKWARD: [usize; 4] = [1, 3, 1023, (1 << 20) + 7];
+
+/// Relative error of the CPU engine's norm: accumulated in f64 from exact f32 products.
+pub const CPU_NORM_TOL: f64 = 1e-12;
+
+/// Runs one SAM step over `tensors` and checks the norm, every perturbed weight and the restore.
+pub fn check_step(tensors: &mut [Tensor], config: SamConfig, norm_tol: f64) {
+    let p_inf = config.norm_p.is_infinite();
+    let (norm_ref, expect) = reference_first_step(tensors, config.rho, config.eps, config.adaptive, config.eta, p_inf);
+    let before: Vec<Vec<u8>> = tensors.iter().map(|t| t.param.bytes().to_vec()).collect();
+    let w_before: Vec<Vec<f64>> = tensors.iter().map(|t| t.param.values()).collect();
+
+    let opt = create(&config);
+    register_all(opt, tensors);
+    // SAFETY: live handle, buffers outlive it.
+    assert_eq!(unsafe { sam_first_step(opt) }, SamStatus::SAM_OK, "{}", last_error());
+
+    let mut norm = f64::NAN;
+    // SAFETY: valid pointers.
+    assert_eq!(unsafe { sam_grad_norm(opt, &mut norm) }, SamStatus::SAM_OK);
+    assert!(((norm - norm_ref) / norm_ref).abs() < norm_tol, "norm {norm} vs reference {norm_ref}");
+
+    let mut worst = 0.0f64;
+    for ((t, want), w_before) in tensors.iter().zip(&expect).zip(&w_before) {
+        let ty = t.param.ty;
+        for (i, &r) in want.iter().enumerate() {
+            let got = t.param.get(i);
+            let (w, e) = (w_before[i], r - w_before[i]);
+            // One rounding to the element type, plus the f32 arithmetic of e (a few f32 ulps of
+            // the operands), plus the norm's own error carried into e, plus the subnormal floor.
+            let tol = ty.unit_roundoff() * r.abs()
+                + 8.0 * 2f64.powi(-24) * (w.abs() + e.abs())
+                + norm_tol * e.abs()
+                + ty.tiny();
+            let err = (got - r).abs();
+            assert!(err <= tol, "{ty:?} len {} element {i}: got {got}, reference {r}, tolerance {tol}", t.param.len);
+            worst = worst.max(err / tol);
+        }
+    }
+    assert!(worst > 0.0 || tensors.iter().all(|t| t.param.len < 4), "the check compared nothing");
+
+    // SAFETY: live handle.
+    assert_eq!(unsafe { sam_second_step(opt) }, SamStatus::SAM_OK, "{}", last_error());
+    for (t, b) in tensors.iter().zip(&before) {
+        assert_eq!(t.param.bytes(), &b[..], "restore is not bitwise for {:?} len {}", t.param.ty, t.param.len);
+    }
+    // SAFETY: live handle, destroyed once.
+    unsafe { sam_destroy(opt) };
+}
+
+pub fn config(adaptive: bool, p_inf: bool) -> SamConfig {
+    SamConfig {
+        rho: if adaptive { 0.5 } else { 0.05 },
+        adaptive,
+        eta: if adaptive { 0.01 } else { 0.0 },
+        norm_p: if p_inf { f64::INFINITY } else { 2.0 },
+        ..sam_config_default()
+    }
+}
+
 /// The last error message of this thread.
 pub fn last_error() -> String {
     // SAFETY: sam_last_error never returns NULL and the string is NUL-terminated.
