@@ -46,10 +46,12 @@ struct TensorInfo {
 /// [`second_step`](Self::second_step) (the weights get back exactly the bits of `w`), and runs its
 /// base optimizer on the second gradient.
 ///
-/// ```
-/// use samopt::{Config, Optimizer};
+/// On the CPU backend an optimizer-allocated tensor is reachable as slices:
 ///
-/// let mut sam = Optimizer::new(Config { rho: 0.1, ..Config::default() })?;
+/// ```
+/// use samopt::{Backend, Config, Optimizer};
+///
+/// let mut sam = Optimizer::new(Config { rho: 0.1, backend: Backend::Cpu, ..Config::default() })?;
 /// let id = sam.add_tensor(&[1.0f32, 2.0, 3.0])?;
 /// sam.grad_mut::<f32>(id)?.copy_from_slice(&[3.0, 0.0, 4.0]);
 /// sam.first_step()?;

@@ -13,13 +13,16 @@
 //! ```
 //! use samopt::{Config, Optimizer};
 //!
+//! // AUTO: tensors the optimizer allocates go to the GPU when there is one, else to the CPU.
 //! let mut sam = Optimizer::new(Config::default())?;
 //! let w = sam.add_tensor(&[0.5f32; 4])?;
+//! let mut weights = [0f32; 4];
 //! for _step in 0..3 {
-//!     sam.grad_mut::<f32>(w)?.copy_from_slice(&[1.0, -1.0, 0.5, 0.0]); // gradient at w
-//!     sam.first_step()?;                                                 // w -> w + e(w)
-//!     sam.grad_mut::<f32>(w)?.copy_from_slice(&[0.9, -1.1, 0.4, 0.1]); // gradient at w + e(w)
-//!     sam.second_step()?;                                                // back to w, bit for bit
+//!     sam.write_grad(w, &[1.0f32, -1.0, 0.5, 0.0])?; // gradient at w
+//!     sam.first_step()?;                              // w -> w + e(w)
+//!     sam.read_param(w, &mut weights)?;               // the host's forward pass at w + e(w) ...
+//!     sam.write_grad(w, &[0.9f32, -1.1, 0.4, 0.1])?; // ... gives the gradient there
+//!     sam.second_step()?;                             // back to w, bit for bit
 //!     // ... the base optimizer steps w with the second gradient ...
 //! }
 //! # Ok::<(), samopt::Error>(())
