@@ -100,7 +100,7 @@ impl Optimizer {
         config.validate()?;
         let passes: Option<Box<dyn Passes>> = match config.backend {
             Backend::Cpu => Some(Box::new(CpuEngine::new(config.threads)?)),
-            Backend::Gpu => Some(Box::new(GpuEngine::new(config.adapter.as_deref())?)),
+            Backend::Gpu => Some(Box::new(GpuEngine::new(&config)?)),
             Backend::Auto => None,
         };
         Ok(Optimizer {
@@ -120,7 +120,7 @@ impl Optimizer {
     fn passes_for(&mut self, owned: bool) -> Result<&mut Box<dyn Passes>> {
         if self.passes.is_none() {
             let passes: Box<dyn Passes> = if owned {
-                match GpuEngine::new(self.config.adapter.as_deref()) {
+                match GpuEngine::new(&self.config) {
                     Ok(gpu) => {
                         self.backend = Backend::Gpu;
                         Box::new(gpu)

@@ -343,3 +343,45 @@ fn auto_chooses_by_where_the_data_lives() {
     assert!(e.message().contains("no such adapter"), "{}", e.message());
     let _ = DType::F32;
 }
+
+/// Thousands of small tensors of mixed dtypes share a few arenas and dispatches; tensors added
+/// after steps are packed in with the data of the earlier ones kept.
+#[test]
+fn many_mixed_tensors_and_late_registration() {
+    let Some(mut opt) = gpu(Config::default()) else { return };
+    let mut c_opt = Optimizer::new(Config { backend: Backend::Cpu, ..Config::default() }).unwrap();
+    let mut rng = Rng::new(31);
+    let mut all: Vec<(u32, Host, Tensor)> = Vec::new();
+    let mut add_batch =
+        |opt: &mut Optimizer, c_opt: &mut Optimizer, all: &mut Vec<(u32, Host, Tensor)>, count: usize| {
+            for k in 0..count {
+                let ty = ALL_TYPES[k % 3];
+                let t = Tensor::random(ty, 1 + (k * 37) % 301, &mut rng);
+                let (w, g) = (Host::from_buf(&t.param), Host::from_buf(&t.grad));
+                let id = add(opt, &w, &g);
+                assert_eq!(add(c_opt, &w, &g), id);
+                all.push((id, w, t));
+            }
+        };
+    add_batch(&mut opt, &mut c_opt, &mut all, 2000);
+    for round in 0..2 {
+        opt.first_step().unwrap();
+        c_opt.first_step().unwrap();
+        let (g_norm, c_norm) = (opt.grad_norm().unwrap(), c_opt.grad_norm().unwrap());
+        assert!(((g_norm - c_norm) / c_norm).abs() < GPU_NORM_TOL, "round {round}: {g_norm} vs {c_norm}");
+        for (id, w, t) in &all {
+            let got = read(&mut opt, *id, w).values();
+            let cpu = read(&mut c_opt, *id, w).values();
+            for (i, (a, b)) in got.iter().zip(&cpu).enumerate() {
+                let tol = 2.0 * t.param.ty.unit_roundoff() * b.abs() + 1e-6 * b.abs() + 1e-30;
+                assert!((a - b).abs() <= tol, "round {round} tensor {id}[{i}]: gpu {a} cpu {b}");
+            }
+        }
+        opt.second_step().unwrap();
+        c_opt.second_step().unwrap();
+        for (id, w, _) in &all {
+            assert_eq!(read(&mut opt, *id, w).bits(), w.bits(), "tensor {id} after round {round}");
+        }
+        add_batch(&mut opt, &mut c_opt, &mut all, 50);
+    }
+}

@@ -1,15 +1,18 @@
 //! The wgpu compute engine: the norm, perturbation and restore passes as WGSL compute shaders
 //! (`shaders/sam.wgsl`).
 //!
-//! Every tensor lives in three device buffers (parameter, gradient, backup). A tensor larger than
-//! one storage binding is cut into windows; each window has its bind group, built once after the
-//! registrations change and reused every step, so a step compiles nothing and allocates nothing.
+//! Tensors are packed, per dtype, into arenas: three device buffers (parameters, gradients,
+//! backups) holding the tensors end to end, each padded with zeros to 16 bytes. An arena is cut
+//! into windows of at most one storage binding, and a pass is one dispatch per window, so a model
+//! of thousands of tensors costs a handful of dispatches, as Apex's multi-tensor kernels do.
+//! Packing, bind groups and pipelines are built at the first step after the registrations change
+//! and reused at every step after it: a step compiles nothing and allocates nothing.
 //!
-//! - Norm: each workgroup of each window writes an f32 partial sum of `(T_w g)^2` and a
-//!   non-finite flag (a bit test on the inputs, so a driver that assumes finite math cannot hide
-//!   it); the host adds the partials in f64 in a fixed order, so the same inputs give the same bits
-//!   on the same adapter.
-//! - Perturbation: `backup <- w; w <- w + e(w)`, one word per invocation, grid-stride loops over a
+//! - Norm: each workgroup writes an f32 partial sum of `(T_w g)^2` and a non-finite flag (a bit
+//!   test on the inputs, which a driver that assumes finite math cannot optimise away); the host
+//!   adds the partials in f64 in a fixed order, so the same inputs give the same bits on the same
+//!   adapter. Only when a flag is raised does a second pass find the first bad element.
+//! - Perturbation: `backup <- w; w <- w + e(w)`, 16 bytes per invocation, grid-stride loops over a
 //!   fixed grid.
 //! - Restore: `w <- backup`.
 //!
@@ -21,8 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::backend::{AscentNorm, HostTensor, Part, Passes};
-use crate::config::Config;
-use crate::cpu::first_non_finite;
+use crate::config::{Config, Norm};
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
 use crate::math::Perturbation;
@@ -218,14 +220,22 @@ struct Staged {
     saved: Vec<u64>,
 }
 
+/// Where a tensor's device data lives.
+enum Home {
+    /// An optimizer-allocated tensor not packed yet: buffers of its own.
+    Own { param: wgpu::Buffer, grad: wgpu::Buffer },
+    /// A staged host tensor not packed yet (its data is uploaded at every step anyway).
+    Unplaced,
+    /// In arena `arena`, from u32 word `offset`.
+    Packed { arena: usize, offset: u64 },
+}
+
 struct GpuTensor {
     len: usize,
     dtype: DType,
-    /// Bytes of each device buffer: the tensor's bytes rounded up to a whole u32 word.
-    bytes: u64,
-    param: wgpu::Buffer,
-    grad: wgpu::Buffer,
-    backup: wgpu::Buffer,
+    /// u32 words on the device: the tensor's bytes rounded up to 16.
+    words: u64,
+    home: Home,
     staged: Option<Staged>,
 }
 
@@ -235,9 +245,20 @@ impl GpuTensor {
     }
 }
 
+/// Tensors of one dtype, end to end.
+struct Arena {
+    dtype: DType,
+    param: wgpu::Buffer,
+    grad: wgpu::Buffer,
+    backup: wgpu::Buffer,
+    /// `(first word, tensor)` of every member, in order.
+    members: Vec<(u64, usize)>,
+}
+
 /// One window's GPU resources.
 struct WindowRes {
-    tensor: usize,
+    arena: usize,
+    first_word: u64,
     groups: u32,
     slot: u32,
     bind_group: wgpu::BindGroup,
@@ -248,6 +269,8 @@ struct Prepared {
     windows: Vec<WindowRes>,
     partials: wgpu::Buffer,
     partials_readback: wgpu::Buffer,
+    first_bad: wgpu::Buffer,
+    first_bad_readback: wgpu::Buffer,
     slots: u32,
     _window_uniforms: wgpu::Buffer,
 }
@@ -258,22 +281,20 @@ struct Prepared {
 struct StepUniform {
     scale: f32,
     eta: f32,
-    adaptive: u32,
-    sign: u32,
+    pad: [u32; 2],
 }
 
 /// The `Window` uniform of the shader.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct WindowUniform {
-    elems: u32,
-    words: u32,
+    quads: u32,
     slot: u32,
-    dtype: u32,
+    index: u32,
+    pad: u32,
 }
 
-/// Timestamps of the three passes of the last step, in nanoseconds, when the adapter has
-/// timestamp queries and timing was enabled.
+/// The GPU time of each pass of the last step, in nanoseconds, from timestamp queries.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PassTimes {
     /// The norm pass.
@@ -289,32 +310,57 @@ struct Timing {
     resolve: wgpu::Buffer,
     readback: wgpu::Buffer,
     period_ns: f64,
-    last: PassTimes,
+}
+
+/// The shader's entry points, each specialised per dtype (`restore` moves words, whatever they
+/// hold).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Norm = 0,
+    Perturb = 1,
+    Restore = 2,
+    Locate = 3,
+}
+
+const ENTRY_NAMES: [&str; 4] = ["ascent_norm", "perturb", "restore", "locate_non_finite"];
+
+fn dtype_index(d: DType) -> usize {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
 }
 
 /// The GPU backend.
 pub(crate) struct GpuEngine {
     ctx: GpuContext,
+    adaptive: bool,
+    sign: bool,
+    module: wgpu::ShaderModule,
     layout: wgpu::BindGroupLayout,
-    norm_pipeline: wgpu::ComputePipeline,
-    perturb_pipeline: wgpu::ComputePipeline,
-    restore_pipeline: wgpu::ComputePipeline,
+    pipeline_layout: wgpu::PipelineLayout,
+    /// `[entry][dtype]`, compiled when a dtype first appears.
+    pipelines: [[Option<wgpu::ComputePipeline>; 3]; 4],
     step_uniform: wgpu::Buffer,
     readback: wgpu::Buffer,
     tensors: Vec<GpuTensor>,
+    arenas: Vec<Arena>,
     prepared: Option<Prepared>,
+    /// Largest arena, in u32 words (the device's largest buffer).
+    arena_words: u64,
     /// Window size in u32 words: the storage-binding limit, a multiple of the offset alignment.
     window_words: u64,
     max_groups: u32,
-    /// Per slot of the last norm pass: whether its workgroup saw a non-finite input.
-    bad_slots: Vec<usize>,
+    /// Windows whose workgroups saw a non-finite input in the last norm pass.
+    bad_windows: Vec<usize>,
     timing: Option<Timing>,
 }
 
 impl GpuEngine {
-    /// Opens the adapter `choice` (see [`pick_adapter`]) and builds the pipelines.
-    pub fn new(choice: Option<&str>) -> Result<GpuEngine> {
-        let ctx = GpuContext::open(choice)?;
+    /// Opens the adapter `config.adapter` (see [`pick_adapter`]) and prepares the shader.
+    pub fn new(config: &Config) -> Result<GpuEngine> {
+        let ctx = GpuContext::open(config.adapter.as_deref())?;
         let device = &ctx.device;
         let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
             binding,
@@ -336,42 +382,30 @@ impl GpuEngine {
             },
             count: None,
         };
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("samopt window"),
-            entries: &[
-                storage(0, false),
-                storage(1, true),
-                storage(2, false),
-                storage(3, false),
-                uniform(4),
-                uniform(5),
-            ],
-        });
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some("samopt"),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
-        let (module, pipelines) = ctx.checked("compiling the SAM shaders", || {
+        let (module, layout, pipeline_layout) = ctx.checked("compiling the SAM shaders", || {
+            let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("samopt window"),
+                entries: &[
+                    storage(0, false),
+                    storage(1, true),
+                    storage(2, false),
+                    storage(3, false),
+                    uniform(4),
+                    uniform(5),
+                    storage(6, false),
+                ],
+            });
+            let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("samopt"),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some("sam.wgsl"),
                 source: wgpu::ShaderSource::Wgsl(include_str!("shaders/sam.wgsl").into()),
             });
-            let pipeline = |entry: &str| {
-                device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(entry),
-                    layout: Some(&pipeline_layout),
-                    module: &module,
-                    entry_point: Some(entry),
-                    compilation_options: Default::default(),
-                    cache: None,
-                })
-            };
-            let pipelines = [pipeline("ascent_norm"), pipeline("perturb"), pipeline("restore")];
-            Ok((module, pipelines))
+            Ok((module, layout, pipeline_layout))
         })?;
-        drop(module);
-        let [norm_pipeline, perturb_pipeline, restore_pipeline] = pipelines;
         let step_uniform = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("samopt step"),
             size: size_of::<StepUniform>() as u64,
@@ -384,24 +418,29 @@ impl GpuEngine {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+        let align = (ctx.limits.min_storage_buffer_offset_alignment as u64).max(16);
         let binding = ctx.limits.max_storage_buffer_binding_size.min(ctx.limits.max_buffer_size);
         let window_words = (binding / align * align / 4).max(align / 4);
+        let arena_words = (ctx.limits.max_buffer_size / align * align / 4).max(window_words);
         // Software drivers run workgroups on a few CPU threads, and barriers are costly there.
-        let max_groups = if ctx.summary.device_type == "cpu" { 256 } else { 4096 };
+        let max_groups = if ctx.summary.device_type == "cpu" { 256 } else { 8192 };
         Ok(GpuEngine {
             ctx,
+            adaptive: config.adaptive,
+            sign: config.norm == Norm::LInf,
+            module,
             layout,
-            norm_pipeline,
-            perturb_pipeline,
-            restore_pipeline,
+            pipeline_layout,
+            pipelines: Default::default(),
             step_uniform,
             readback,
             tensors: Vec::new(),
+            arenas: Vec::new(),
             prepared: None,
+            arena_words,
             window_words,
             max_groups,
-            bad_slots: Vec::new(),
+            bad_windows: Vec::new(),
             timing: None,
         })
     }
@@ -423,13 +462,13 @@ impl GpuEngine {
         let resolve = buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
         let readback = buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
         let period_ns = self.ctx.queue.get_timestamp_period() as f64;
-        self.timing = Some(Timing { queries, resolve, readback, period_ns, last: PassTimes::default() });
+        self.timing = Some(Timing { queries, resolve, readback, period_ns });
         true
     }
 
     /// The pass times of the last step, when timing is enabled.
     pub fn pass_times(&mut self) -> Option<PassTimes> {
-        let timing = self.timing.as_mut()?;
+        let timing = self.timing.as_ref()?;
         let mut raw = [0u64; 6];
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
         enc.resolve_query_set(&timing.queries, 0..6, &timing.resolve, 0);
@@ -437,13 +476,12 @@ impl GpuEngine {
         self.ctx.queue.submit([enc.finish()]);
         map_read(&self.ctx, &timing.readback, 0, 48, |bytes| raw.copy_from_slice(bytemuck::cast_slice(bytes))).ok()?;
         let span = |a: usize| raw[a + 1].saturating_sub(raw[a]) as f64 * timing.period_ns;
-        timing.last = PassTimes { norm_ns: span(0), perturb_ns: span(2), restore_ns: span(4) };
-        Some(timing.last)
+        Some(PassTimes { norm_ns: span(0), perturb_ns: span(2), restore_ns: span(4) })
     }
 
-    /// Times a device buffer-to-buffer copy of `bytes` bytes, as the bandwidth reference of the
-    /// benchmark: `(nanoseconds, from timestamps)`; wall-clock submit-to-done time when the adapter
-    /// cannot write timestamps inside an encoder.
+    /// Times a device buffer-to-buffer copy of `bytes` bytes, the bandwidth reference of the
+    /// benchmark: `(nanoseconds, from timestamps)` per repetition; wall-clock submit-to-done time
+    /// when the adapter cannot write timestamps inside an encoder or timing is off.
     pub fn time_copy(&self, bytes: u64, reps: usize) -> Result<Vec<(f64, bool)>> {
         let d = &self.ctx.device;
         let bytes = bytes.div_ceil(4) * 4;
@@ -486,98 +524,188 @@ impl GpuEngine {
     }
 
     fn add(&mut self, len: usize, dtype: DType, staged: Option<Staged>) -> Result<()> {
-        let host_bytes = len as u64 * dtype.size() as u64;
-        let bytes = host_bytes.div_ceil(4) * 4;
-        let max = self.ctx.limits.max_buffer_size;
-        if bytes > max {
+        let bytes = len as u64 * dtype.size() as u64;
+        let words = bytes.div_ceil(16) * 4;
+        if words > self.arena_words {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
-                    "len = {len}: {bytes} bytes of {} exceed the largest buffer of {} ({max} bytes)",
+                    "len = {len}: {bytes} bytes of {} exceed the largest buffer of {} ({} bytes)",
                     dtype.name(),
-                    self.ctx.summary.name
+                    self.ctx.summary.name,
+                    self.arena_words * 4
                 ),
             ));
         }
-        let d = &self.ctx.device;
-        let tensor = self.ctx.checked("allocating a tensor", || {
-            let make = |label, usage| {
-                d.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(label),
-                    size: bytes,
-                    usage,
-                    mapped_at_creation: false,
-                })
-            };
-            use wgpu::BufferUsages as U;
-            Ok(GpuTensor {
-                len,
-                dtype,
-                bytes,
-                param: make("samopt param", U::STORAGE | U::COPY_SRC | U::COPY_DST),
-                grad: make("samopt grad", U::STORAGE | U::COPY_SRC | U::COPY_DST),
-                backup: make("samopt backup", U::STORAGE | U::COPY_SRC),
-                staged,
-            })
-        })?;
-        self.tensors.push(tensor);
+        let home = if staged.is_some() {
+            Home::Unplaced
+        } else {
+            let d = &self.ctx.device;
+            self.ctx.checked("allocating a tensor", || {
+                let make = |label| {
+                    d.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(label),
+                        size: words * 4,
+                        usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    })
+                };
+                Ok(Home::Own { param: make("samopt param"), grad: make("samopt grad") })
+            })?
+        };
+        self.tensors.push(GpuTensor { len, dtype, words, home, staged });
         self.prepared = None;
         Ok(())
     }
 
-    /// Cuts every tensor into windows and builds their bind groups and the partial-sum buffers.
+    /// Where a part of a tensor lives: buffer and byte offset.
+    fn location<'a>(&'a self, t: &'a GpuTensor, part: Part) -> (&'a wgpu::Buffer, u64) {
+        match &t.home {
+            Home::Own { param, grad } => (if part == Part::Param { param } else { grad }, 0),
+            Home::Packed { arena, offset } => {
+                let a = &self.arenas[*arena];
+                (if part == Part::Param { &a.param } else { &a.grad }, offset * 4)
+            }
+            Home::Unplaced => unreachable!("staged tensors are not read or written through the device"),
+        }
+    }
+
+    /// Packs every tensor into arenas, moving the data of those that have some on the device.
+    fn pack(&mut self) -> Result<()> {
+        let d = &self.ctx.device;
+        // (dtype, words, members)
+        let mut plan: Vec<(DType, u64, Vec<(u64, usize)>)> = Vec::new();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (k, t) in self.tensors.iter().enumerate().filter(|(_, t)| t.dtype == dtype) {
+                match plan.last_mut() {
+                    Some((dt, used, members)) if *dt == dtype && *used + t.words <= self.arena_words => {
+                        members.push((*used, k));
+                        *used += t.words;
+                    }
+                    _ => plan.push((dtype, t.words, vec![(0, k)])),
+                }
+            }
+        }
+        let arenas = self.ctx.checked("packing the tensors", || {
+            use wgpu::BufferUsages as U;
+            let mut arenas = Vec::with_capacity(plan.len());
+            let mut enc = d.create_command_encoder(&Default::default());
+            for (dtype, words, members) in &plan {
+                let make = |label, usage| {
+                    d.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(label),
+                        size: words * 4,
+                        usage,
+                        mapped_at_creation: false,
+                    })
+                };
+                let arena = Arena {
+                    dtype: *dtype,
+                    param: make("samopt params", U::STORAGE | U::COPY_SRC | U::COPY_DST),
+                    grad: make("samopt grads", U::STORAGE | U::COPY_SRC | U::COPY_DST),
+                    backup: make("samopt backups", U::STORAGE | U::COPY_SRC),
+                    members: members.clone(),
+                };
+                for &(offset, k) in members {
+                    let t = &self.tensors[k];
+                    if t.staged.is_none() {
+                        for (part, dst) in [(Part::Param, &arena.param), (Part::Grad, &arena.grad)] {
+                            let (src, src_offset) = self.location(t, part);
+                            enc.copy_buffer_to_buffer(src, src_offset, dst, offset * 4, t.words * 4);
+                        }
+                    }
+                }
+                arenas.push(arena);
+            }
+            self.ctx.queue.submit([enc.finish()]);
+            self.ctx.wait()?;
+            Ok(arenas)
+        })?;
+        for (a, arena) in arenas.iter().enumerate() {
+            for &(offset, k) in &arena.members {
+                self.tensors[k].home = Home::Packed { arena: a, offset };
+            }
+        }
+        self.arenas = arenas;
+        Ok(())
+    }
+
+    fn pipeline(&self, entry: Entry, dtype: DType) -> &wgpu::ComputePipeline {
+        let d = if entry == Entry::Restore { 0 } else { dtype_index(dtype) };
+        self.pipelines[entry as usize][d].as_ref().expect("compiled in prepare")
+    }
+
+    /// Compiles the pipelines a dtype needs, once.
+    fn compile(&mut self, dtype: DType) -> Result<()> {
+        let d = dtype_index(dtype);
+        for entry in [Entry::Norm, Entry::Perturb, Entry::Restore, Entry::Locate] {
+            let slot = if entry == Entry::Restore { 0 } else { d };
+            if self.pipelines[entry as usize][slot].is_some() {
+                continue;
+            }
+            let constants =
+                [("DTYPE", slot as f64), ("ADAPTIVE", self.adaptive as u8 as f64), ("SIGN", self.sign as u8 as f64)];
+            let pipeline = self.ctx.checked("compiling a SAM pipeline", || {
+                Ok(self.ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(ENTRY_NAMES[entry as usize]),
+                    layout: Some(&self.pipeline_layout),
+                    module: &self.module,
+                    entry_point: Some(ENTRY_NAMES[entry as usize]),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &constants,
+                        ..Default::default()
+                    },
+                    cache: None,
+                }))
+            })?;
+            self.pipelines[entry as usize][slot] = Some(pipeline);
+        }
+        Ok(())
+    }
+
+    /// After the registrations change: packs the tensors, compiles what a new dtype needs, cuts
+    /// the arenas into windows and builds their bind groups and the partial-sum buffers.
     fn prepare(&mut self) -> Result<()> {
         if self.prepared.is_some() {
             return Ok(());
         }
+        self.pack()?;
+        for dtype in self.arenas.iter().map(|a| a.dtype).collect::<Vec<_>>() {
+            self.compile(dtype)?;
+        }
         let d = &self.ctx.device;
         let uniform_align = self.ctx.limits.min_uniform_buffer_offset_alignment as u64;
         let stride = (size_of::<WindowUniform>() as u64).div_ceil(uniform_align) * uniform_align;
-        // (tensor, first word, words, elements, groups, slot)
+        // (arena, first word, words, groups, slot)
         let mut plan = Vec::new();
         let mut slots = 0u32;
-        for (k, t) in self.tensors.iter().enumerate() {
-            let words = t.bytes / 4;
-            let per_word = if t.dtype == DType::F32 { 1 } else { 2 };
+        for (a, arena) in self.arenas.iter().enumerate() {
+            let words = arena.members.last().map_or(0, |&(o, k)| o + self.tensors[k].words);
             let mut first = 0;
             while first < words {
                 let n = self.window_words.min(words - first);
-                let elems = (n * per_word).min(t.len as u64 - first * per_word);
-                let groups = n.div_ceil(WORKGROUP).min(self.max_groups as u64) as u32;
-                plan.push((k, first, n, elems, groups, slots));
+                let groups = (n / 4).div_ceil(WORKGROUP).clamp(1, self.max_groups as u64) as u32;
+                plan.push((a, first, n, groups, slots));
                 slots += groups;
                 first += n;
             }
         }
         let prepared = self.ctx.checked("preparing the windows", || {
-            let uniforms = d.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("samopt windows"),
-                size: stride * plan.len().max(1) as u64,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
+            let buffer = |label, size: u64, usage| {
+                d.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+            };
+            use wgpu::BufferUsages as U;
+            let uniforms = buffer("samopt windows", stride * plan.len().max(1) as u64, U::UNIFORM | U::COPY_DST);
             let partial_bytes = 8 * slots.max(1) as u64;
-            let partials = d.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("samopt partials"),
-                size: partial_bytes,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            });
-            let partials_readback = d.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("samopt partials readback"),
-                size: partial_bytes,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
+            let partials = buffer("samopt partials", partial_bytes, U::STORAGE | U::COPY_SRC);
+            let partials_readback = buffer("samopt partials readback", partial_bytes, U::MAP_READ | U::COPY_DST);
+            let bad_bytes = (4 * plan.len().max(1) as u64).div_ceil(8) * 8;
+            let first_bad = buffer("samopt first bad", bad_bytes, U::STORAGE | U::COPY_SRC | U::COPY_DST);
+            let first_bad_readback = buffer("samopt first bad readback", bad_bytes, U::MAP_READ | U::COPY_DST);
             let mut windows = Vec::with_capacity(plan.len());
-            for (i, &(k, first, n, elems, groups, slot)) in plan.iter().enumerate() {
-                let t = &self.tensors[k];
-                let dtype = match t.dtype {
-                    DType::F32 => 0,
-                    DType::F16 => 1,
-                    DType::BF16 => 2,
-                };
-                let u = WindowUniform { elems: elems as u32, words: n as u32, slot, dtype };
+            for (i, &(a, first, n, groups, slot)) in plan.iter().enumerate() {
+                let arena = &self.arenas[a];
+                let u = WindowUniform { quads: (n / 4) as u32, slot, index: i as u32, pad: 0 };
                 self.ctx.queue.write_buffer(&uniforms, i as u64 * stride, bytemuck::bytes_of(&u));
                 let range = |buffer| {
                     wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -590,9 +718,9 @@ impl GpuEngine {
                     label: Some("samopt window"),
                     layout: &self.layout,
                     entries: &[
-                        wgpu::BindGroupEntry { binding: 0, resource: range(&t.param) },
-                        wgpu::BindGroupEntry { binding: 1, resource: range(&t.grad) },
-                        wgpu::BindGroupEntry { binding: 2, resource: range(&t.backup) },
+                        wgpu::BindGroupEntry { binding: 0, resource: range(&arena.param) },
+                        wgpu::BindGroupEntry { binding: 1, resource: range(&arena.grad) },
+                        wgpu::BindGroupEntry { binding: 2, resource: range(&arena.backup) },
                         wgpu::BindGroupEntry { binding: 3, resource: partials.as_entire_binding() },
                         wgpu::BindGroupEntry {
                             binding: 4,
@@ -603,56 +731,68 @@ impl GpuEngine {
                             }),
                         },
                         wgpu::BindGroupEntry { binding: 5, resource: self.step_uniform.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 6, resource: first_bad.as_entire_binding() },
                     ],
                 });
-                windows.push(WindowRes { tensor: k, groups, slot, bind_group });
+                windows.push(WindowRes { arena: a, first_word: first, groups, slot, bind_group });
             }
-            Ok(Prepared { windows, partials, partials_readback, slots, _window_uniforms: uniforms })
+            Ok(Prepared {
+                windows,
+                partials,
+                partials_readback,
+                first_bad,
+                first_bad_readback,
+                slots,
+                _window_uniforms: uniforms,
+            })
         })?;
         self.prepared = Some(prepared);
         Ok(())
     }
 
-    /// Records one compute pass running `pipeline` over every window, timestamped as pass `index`.
-    fn record_pass(&self, enc: &mut wgpu::CommandEncoder, pipeline: &wgpu::ComputePipeline, index: u32) {
+    /// Records one compute pass of `entry` over `windows` (indices), timestamped as pass `index`.
+    fn record_pass(&self, enc: &mut wgpu::CommandEncoder, entry: Entry, windows: &[usize], index: Option<u32>) {
         let prepared = self.prepared.as_ref().expect("prepared before recording");
-        let timestamp_writes = self.timing.as_ref().map(|t| wgpu::ComputePassTimestampWrites {
-            query_set: &t.queries,
-            beginning_of_pass_write_index: Some(2 * index),
-            end_of_pass_write_index: Some(2 * index + 1),
+        let timestamp_writes = index.and_then(|index| {
+            self.timing.as_ref().map(|t| wgpu::ComputePassTimestampWrites {
+                query_set: &t.queries,
+                beginning_of_pass_write_index: Some(2 * index),
+                end_of_pass_write_index: Some(2 * index + 1),
+            })
         });
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
-        pass.set_pipeline(pipeline);
-        for w in &prepared.windows {
+        for &i in windows {
+            let w = &prepared.windows[i];
+            pass.set_pipeline(self.pipeline(entry, self.arenas[w.arena].dtype));
             pass.set_bind_group(0, &w.bind_group, &[]);
             pass.dispatch_workgroups(w.groups, 1, 1);
         }
     }
 
-    fn write_step(&self, u: StepUniform) {
-        self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&u));
+    fn all_windows(&self) -> Vec<usize> {
+        (0..self.prepared.as_ref().map_or(0, |p| p.windows.len())).collect()
     }
 
-    /// Copies `bytes` host bytes into a device buffer, padding the last word with zeros.
-    fn upload(&self, buffer: &wgpu::Buffer, bytes: &[u8]) {
+    /// Copies host bytes to `buffer` at `offset`, padding the last word with zeros.
+    fn upload(&self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
         let whole = bytes.len() / 4 * 4;
         if whole > 0 {
-            self.ctx.queue.write_buffer(buffer, 0, &bytes[..whole]);
+            self.ctx.queue.write_buffer(buffer, offset, &bytes[..whole]);
         }
         if whole < bytes.len() {
             let mut tail = [0u8; 4];
             tail[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
-            self.ctx.queue.write_buffer(buffer, whole as u64, &tail);
+            self.ctx.queue.write_buffer(buffer, offset + whole as u64, &tail);
         }
     }
 
-    /// Downloads device buffers into host memory: `(buffer, destination, bytes)`, batched through
-    /// the staging buffer.
+    /// Downloads device bytes into host memory, batched through the staging buffer: jobs of
+    /// `(buffer, byte offset, destination, bytes)`.
     ///
     /// # Safety
     /// Every destination must be valid for writes of its byte count.
-    unsafe fn download(&self, jobs: &[(&wgpu::Buffer, *mut u8, usize)]) -> Result<()> {
-        // (job, offset in the source, offset in the staging buffer, bytes)
+    unsafe fn download(&self, jobs: &[(&wgpu::Buffer, u64, *mut u8, usize)]) -> Result<()> {
+        // (job, offset within the job, offset in the staging buffer, bytes)
         let mut batch: Vec<(usize, u64, u64, usize)> = Vec::new();
         let mut used = 0u64;
         let flush = |batch: &mut Vec<(usize, u64, u64, usize)>, used: &mut u64| -> Result<()> {
@@ -660,22 +800,23 @@ impl GpuEngine {
                 return Ok(());
             }
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            for &(j, src_off, dst_off, n) in batch.iter() {
-                enc.copy_buffer_to_buffer(jobs[j].0, src_off, &self.readback, dst_off, (n as u64).div_ceil(4) * 4);
+            for &(j, done, at, n) in batch.iter() {
+                let (src, src_offset, _, _) = jobs[j];
+                enc.copy_buffer_to_buffer(src, src_offset + done, &self.readback, at, (n as u64).div_ceil(4) * 4);
             }
             self.ctx.queue.submit([enc.finish()]);
             map_read(&self.ctx, &self.readback, 0, *used, |staged| {
-                for &(j, src_off, dst_off, n) in batch.iter() {
-                    let src = &staged[dst_off as usize..dst_off as usize + n];
-                    // SAFETY: the caller's contract; src_off + n is inside the destination.
-                    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), jobs[j].1.add(src_off as usize), n) };
+                for &(j, done, at, n) in batch.iter() {
+                    let src = &staged[at as usize..at as usize + n];
+                    // SAFETY: the caller's contract; `done + n` is inside the destination.
+                    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), jobs[j].2.add(done as usize), n) };
                 }
             })?;
             batch.clear();
             *used = 0;
             Ok(())
         };
-        for (j, &(_, _, bytes)) in jobs.iter().enumerate() {
+        for (j, &(_, _, _, bytes)) in jobs.iter().enumerate() {
             let mut done = 0usize;
             while done < bytes {
                 if used + 8 > READBACK_BYTES {
@@ -690,7 +831,7 @@ impl GpuEngine {
         flush(&mut batch, &mut used)
     }
 
-    fn restore_staged_hosts(&mut self) {
+    fn restore_staged_hosts(&self) {
         for t in &self.tensors {
             if let Some(s) = &t.staged {
                 // SAFETY: the host's registration promise; `saved` holds exactly these bytes.
@@ -699,8 +840,36 @@ impl GpuEngine {
         }
     }
 
-    fn tensor(&self, id: usize) -> &GpuTensor {
-        &self.tensors[id]
+    /// After a norm pass raised a flag: the first bad element, as (tensor, element).
+    fn locate(&self) -> Result<Option<(usize, usize)>> {
+        let prepared = self.prepared.as_ref().expect("prepared by the norm pass");
+        let n = prepared.windows.len();
+        let mut first = vec![u32::MAX; n];
+        self.ctx.checked("locating a non-finite gradient", || {
+            self.ctx.queue.write_buffer(&prepared.first_bad, 0, bytemuck::cast_slice(&first));
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            self.record_pass(&mut enc, Entry::Locate, &self.bad_windows, None);
+            enc.copy_buffer_to_buffer(&prepared.first_bad, 0, &prepared.first_bad_readback, 0, 4 * n as u64);
+            self.ctx.queue.submit([enc.finish()]);
+            map_read(&self.ctx, &prepared.first_bad_readback, 0, (4 * n as u64).div_ceil(8) * 8, |b| {
+                first.copy_from_slice(&bytemuck::cast_slice(b)[..n])
+            })
+        })?;
+        // Windows are in arena order, and arenas in dtype order: report the lowest tensor id.
+        let mut best: Option<(usize, usize)> = None;
+        for (i, &e) in first.iter().enumerate().filter(|&(_, &e)| e != u32::MAX) {
+            let w = &prepared.windows[i];
+            let arena = &self.arenas[w.arena];
+            let per_word = if arena.dtype == DType::F32 { 1 } else { 2 };
+            let elem = w.first_word * per_word + e as u64;
+            let pos = arena.members.partition_point(|&(o, _)| o * per_word <= elem) - 1;
+            let (offset, k) = arena.members[pos];
+            let at = (elem - offset * per_word) as usize;
+            if best.is_none_or(|b| (k, at) < b) {
+                best = Some((k, at));
+            }
+        }
+        Ok(best)
     }
 }
 
@@ -736,7 +905,7 @@ impl Passes for GpuEngine {
     }
 
     fn add_owned(&mut self, len: usize, dtype: DType) -> Result<()> {
-        // wgpu zero-initialises new buffers.
+        // wgpu zero-initialises new buffers, padding included.
         self.add(len, dtype, None)
     }
 
@@ -745,33 +914,28 @@ impl Passes for GpuEngine {
     }
 
     fn write_owned(&mut self, tensor: usize, part: Part, bytes: &[u8]) -> Result<()> {
-        let t = self.tensor(tensor);
-        let buffer = match part {
-            Part::Param => &t.param,
-            Part::Grad => &t.grad,
-        };
+        let t = &self.tensors[tensor];
+        let (buffer, offset) = self.location(t, part);
         self.ctx.checked("writing a tensor", || {
-            self.upload(buffer, bytes);
+            self.upload(buffer, offset, bytes);
             self.ctx.queue.submit([]);
             Ok(())
         })
     }
 
     fn read_owned(&mut self, tensor: usize, part: Part, out: &mut [u8]) -> Result<()> {
-        let t = self.tensor(tensor);
-        let buffer = match part {
-            Part::Param => &t.param,
-            Part::Grad => &t.grad,
-        };
+        let t = &self.tensors[tensor];
+        let (buffer, offset) = self.location(t, part);
         self.ctx.checked("reading a tensor", || {
             // SAFETY: `out` is a live slice of exactly this many bytes.
-            unsafe { self.download(&[(buffer, out.as_mut_ptr(), out.len())]) }
+            unsafe { self.download(&[(buffer, offset, out.as_mut_ptr(), out.len())]) }
         })
     }
 
     fn ascent_norm(&mut self, config: &Config) -> Result<AscentNorm> {
         self.prepare()?;
-        self.write_step(StepUniform { scale: 0.0, eta: config.eta as f32, adaptive: config.adaptive as u32, sign: 0 });
+        let step = StepUniform { scale: 0.0, eta: config.eta as f32, pad: [0; 2] };
+        self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&step));
         let prepared = self.prepared.as_ref().expect("prepared above");
         let slots = prepared.slots as usize;
         let mut partials = vec![[0u32; 2]; slots];
@@ -783,12 +947,13 @@ impl Passes for GpuEngine {
                     let (w, g) = unsafe {
                         (std::slice::from_raw_parts(s.host.param, n), std::slice::from_raw_parts(s.host.grad, n))
                     };
-                    self.upload(&t.param, w);
-                    self.upload(&t.grad, g);
+                    let Home::Packed { arena, offset } = t.home else { unreachable!("packed by prepare") };
+                    self.upload(&self.arenas[arena].param, offset * 4, w);
+                    self.upload(&self.arenas[arena].grad, offset * 4, g);
                 }
             }
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            self.record_pass(&mut enc, &self.norm_pipeline, 0);
+            self.record_pass(&mut enc, Entry::Norm, &self.all_windows(), Some(0));
             enc.copy_buffer_to_buffer(&prepared.partials, 0, &prepared.partials_readback, 0, 8 * slots as u64);
             self.ctx.queue.submit([enc.finish()]);
             map_read(&self.ctx, &prepared.partials_readback, 0, 8 * slots as u64, |b| {
@@ -797,21 +962,29 @@ impl Passes for GpuEngine {
         })?;
         // Fixed order over fixed slots: the same bits for the same inputs on the same adapter.
         let mut sum_sq = 0.0f64;
-        self.bad_slots.clear();
+        let mut bad_slots = Vec::new();
         for (i, &[bits, bad]) in partials.iter().enumerate() {
             sum_sq += f32::from_bits(bits) as f64;
             if bad != 0 {
-                self.bad_slots.push(i);
+                bad_slots.push(i as u32);
             }
         }
-        if !self.bad_slots.is_empty() {
+        self.bad_windows = prepared
+            .windows
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| bad_slots.iter().any(|&s| s >= w.slot && s < w.slot + w.groups))
+            .map(|(i, _)| i)
+            .collect();
+        if !self.bad_windows.is_empty() {
             sum_sq = f64::NAN;
         }
         Ok(AscentNorm { sum_sq })
     }
 
     fn perturb(&mut self, p: &Perturbation) -> Result<()> {
-        self.write_step(StepUniform { scale: p.scale, eta: p.eta, adaptive: p.adaptive as u32, sign: p.sign as u32 });
+        let step = StepUniform { scale: p.scale, eta: p.eta, pad: [0; 2] };
+        self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&step));
         // The host's own copy of w first, so the host's weights survive any device failure below.
         for t in &mut self.tensors {
             if let Some(s) = &mut t.staged {
@@ -827,12 +1000,16 @@ impl Passes for GpuEngine {
         }
         let result = self.ctx.checked("the perturbation pass", || {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            self.record_pass(&mut enc, &self.perturb_pipeline, 1);
+            self.record_pass(&mut enc, Entry::Perturb, &self.all_windows(), Some(1));
             self.ctx.queue.submit([enc.finish()]);
-            let jobs: Vec<(&wgpu::Buffer, *mut u8, usize)> = self
+            let jobs: Vec<(&wgpu::Buffer, u64, *mut u8, usize)> = self
                 .tensors
                 .iter()
-                .filter_map(|t| t.staged.as_ref().map(|s| (&t.param, s.host.param, t.host_bytes())))
+                .filter_map(|t| {
+                    let s = t.staged.as_ref()?;
+                    let (buffer, offset) = self.location(t, Part::Param);
+                    Some((buffer, offset, s.host.param, t.host_bytes()))
+                })
                 .collect();
             if jobs.is_empty() {
                 return self.ctx.wait();
@@ -853,42 +1030,14 @@ impl Passes for GpuEngine {
         }
         self.ctx.checked("the restore pass", || {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            self.record_pass(&mut enc, &self.restore_pipeline, 2);
+            self.record_pass(&mut enc, Entry::Restore, &self.all_windows(), Some(2));
             self.ctx.queue.submit([enc.finish()]);
             self.ctx.wait()
         })
     }
 
-    fn find_non_finite(&self, adaptive: bool) -> Option<(usize, usize)> {
-        let prepared = self.prepared.as_ref()?;
-        let mut candidates: Vec<usize> = self
-            .bad_slots
-            .iter()
-            .filter_map(|&s| prepared.windows.iter().rfind(|w| w.slot as usize <= s))
-            .map(|w| w.tensor)
-            .collect();
-        candidates.dedup();
-        for k in candidates {
-            let t = &self.tensors[k];
-            let found = match &t.staged {
-                // SAFETY: the registered host buffers.
-                Some(s) => unsafe { first_non_finite(&s.host, adaptive) },
-                None => {
-                    let n = t.host_bytes();
-                    let (mut w, mut g) = (vec![0u64; n.div_ceil(8)], vec![0u64; n.div_ceil(8)]);
-                    let (wp, gp) = (w.as_mut_ptr().cast::<u8>(), g.as_mut_ptr().cast::<u8>());
-                    // SAFETY: both vectors hold at least n bytes.
-                    unsafe { self.download(&[(&t.param, wp, n), (&t.grad, gp, n)]) }.ok()?;
-                    let host = HostTensor { param: wp, grad: gp, len: t.len, dtype: t.dtype };
-                    // SAFETY: the copies are valid for reads of the tensor.
-                    unsafe { first_non_finite(&host, adaptive) }
-                }
-            };
-            if let Some(e) = found {
-                return Some((k, e));
-            }
-        }
-        None
+    fn find_non_finite(&self, _adaptive: bool) -> Option<(usize, usize)> {
+        self.locate().ok().flatten()
     }
 
     fn describe(&self) -> String {

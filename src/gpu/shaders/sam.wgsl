@@ -1,40 +1,47 @@
-// SAM's two GPU passes over one window of one tensor: the ascent norm and the perturbation.
-// (The restore is a buffer copy from the backup, recorded by the Rust side.)
+// SAM's GPU passes over one window of one arena: the ascent norm, the perturbation, the restore,
+// and (only after a norm pass saw NaN or infinity) the search for the first non-finite element.
 //
-// Every dtype is stored as u32 words: one f32, or two f16/bf16 halves (low half first). Half
-// conversions are integer code, rounding to nearest even, so the bits do not depend on how a
-// driver implements pack2x16float. The formulas mirror src/math.rs:
+// An arena holds the tensors of one dtype end to end, each padded to 16 bytes with zeros; a window
+// is the part of an arena one storage binding can hold. Padding is inert: its gradient is zero, so
+// it adds nothing to the norm and is not moved by the perturbation.
+//
+// Every dtype is read as u32 words, four at a time: one f32 per word, or two f16/bf16 halves (low
+// half first). Half conversions are integer code rounding to nearest even, so the bits do not
+// depend on how a driver implements pack2x16float. The formulas mirror src/math.rs:
 //   p = 2:    e = rho * T_w^2 * g / (||T_w g|| + eps) = ((T_w * T_w) * g) * scale
 //   p = inf:  e = rho * T_w * sign(g)
 // with T_w = |w| + eta under ASAM and 1 otherwise.
 
+// Specialised per pipeline, so the loops carry no branches on them.
+override DTYPE: u32 = 0u;         // 0 f32, 1 f16, 2 bf16
+override ADAPTIVE: bool = false;  // ASAM
+override SIGN: bool = false;      // p = infinity
+
 const WORKGROUP: u32 = 256u;
-const DTYPE_F32: u32 = 0u;
-const DTYPE_F16: u32 = 1u;
 
-// One window: a range of one tensor's words that fits a storage binding.
 struct Window {
-    elems: u32,   // elements in this window
-    words: u32,   // u32 words holding them
+    quads: u32,   // 16-byte groups of words in this window
     slot: u32,    // first partial-sum slot of this window
-    dtype: u32,   // 0 f32, 1 f16, 2 bf16
+    index: u32,   // this window's entry in first_bad
+    pad: u32,
 }
 
-// The step: fixed once the global norm is known.
 struct Step {
-    scale: f32,     // rho / (n + eps), or rho for the sign perturbation
+    scale: f32,   // rho / (n + eps), or rho for the sign perturbation
     eta: f32,
-    adaptive: u32,
-    sign: u32,
+    pad0: u32,
+    pad1: u32,
 }
 
-@group(0) @binding(0) var<storage, read_write> param: array<u32>;
-@group(0) @binding(1) var<storage, read> grad: array<u32>;
-@group(0) @binding(2) var<storage, read_write> backup: array<u32>;
-// Per workgroup: (bits of the f32 partial sum of (T_w g)^2, non-finite flag).
+@group(0) @binding(0) var<storage, read_write> param: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read> grad: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read_write> backup: array<vec4<u32>>;
+// Per workgroup of the norm pass: (bits of the f32 partial sum of (T_w g)^2, non-finite flag).
 @group(0) @binding(3) var<storage, read_write> partials: array<vec2<u32>>;
 @group(0) @binding(4) var<uniform> window: Window;
 @group(0) @binding(5) var<uniform> step: Step;
+// Per window: the first non-finite element's index within the window (u32 max: none).
+@group(0) @binding(6) var<storage, read_write> first_bad: array<atomic<u32>>;
 
 var<workgroup> scratch: array<f32, WORKGROUP>;
 var<workgroup> scratch_flag: array<u32, WORKGROUP>;
@@ -61,17 +68,13 @@ fn f32_to_f16(x: f32) -> u32 {
     if (f >= 0x47800000u) {
         o = select(0x7c00u, 0x7e00u, f > 0x7f800000u);             // overflow to inf, or NaN
     } else if (f < 0x38800000u) {
-        // Subnormal or zero: let the f32 adder round, with a magic number that aligns the bits.
+        // Subnormal or zero: the f32 adder rounds, with a magic number that aligns the bits.
         o = bitcast<u32>(bitcast<f32>(f) + bitcast<f32>(0x3f000000u)) - 0x3f000000u;
     } else {
         let odd = (f >> 13u) & 1u;
-        o = (f + 0xc8000fffu + odd) >> 13u;                       // rebias and round to nearest even
+        o = (f + 0xc8000fffu + odd) >> 13u;                       // rebias, round to nearest even
     }
     return o | sign;
-}
-
-fn bf16_to_f32(h: u32) -> f32 {
-    return bitcast<f32>(h << 16u);
 }
 
 fn f32_to_bf16(x: f32) -> u32 {
@@ -82,45 +85,89 @@ fn f32_to_bf16(x: f32) -> u32 {
     return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
 }
 
-fn half_to_f32(h: u32) -> f32 {
-    if (window.dtype == DTYPE_F16) {
-        return f16_to_f32(h);
+// Element h (0 or 1) of a word, as f32.
+fn element(word: u32, h: u32) -> f32 {
+    if (DTYPE == 0u) {
+        return bitcast<f32>(word);
     }
-    return bf16_to_f32(h);
+    let bits = (word >> (16u * h)) & 0xffffu;
+    if (DTYPE == 1u) {
+        return f16_to_f32(bits);
+    }
+    return bitcast<f32>(bits << 16u);
 }
 
-fn f32_to_half(x: f32) -> u32 {
-    if (window.dtype == DTYPE_F16) {
+fn to_half(x: f32) -> u32 {
+    if (DTYPE == 1u) {
         return f32_to_f16(x);
     }
     return f32_to_bf16(x);
 }
 
-fn half_non_finite(h: u32) -> bool {
-    if (window.dtype == DTYPE_F16) {
-        return (h & 0x7c00u) == 0x7c00u;
+// Whether element h of a word is NaN or infinite, by its exponent bits: a driver may assume
+// finite math, a bit test cannot be optimised away.
+fn non_finite(word: u32, h: u32) -> bool {
+    if (DTYPE == 0u) {
+        return (word & 0x7f800000u) == 0x7f800000u;
     }
-    return (h & 0x7f80u) == 0x7f80u;
+    let bits = (word >> (16u * h)) & 0xffffu;
+    if (DTYPE == 1u) {
+        return (bits & 0x7c00u) == 0x7c00u;
+    }
+    return (bits & 0x7f80u) == 0x7f80u;
+}
+
+fn per_word() -> u32 {
+    return select(2u, 1u, DTYPE == 0u);
 }
 
 // ---- the SAM formulas ----
 
 fn t_w(w: f32) -> f32 {
-    return select(1.0, abs(w) + step.eta, step.adaptive != 0u);
+    if (ADAPTIVE) {
+        return abs(w) + step.eta;
+    }
+    return 1.0;
 }
 
 fn perturbed(w: f32, g: f32) -> f32 {
     let t = t_w(w);
     var e: f32;
-    if (step.sign != 0u) {
-        e = step.scale * sign(g) * select(1.0, t, step.adaptive != 0u);
+    if (SIGN) {
+        e = step.scale * sign(g);
+        if (ADAPTIVE) {
+            e = e * t;
+        }
     } else {
         e = ((t * t) * g) * step.scale;
     }
     return w + e;
 }
 
-// ---- the norm pass: per-workgroup partial sums in f32, then a fixed tree ----
+fn perturbed_word(w: u32, g: u32) -> u32 {
+    if (DTYPE == 0u) {
+        return bitcast<u32>(perturbed(bitcast<f32>(w), bitcast<f32>(g)));
+    }
+    let lo = to_half(perturbed(element(w, 0u), element(g, 0u)));
+    let hi = to_half(perturbed(element(w, 1u), element(g, 1u)));
+    return (hi << 16u) | lo;
+}
+
+// (T_w g)^2 summed over the elements of a word, and whether any input was non-finite.
+fn norm_word(w: u32, g: u32) -> vec2<f32> {
+    var sum = 0.0;
+    var bad = 0.0;
+    for (var h = 0u; h < per_word(); h++) {
+        let x = element(g, h) * t_w(element(w, h));
+        sum += x * x;
+        if (non_finite(g, h) || (ADAPTIVE && non_finite(w, h))) {
+            bad = 1.0;
+        }
+    }
+    return vec2<f32>(sum, bad);
+}
+
+// ---- the norm pass: per-invocation f32 sums, then a fixed tree per workgroup ----
 
 @compute @workgroup_size(256)
 fn ascent_norm(
@@ -129,44 +176,26 @@ fn ascent_norm(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let stride = nwg.x * WORKGROUP;
-    let adaptive = step.adaptive != 0u;
     var sum = 0.0;
-    var bad = 0u;
-    for (var i = wid.x * WORKGROUP + lid; i < window.words; i += stride) {
-        let gw = grad[i];
-        if (window.dtype == DTYPE_F32) {
-            var x = bitcast<f32>(gw);
-            bad |= u32((gw & 0x7f800000u) == 0x7f800000u);
-            if (adaptive) {
-                let ww = param[i];
-                bad |= u32((ww & 0x7f800000u) == 0x7f800000u);
-                x = x * t_w(bitcast<f32>(ww));
-            }
-            sum += x * x;
-        } else {
-            let ww = param[i];
-            for (var h = 0u; h < 2u; h++) {
-                if (2u * i + h < window.elems) {
-                    let gh = (gw >> (16u * h)) & 0xffffu;
-                    var x = half_to_f32(gh);
-                    bad |= u32(half_non_finite(gh));
-                    if (adaptive) {
-                        let wh = (ww >> (16u * h)) & 0xffffu;
-                        bad |= u32(half_non_finite(wh));
-                        x = x * t_w(half_to_f32(wh));
-                    }
-                    sum += x * x;
-                }
-            }
+    var bad = 0.0;
+    for (var i = wid.x * WORKGROUP + lid; i < window.quads; i += stride) {
+        let g = grad[i];
+        var w = vec4<u32>(0u);
+        if (ADAPTIVE) {
+            w = param[i];
         }
+        let a = norm_word(w.x, g.x) + norm_word(w.y, g.y);
+        let b = norm_word(w.z, g.z) + norm_word(w.w, g.w);
+        sum += a.x + b.x;
+        bad = max(bad, max(a.y, b.y));
     }
     scratch[lid] = sum;
-    scratch_flag[lid] = bad;
+    scratch_flag[lid] = u32(bad > 0.0);
     workgroupBarrier();
-    for (var half_width = WORKGROUP / 2u; half_width > 0u; half_width >>= 1u) {
-        if (lid < half_width) {
-            scratch[lid] += scratch[lid + half_width];
-            scratch_flag[lid] |= scratch_flag[lid + half_width];
+    for (var width = WORKGROUP / 2u; width > 0u; width >>= 1u) {
+        if (lid < width) {
+            scratch[lid] += scratch[lid + width];
+            scratch_flag[lid] |= scratch_flag[lid + width];
         }
         workgroupBarrier();
     }
@@ -175,40 +204,44 @@ fn ascent_norm(
     }
 }
 
-// ---- the perturbation pass: save w, then w <- w + e(w), one word per invocation ----
+// ---- the perturbation pass: save w, then w <- w + e(w) ----
 
 @compute @workgroup_size(256)
-fn perturb(
-    @builtin(global_invocation_id) gid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
+fn perturb(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let stride = nwg.x * WORKGROUP;
-    for (var i = gid.x; i < window.words; i += stride) {
-        let ww = param[i];
-        let gw = grad[i];
-        backup[i] = ww;
-        if (window.dtype == DTYPE_F32) {
-            param[i] = bitcast<u32>(perturbed(bitcast<f32>(ww), bitcast<f32>(gw)));
-        } else {
-            let lo = f32_to_half(perturbed(half_to_f32(ww & 0xffffu), half_to_f32(gw & 0xffffu)));
-            var hi = ww >> 16u; // the padding half after an odd length keeps its bits
-            if (2u * i + 1u < window.elems) {
-                hi = f32_to_half(perturbed(half_to_f32(ww >> 16u), half_to_f32(gw >> 16u)));
-            }
-            param[i] = (hi << 16u) | lo;
-        }
+    for (var i = gid.x; i < window.quads; i += stride) {
+        let w = param[i];
+        let g = grad[i];
+        backup[i] = w;
+        param[i] = vec4<u32>(perturbed_word(w.x, g.x), perturbed_word(w.y, g.y),
+                             perturbed_word(w.z, g.z), perturbed_word(w.w, g.w));
     }
 }
 
 // ---- the restore pass: w <- the saved bits ----
 
 @compute @workgroup_size(256)
-fn restore(
-    @builtin(global_invocation_id) gid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
+fn restore(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let stride = nwg.x * WORKGROUP;
-    for (var i = gid.x; i < window.words; i += stride) {
+    for (var i = gid.x; i < window.quads; i += stride) {
         param[i] = backup[i];
+    }
+}
+
+// ---- after a non-finite norm: the first bad element of the window ----
+
+@compute @workgroup_size(256)
+fn locate_non_finite(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let stride = nwg.x * WORKGROUP;
+    for (var i = gid.x; i < window.quads; i += stride) {
+        let g = grad[i];
+        let w = param[i];
+        for (var k = 0u; k < 4u; k++) {
+            for (var h = 0u; h < per_word(); h++) {
+                if (non_finite(g[k], h) || (ADAPTIVE && non_finite(w[k], h))) {
+                    atomicMin(&first_bad[window.index], (4u * i + k) * per_word() + h);
+                }
+            }
+        }
     }
 }
