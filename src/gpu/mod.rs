@@ -573,16 +573,21 @@ impl GpuEngine {
     /// Packs every tensor into arenas, moving the data of those that have some on the device.
     fn pack(&mut self) -> Result<()> {
         let d = &self.ctx.device;
-        // (dtype, words, members)
-        let mut plan: Vec<(DType, u64, Vec<(u64, usize)>)> = Vec::new();
+        // Per arena to build: dtype, words used, and the `(first word, tensor)` of its members.
+        struct Plan {
+            dtype: DType,
+            words: u64,
+            members: Vec<(u64, usize)>,
+        }
+        let mut plan: Vec<Plan> = Vec::new();
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             for (k, t) in self.tensors.iter().enumerate().filter(|(_, t)| t.dtype == dtype) {
                 match plan.last_mut() {
-                    Some((dt, used, members)) if *dt == dtype && *used + t.words <= self.arena_words => {
-                        members.push((*used, k));
-                        *used += t.words;
+                    Some(p) if p.dtype == dtype && p.words + t.words <= self.arena_words => {
+                        p.members.push((p.words, k));
+                        p.words += t.words;
                     }
-                    _ => plan.push((dtype, t.words, vec![(0, k)])),
+                    _ => plan.push(Plan { dtype, words: t.words, members: vec![(0, k)] }),
                 }
             }
         }
@@ -590,7 +595,7 @@ impl GpuEngine {
             use wgpu::BufferUsages as U;
             let mut arenas = Vec::with_capacity(plan.len());
             let mut enc = d.create_command_encoder(&Default::default());
-            for (dtype, words, members) in &plan {
+            for Plan { dtype, words, members } in &plan {
                 let make = |label, usage| {
                     d.create_buffer(&wgpu::BufferDescriptor {
                         label: Some(label),
