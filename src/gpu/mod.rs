@@ -756,7 +756,13 @@ impl GpuEngine {
     }
 
     /// Records one compute pass of `entry` over `windows` (indices), timestamped as pass `index`.
-    fn record_pass(&self, enc: &mut wgpu::CommandEncoder, entry: Entry, windows: &[usize], index: Option<u32>) {
+    fn record_pass(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        entry: Entry,
+        windows: impl IntoIterator<Item = usize>,
+        index: Option<u32>,
+    ) {
         let prepared = self.prepared.as_ref().expect("prepared before recording");
         let timestamp_writes = index.and_then(|index| {
             self.timing.as_ref().map(|t| wgpu::ComputePassTimestampWrites {
@@ -766,7 +772,7 @@ impl GpuEngine {
             })
         });
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
-        for &i in windows {
+        for i in windows {
             let w = &prepared.windows[i];
             pass.set_pipeline(self.pipeline(entry, self.arenas[w.arena].dtype));
             pass.set_bind_group(0, &w.bind_group, &[]);
@@ -774,8 +780,8 @@ impl GpuEngine {
         }
     }
 
-    fn all_windows(&self) -> Vec<usize> {
-        (0..self.prepared.as_ref().map_or(0, |p| p.windows.len())).collect()
+    fn all_windows(&self) -> std::ops::Range<usize> {
+        0..self.prepared.as_ref().map_or(0, |p| p.windows.len())
     }
 
     /// Copies host bytes to `buffer` at `offset`, padding the last word with zeros.
@@ -853,7 +859,7 @@ impl GpuEngine {
         self.ctx.checked("locating a non-finite gradient", || {
             self.ctx.queue.write_buffer(&prepared.first_bad, 0, bytemuck::cast_slice(&first));
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            self.record_pass(&mut enc, Entry::Locate, &self.bad_windows, None);
+            self.record_pass(&mut enc, Entry::Locate, self.bad_windows.iter().copied(), None);
             enc.copy_buffer_to_buffer(&prepared.first_bad, 0, &prepared.first_bad_readback, 0, 4 * n as u64);
             self.ctx.queue.submit([enc.finish()]);
             map_read(&self.ctx, &prepared.first_bad_readback, 0, (4 * n as u64).div_ceil(8) * 8, |b| {
@@ -942,9 +948,12 @@ impl Passes for GpuEngine {
         let step = StepUniform { scale: 0.0, eta: config.eta as f32, pad: [0; 2] };
         self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&step));
         let prepared = self.prepared.as_ref().expect("prepared above");
-        let slots = prepared.slots as usize;
-        let mut partials = vec![[0u32; 2]; slots];
-        self.ctx.checked("the norm pass", || {
+        let bytes = 8 * prepared.slots as u64;
+        // Reused every step: no allocation once the windows are built.
+        let mut bad_windows = std::mem::take(&mut self.bad_windows);
+        bad_windows.clear();
+        let mut sum_sq = 0.0f64;
+        let result = self.ctx.checked("the norm pass", || {
             for t in &self.tensors {
                 if let Some(s) = &t.staged {
                     let n = t.host_bytes();
@@ -958,29 +967,26 @@ impl Passes for GpuEngine {
                 }
             }
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            self.record_pass(&mut enc, Entry::Norm, &self.all_windows(), Some(0));
-            enc.copy_buffer_to_buffer(&prepared.partials, 0, &prepared.partials_readback, 0, 8 * slots as u64);
+            self.record_pass(&mut enc, Entry::Norm, self.all_windows(), Some(0));
+            enc.copy_buffer_to_buffer(&prepared.partials, 0, &prepared.partials_readback, 0, bytes);
             self.ctx.queue.submit([enc.finish()]);
-            map_read(&self.ctx, &prepared.partials_readback, 0, 8 * slots as u64, |b| {
-                partials.copy_from_slice(bytemuck::cast_slice(b))
+            map_read(&self.ctx, &prepared.partials_readback, 0, bytes, |b| {
+                let partials: &[[u32; 2]] = bytemuck::cast_slice(b);
+                // Fixed order over fixed slots: the same bits for the same inputs on one adapter.
+                for (i, w) in prepared.windows.iter().enumerate() {
+                    let mut bad = false;
+                    for &[bits, flag] in &partials[w.slot as usize..(w.slot + w.groups) as usize] {
+                        sum_sq += f32::from_bits(bits) as f64;
+                        bad |= flag != 0;
+                    }
+                    if bad {
+                        bad_windows.push(i);
+                    }
+                }
             })
-        })?;
-        // Fixed order over fixed slots: the same bits for the same inputs on the same adapter.
-        let mut sum_sq = 0.0f64;
-        let mut bad_slots = Vec::new();
-        for (i, &[bits, bad]) in partials.iter().enumerate() {
-            sum_sq += f32::from_bits(bits) as f64;
-            if bad != 0 {
-                bad_slots.push(i as u32);
-            }
-        }
-        self.bad_windows = prepared
-            .windows
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| bad_slots.iter().any(|&s| s >= w.slot && s < w.slot + w.groups))
-            .map(|(i, _)| i)
-            .collect();
+        });
+        self.bad_windows = bad_windows;
+        result?;
         if !self.bad_windows.is_empty() {
             sum_sq = f64::NAN;
         }
@@ -1005,7 +1011,7 @@ impl Passes for GpuEngine {
         }
         let result = self.ctx.checked("the perturbation pass", || {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            self.record_pass(&mut enc, Entry::Perturb, &self.all_windows(), Some(1));
+            self.record_pass(&mut enc, Entry::Perturb, self.all_windows(), Some(1));
             self.ctx.queue.submit([enc.finish()]);
             let jobs: Vec<(&wgpu::Buffer, u64, *mut u8, usize)> = self
                 .tensors
@@ -1035,7 +1041,7 @@ impl Passes for GpuEngine {
         }
         self.ctx.checked("the restore pass", || {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            self.record_pass(&mut enc, Entry::Restore, &self.all_windows(), Some(2));
+            self.record_pass(&mut enc, Entry::Restore, self.all_windows(), Some(2));
             self.ctx.queue.submit([enc.finish()]);
             self.ctx.wait()
         })
