@@ -160,11 +160,52 @@ static void check_errors(void) {
     EXPECT(strlen(sam_version()) > 0, "version");
 }
 
+/* Device tensors on the GPU backend, when wgpu finds an adapter (lavapipe on CI). */
+static void check_gpu(void) {
+    size_t count = 0;
+    EXPECT(sam_gpu_adapter_count(&count) == SAM_OK, "adapter count");
+    if (count == 0) {
+        printf("no GPU adapter: GPU checks skipped\n");
+        return;
+    }
+    SamAdapterInfo info;
+    memset(&info, 0, sizeof info);
+    info.struct_size = sizeof info;
+    EXPECT(sam_gpu_adapter_info(0, &info) == SAM_OK && info.name[0] != 0, "adapter 0");
+    EXPECT(sam_gpu_adapter_info(count, &info) == SAM_ERR_INVALID_ARGUMENT, "adapter past the end");
+
+    SamConfig config = sam_config_default();
+    config.backend = SAM_BACKEND_GPU;
+    config.rho = 0.5;
+    SamOptimizer *opt = NULL;
+    EXPECT(sam_create(&config, &opt) == SAM_OK, "create on the GPU");
+    if (!opt) return;
+    uint32_t id = 99;
+    const uint16_t w[3] = {0x3C00, 0x4000, 0xC000}; /* f16: 1, 2, -2 */
+    const uint16_t g[3] = {0x3800, 0x0000, 0x0000}; /* 0.5, 0, 0 */
+    uint16_t out[3] = {0};
+    EXPECT(sam_tensor_create(opt, 3, SAM_DTYPE_F16, &id) == SAM_OK && id == 0, "tensor create");
+    EXPECT(sam_tensor_write(opt, id, SAM_PART_PARAM, w, 3) == SAM_OK, "write param");
+    EXPECT(sam_tensor_write(opt, id, SAM_PART_GRAD, g, 3) == SAM_OK, "write grad");
+    EXPECT(sam_first_step(opt) == SAM_OK, "first step");
+    EXPECT(sam_tensor_read(opt, id, SAM_PART_PARAM, out, 3) == SAM_OK, "read param");
+    /* ||g|| = 0.5, e = 0.5 * g / 0.5 = g: 1.5 (0x3E00), 2, -2 */
+    EXPECT(out[0] == 0x3E00 && out[1] == 0x4000 && out[2] == 0xC000, "perturbed %04x %04x %04x", out[0], out[1], out[2]);
+    EXPECT(sam_second_step(opt) == SAM_OK, "second step");
+    EXPECT(sam_tensor_read(opt, id, SAM_PART_PARAM, out, 3) == SAM_OK && memcmp(out, w, sizeof w) == 0, "restored");
+    memset(&info, 0, sizeof info);
+    info.struct_size = sizeof info;
+    EXPECT(sam_get_adapter_info(opt, &info) == SAM_OK, "adapter of the optimizer");
+    printf("GPU checks ran on %s (%s, %s)\n", info.name, info.backend, info.device_type);
+    sam_destroy(opt);
+}
+
 int main(void) {
     for (int adaptive = 0; adaptive <= 1; adaptive++)
         for (int sign = 0; sign <= 1; sign++) check_f32_step(adaptive, sign);
     check_f16_and_non_finite();
     check_errors();
+    check_gpu();
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }
