@@ -28,8 +28,8 @@
 #define SAM_ABI_VERSION 1
 
 /**
- * The result of every fallible call. `SAM_OK` is 0, errors are negative, and a number never
- * changes meaning (retired numbers are not reused).
+ * The result of every fallible call. `SAM_OK` is 0, errors are negative, non-fatal outcomes are
+ * positive, and a number never changes meaning (retired numbers are not reused).
  */
 enum SamStatus
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -40,6 +40,12 @@ enum SamStatus
      * Success.
      */
     SAM_OK = 0,
+    /**
+     * Not an error: `sam_second_step` found NaN or infinity in the second gradient, restored the
+     * weights exactly, and skipped the base update (its state and step count untouched). A
+     * loss-scaled loop lowers its scale and goes on.
+     */
+    SAM_STEP_SKIPPED = 1,
     /**
      * A required pointer argument was NULL.
      */
@@ -98,6 +104,11 @@ typedef struct SamOptimizer SamOptimizer;
 typedef uint32_t SamBackend;
 
 /**
+ * The base optimizer of the second step: one of the `SAM_BASE_*` values.
+ */
+typedef uint32_t SamBase;
+
+/**
  * Configuration of an optimizer. Always start from `sam_config_default()`, which also sets
  * `struct_size`, then change the fields you need.
  */
@@ -142,6 +153,56 @@ typedef struct {
      * Read during `sam_create` only.
      */
     const char *adapter;
+    /**
+     * A `SAM_BASE_*` value. Default `SAM_BASE_NONE`.
+     */
+    SamBase base;
+    /**
+     * Learning rate, >= 0 (1e-3). Change it between steps with `sam_set_lr`.
+     */
+    double lr;
+    /**
+     * SGD momentum, >= 0 (0).
+     */
+    double momentum;
+    /**
+     * SGD dampening (0).
+     */
+    double dampening;
+    /**
+     * SGD Nesterov momentum (false); needs momentum > 0 and dampening 0.
+     */
+    bool nesterov;
+    /**
+     * Weight decay of group 0, >= 0. `NAN` (default): PyTorch's default for the base optimizer,
+     * 0 for SGD and 1e-2 for AdamW.
+     */
+    double weight_decay;
+    /**
+     * AdamW's beta1, in [0, 1) (0.9).
+     */
+    double beta1;
+    /**
+     * AdamW's beta2, in [0, 1) (0.999).
+     */
+    double beta2;
+    /**
+     * AdamW's epsilon, >= 0 (1e-8).
+     */
+    double adam_eps;
+    /**
+     * Clip the second (perturbed) gradient to this global L2 norm before the base update, as
+     * `torch.nn.utils.clip_grad_norm_` does; 0 (default) turns clipping off. Needs a built-in base
+     * optimizer. (Clipping the first gradient would change nothing: the perturbation divides by
+     * its norm.)
+     */
+    double max_grad_norm;
+    /**
+     * GSAM's alpha: step with `g' - alpha * g_perp`, `g_perp = g - (g.g' / ||g'||^2) g'`, with `g`
+     * the first gradient (the first step keeps a copy) and `g'` the second; 0 (default) is plain
+     * SAM. Needs a built-in base optimizer.
+     */
+    double gsam_alpha;
 } SamConfig;
 
 /**
@@ -238,6 +299,22 @@ typedef void (*SamLogCallback)(SamLogLevel level, const char *message, void *use
 #define SAM_DTYPE_BF16 2
 
 /**
+ * No base optimizer: `sam_second_step` only restores `w`, and the host runs its own optimizer on
+ * the gradient it computed at `w + e(w)`, as the PyTorch reference does.
+ */
+#define SAM_BASE_NONE 0
+
+/**
+ * PyTorch's SGD (lr, momentum, dampening, nesterov, weight_decay), fused with the restore.
+ */
+#define SAM_BASE_SGD 1
+
+/**
+ * PyTorch's AdamW (lr, beta1, beta2, adam_eps, weight_decay), fused with the restore.
+ */
+#define SAM_BASE_ADAMW 2
+
+/**
  * The parameter `w`.
  */
 #define SAM_PART_PARAM 0
@@ -319,9 +396,14 @@ SamStatus sam_first_step(SamOptimizer *opt);
 
 /**
  * The second step: restores every parameter to exactly the bits it had before the first step.
- * The host then runs its base optimizer with the gradient it computed at `w + e(w)`.
+ * With `SAM_BASE_NONE` the host then runs its own optimizer with the gradient it computed at
+ * `w + e(w)`; with `SAM_BASE_SGD` or `SAM_BASE_ADAMW` the restore and the base update run as one
+ * pass (after one reduction over the second gradient: its norm for `max_grad_norm`, its dot
+ * product with the first gradient for GSAM, and a finiteness check).
  *
- * Returns `SAM_ERR_INVALID_STATE` without a preceding first step.
+ * Returns `SAM_OK`; `SAM_STEP_SKIPPED` (positive, not an error) when a built-in base optimizer
+ * finds NaN or infinity in the second gradient: weights restored, no update, state untouched;
+ * `SAM_ERR_INVALID_STATE` without a preceding first step.
  *
  * # Safety
  * `opt` must be NULL or a live handle whose registered buffers are valid.
@@ -340,6 +422,47 @@ SamStatus sam_second_step(SamOptimizer *opt);
 SamStatus sam_grad_norm(const SamOptimizer *opt, double *out);
 
 /**
+ * Sets the learning rate of the built-in base optimizer from the next second step on: the hook
+ * for a learning-rate schedule, called between steps. Groups scale it. `lr` must be finite and
+ * >= 0.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle.
+ */
+SamStatus sam_set_lr(SamOptimizer *opt, double lr);
+
+/**
+ * Stores the current learning rate in `*out`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_get_lr(const SamOptimizer *opt, double *out);
+
+/**
+ * Adds a parameter group, as PyTorch's `param_groups`, and stores its id in `*out_group`: its
+ * tensors step with learning rate `lr * lr_scale` and weight decay `weight_decay` (`NAN`: group
+ * 0's, the config's). Group 0 exists from the start and holds every tensor until
+ * `sam_set_tensor_group` moves it. The gradient norm stays one norm over all groups. The common
+ * use: a group with weight decay 0 for biases and normalisation weights.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out_group` NULL or writable.
+ */
+SamStatus sam_add_group(SamOptimizer *opt,
+                        double lr_scale,
+                        double weight_decay,
+                        uint32_t *out_group);
+
+/**
+ * Moves tensor `id` into `group` (refused between the two steps).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle.
+ */
+SamStatus sam_set_tensor_group(SamOptimizer *opt, uint32_t id, uint32_t group);
+
+/**
  * Stores the number of registered tensors in `*out`.
  *
  * # Safety
@@ -348,7 +471,8 @@ SamStatus sam_grad_norm(const SamOptimizer *opt, double *out);
 SamStatus sam_tensor_count(const SamOptimizer *opt, size_t *out);
 
 /**
- * Stores the number of completed SAM steps (second steps) in `*out`.
+ * Stores in `*out` the number of completed SAM steps: second steps that were not skipped (with a
+ * built-in base optimizer, the number of updates applied, as PyTorch's optimizer step count).
  *
  * # Safety
  * `opt` must be NULL or a live handle; `out` NULL or writable.

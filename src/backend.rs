@@ -8,7 +8,7 @@
 use crate::config::Config;
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::math::Perturbation;
+use crate::math::{Perturbation, TensorStep, UpdateStep};
 
 /// A parameter and its gradient in host memory, owned by the host.
 ///
@@ -34,6 +34,15 @@ pub(crate) struct AscentNorm {
     /// `sum (T_w * g)^2` over every element of every tensor. NaN or infinite exactly when some
     /// gradient element (or, under ASAM, weight element) is; that is the non-finite flag.
     pub sum_sq: f64,
+}
+
+/// The result of the second step's reduction over the second gradient `g'`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct SecondNorm {
+    /// `||g'||^2` over every tensor; NaN or infinite exactly when some `g'` element is.
+    pub sum_sq: f64,
+    /// `g . g'` with the first gradient `g` (GSAM only, else 0).
+    pub dot: f64,
 }
 
 /// Which buffer of a tensor.
@@ -72,6 +81,18 @@ pub(crate) trait Passes: Send {
 
     /// Writes back the bits saved by the last `perturb`.
     fn restore(&mut self) -> Result<()>;
+
+    /// Reads the second gradient (and under GSAM the saved first one) once; writes nothing.
+    fn second_reduce(&mut self, gsam: bool) -> Result<SecondNorm>;
+
+    /// The restore fused with the base optimizer's update: reads the backup, the second gradient,
+    /// (the first gradient under GSAM) and the state; writes the weights and the state.
+    /// `tensors[k]` holds tensor k's scalars.
+    fn update(&mut self, step: &UpdateStep, tensors: &[TensorStep]) -> Result<()>;
+
+    /// Tensors of one cohort (group, and the number of updates applied before it was registered)
+    /// share every per-tensor scalar of every step; the GPU packs each cohort on its own.
+    fn set_cohort(&mut self, _tensor: usize, _cohort: (u32, u64)) {}
 
     /// The first tensor (index, element) whose gradient, or under ASAM weight, is not finite.
     /// Only called after `ascent_norm` reported a non-finite sum, to say where.

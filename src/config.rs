@@ -53,7 +53,37 @@ impl Norm {
     }
 }
 
-/// How SAM perturbs the weights. See `SAM.md` for the formulas.
+/// The base optimizer that `second_step` runs, fused with the restore.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum BaseOptimizer {
+    /// None: the second step only restores `w`; the host runs its own optimizer on the gradient it
+    /// computed at `w + e(w)`, as the PyTorch reference does.
+    #[default]
+    None,
+    /// PyTorch's `torch.optim.SGD` (momentum, dampening, Nesterov, L2 weight decay).
+    Sgd,
+    /// PyTorch's `torch.optim.AdamW` (decoupled weight decay, bias correction).
+    AdamW,
+}
+
+impl BaseOptimizer {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseOptimizer::None => "none",
+            BaseOptimizer::Sgd => "sgd",
+            BaseOptimizer::AdamW => "adamw",
+        }
+    }
+
+    /// PyTorch's default weight decay for this optimizer: 0 for SGD, 1e-2 for AdamW.
+    pub fn default_weight_decay(self) -> f64 {
+        if self == BaseOptimizer::AdamW { 1e-2 } else { 0.0 }
+    }
+}
+
+/// How SAM perturbs the weights and, optionally, how the base optimizer steps. See `SAM.md` for
+/// the formulas; the base optimizers' fields and defaults are PyTorch's.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// Radius of the neighbourhood, `rho > 0` (0.05; ASAM usually wants about 2.0).
@@ -74,6 +104,34 @@ pub struct Config {
     /// name. `None`: the `SAMOPT_ADAPTER` environment variable, else the best adapter (discrete,
     /// integrated, virtual, CPU). `WGPU_BACKEND` (e.g. `vulkan`, `gl`) limits the APIs searched.
     pub adapter: Option<String>,
+
+    /// The base optimizer run by the second step (default: none).
+    pub base: BaseOptimizer,
+    /// Learning rate, `>= 0` (1e-3, PyTorch's default). Change it step by step with
+    /// [`crate::Optimizer::set_lr`]; a group scales it.
+    pub lr: f64,
+    /// SGD momentum `mu >= 0` (0).
+    pub momentum: f64,
+    /// SGD dampening `tau` (0).
+    pub dampening: f64,
+    /// SGD Nesterov momentum (false); needs `momentum > 0` and `dampening == 0`, as in PyTorch.
+    pub nesterov: bool,
+    /// Weight decay `>= 0` of group 0; `None`: the base optimizer's PyTorch default (0 for SGD,
+    /// 1e-2 for AdamW). SGD adds `lambda * w` to the gradient; AdamW decays `w` directly.
+    pub weight_decay: Option<f64>,
+    /// AdamW's `beta1` in `[0, 1)` (0.9).
+    pub beta1: f64,
+    /// AdamW's `beta2` in `[0, 1)` (0.999).
+    pub beta2: f64,
+    /// AdamW's `eps >= 0` (1e-8).
+    pub adam_eps: f64,
+    /// Clip the second (perturbed) gradient to this global L2 norm, as `clip_grad_norm_` does;
+    /// `None` (default): no clipping. Clipping the first gradient would change nothing: the
+    /// perturbation divides by its norm.
+    pub max_grad_norm: Option<f64>,
+    /// GSAM's `alpha`: step with `g' - alpha * g_perp`, `g_perp = g - (g.g' / ||g'||^2) g'`, where
+    /// `g` is the first gradient (kept by the first step) and `g'` the second. `None`: plain SAM.
+    pub gsam_alpha: Option<f64>,
 }
 
 impl Default for Config {
@@ -87,6 +145,17 @@ impl Default for Config {
             backend: Backend::Auto,
             threads: 0,
             adapter: None,
+            base: BaseOptimizer::None,
+            lr: 1e-3,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: None,
+            beta1: 0.9,
+            beta2: 0.999,
+            adam_eps: 1e-8,
+            max_grad_norm: None,
+            gsam_alpha: None,
         }
     }
 }
@@ -103,7 +172,61 @@ impl Config {
         if !(self.eta.is_finite() && self.eta >= 0.0) {
             return Err(Error::invalid(format!("eta = {}: must be finite and >= 0", self.eta)));
         }
+        let non_negative = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(Error::invalid(format!("{name} = {v}: must be finite and >= 0")))
+            }
+        };
+        non_negative("lr", self.lr)?;
+        non_negative("momentum", self.momentum)?;
+        if !self.dampening.is_finite() {
+            return Err(Error::invalid(format!("dampening = {}: must be finite", self.dampening)));
+        }
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return Err(Error::invalid(format!(
+                "nesterov = true needs momentum > 0 and dampening = 0 (momentum = {}, dampening = {})",
+                self.momentum, self.dampening
+            )));
+        }
+        if let Some(wd) = self.weight_decay {
+            non_negative("weight_decay", wd)?;
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(Error::invalid(format!("{name} = {b}: must be in [0, 1)")));
+            }
+        }
+        non_negative("adam_eps", self.adam_eps)?;
+        if let Some(m) = self.max_grad_norm
+            && !(m.is_finite() && m > 0.0)
+        {
+            return Err(Error::invalid(format!("max_grad_norm = {m}: must be finite and > 0 (or off)")));
+        }
+        if let Some(a) = self.gsam_alpha {
+            non_negative("gsam_alpha", a)?;
+            if self.base == BaseOptimizer::None {
+                return Err(Error::invalid(format!(
+                    "gsam_alpha = {a} needs a built-in base optimizer (base = sgd or adamw): \
+                     with base = none the host's optimizer applies the gradient"
+                )));
+            }
+        }
+        if let Some(m) = self.max_grad_norm
+            && self.base == BaseOptimizer::None
+        {
+            return Err(Error::invalid(format!(
+                "max_grad_norm = {m} needs a built-in base optimizer (base = sgd or adamw): with base = \
+                 none, clip in the host's optimizer"
+            )));
+        }
         Ok(())
+    }
+
+    /// The weight decay of group 0: the configured one, or the base optimizer's default.
+    pub fn effective_weight_decay(&self) -> f64 {
+        self.weight_decay.unwrap_or_else(|| self.base.default_weight_decay())
     }
 }
 
@@ -121,6 +244,23 @@ mod tests {
             Config { eta: f64::INFINITY, ..Config::default() },
         ];
         let names = ["rho", "rho", "rho", "eps", "eta"];
+        let more = [
+            (Config { lr: -1.0, ..Config::default() }, "lr"),
+            (Config { momentum: f64::NAN, ..Config::default() }, "momentum"),
+            (Config { nesterov: true, ..Config::default() }, "nesterov"),
+            (Config { nesterov: true, momentum: 0.9, dampening: 0.1, ..Config::default() }, "nesterov"),
+            (Config { weight_decay: Some(-0.1), ..Config::default() }, "weight_decay"),
+            (Config { beta1: 1.0, ..Config::default() }, "beta1"),
+            (Config { beta2: -0.5, ..Config::default() }, "beta2"),
+            (Config { adam_eps: -1e-8, ..Config::default() }, "adam_eps"),
+            (Config { max_grad_norm: Some(0.0), base: BaseOptimizer::Sgd, ..Config::default() }, "max_grad_norm"),
+            (Config { max_grad_norm: Some(1.0), ..Config::default() }, "max_grad_norm"),
+            (Config { gsam_alpha: Some(0.1), ..Config::default() }, "gsam_alpha"),
+        ];
+        for (c, name) in &more {
+            let e = c.validate().unwrap_err();
+            assert!(e.message().starts_with(name), "{}", e.message());
+        }
         for (c, name) in bad.iter().zip(names) {
             let e = c.validate().unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidArgument);

@@ -10,15 +10,40 @@
 use std::collections::BTreeMap;
 
 use crate::backend::{HostTensor, Part, Passes};
+use crate::config::BaseOptimizer;
 use crate::config::{Backend, Config};
 use crate::cpu::CpuEngine;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, ErrorKind, Result};
 use crate::gpu::{AdapterSummary, GpuEngine, PassTimes};
-use crate::math::Perturbation;
+use crate::math::{Perturbation, TensorStep, UpdateStep};
 
 /// Identifies a registered tensor: its index in registration order, from 0.
 pub type TensorId = u32;
+
+/// Identifies a parameter group: 0 is the default group, further ones come from
+/// [`Optimizer::add_group`].
+pub type GroupId = u32;
+
+/// What a successful second step did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecondStep {
+    /// The weights were restored; there is no built-in base optimizer, so the host steps.
+    Restored,
+    /// The weights were restored and the built-in base optimizer updated them.
+    Updated,
+    /// The second gradient held NaN or infinity: the weights were restored exactly, and the base
+    /// update and its state were left untouched, so a loss-scaled loop can lower its scale and
+    /// go on (C: `SAM_STEP_SKIPPED`).
+    Skipped,
+}
+
+/// A parameter group, as PyTorch's `param_groups`: its own learning-rate scale and weight decay.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Group {
+    lr_scale: f64,
+    weight_decay: f64,
+}
 
 /// The phase of a SAM step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +61,12 @@ struct TensorInfo {
     dtype: DType,
     /// Allocated by the backend (`add_tensor`), rather than registered host buffers.
     owned: bool,
+    group: GroupId,
+    /// Base updates applied to this tensor (AdamW's `t` is this plus one at the next update).
+    updates: u64,
+    /// Base updates the optimizer had applied when this tensor was registered: tensors with the
+    /// same group and epoch share every per-tensor scalar.
+    epoch: u64,
 }
 
 /// A Sharpness-Aware Minimization optimizer over host buffers.
@@ -71,7 +102,15 @@ pub struct Optimizer {
     /// Every registered host byte range, `start -> (end, tensor)`, to refuse overlaps.
     ranges: BTreeMap<usize, (usize, TensorId)>,
     last_norm: Option<f64>,
+    /// The norm of the last second gradient, before clipping.
+    last_second_norm: Option<f64>,
+    /// Completed SAM steps whose second step was not skipped.
     steps: u64,
+    groups: Vec<Group>,
+    /// The current learning rate (groups scale it).
+    lr: f64,
+    /// Per-tensor scalars of the update, reused every step.
+    tensor_steps: Vec<TensorStep>,
 }
 
 /// Whether AUTO has already said, once per process, that it fell back to the CPU.
@@ -99,10 +138,11 @@ impl Optimizer {
     pub fn new(config: Config) -> Result<Optimizer> {
         config.validate()?;
         let passes: Option<Box<dyn Passes>> = match config.backend {
-            Backend::Cpu => Some(Box::new(CpuEngine::new(config.threads)?)),
+            Backend::Cpu => Some(Box::new(CpuEngine::new(&config)?)),
             Backend::Gpu => Some(Box::new(GpuEngine::new(&config)?)),
             Backend::Auto => None,
         };
+        let (weight_decay, lr) = (config.effective_weight_decay(), config.lr);
         Ok(Optimizer {
             backend: config.backend,
             config,
@@ -111,7 +151,11 @@ impl Optimizer {
             tensors: Vec::new(),
             ranges: BTreeMap::new(),
             last_norm: None,
+            last_second_norm: None,
             steps: 0,
+            groups: vec![Group { lr_scale: 1.0, weight_decay }],
+            lr,
+            tensor_steps: Vec::new(),
         })
     }
 
@@ -130,12 +174,12 @@ impl Optimizer {
                             log::warn!("samopt: backend AUTO runs on the CPU: {}", e.message());
                         }
                         self.backend = Backend::Cpu;
-                        Box::new(CpuEngine::new(self.config.threads)?)
+                        Box::new(CpuEngine::new(&self.config)?)
                     }
                 }
             } else {
                 self.backend = Backend::Cpu;
-                Box::new(CpuEngine::new(self.config.threads)?)
+                Box::new(CpuEngine::new(&self.config)?)
             };
             self.passes = Some(passes);
         }
@@ -242,7 +286,7 @@ impl Optimizer {
         self.passes_for(false)?.add_host(HostTensor { param, grad, len, dtype })?;
         self.ranges.insert(p.start, (p.end, id));
         self.ranges.insert(g.start, (g.end, id));
-        self.tensors.push(TensorInfo { len, dtype, owned: false });
+        self.push_tensor(len, dtype, false);
         Ok(id)
     }
 
@@ -271,7 +315,7 @@ impl Optimizer {
             Error::invalid(format!("len = {len}: {len} elements of {} overflow the address space", dtype.name()))
         })?;
         self.passes_for(true)?.add_owned(len, dtype)?;
-        self.tensors.push(TensorInfo { len, dtype, owned: true });
+        self.push_tensor(len, dtype, true);
         Ok((self.tensors.len() - 1) as TensorId)
     }
 
@@ -430,17 +474,144 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Restores every parameter to exactly the bits it had before the first step.
+    /// The second step: restores every parameter to exactly the bits it had before the first step
+    /// and, with a built-in base optimizer, updates it with the gradient the host computed at the
+    /// perturbed point, in the same pass.
     ///
-    /// The host then runs its base optimizer on the gradient it computed at the perturbed point.
-    pub fn second_step(&mut self) -> Result<()> {
+    /// With a base optimizer the second gradient is first reduced (its norm for clipping, its dot
+    /// product with the first gradient for GSAM, and a finiteness check); a NaN or infinity there
+    /// makes the step [`SecondStep::Skipped`]: restored, no update, state untouched. Without one,
+    /// the host runs its own optimizer afterwards.
+    pub fn second_step(&mut self) -> Result<SecondStep> {
         if self.phase != Phase::Perturbed {
             return Err(Error::state("second step without a first step: call first_step before second_step"));
         }
-        self.passes()?.restore()?;
+        let config = &self.config;
+        let passes = self.passes.as_mut().expect("a first step ran");
+        if config.base == BaseOptimizer::None {
+            passes.restore()?;
+            self.phase = Phase::Idle;
+            self.steps += 1;
+            return Ok(SecondStep::Restored);
+        }
+        let gsam = config.gsam_alpha.is_some();
+        let reduced = passes.second_reduce(gsam)?;
+        if !reduced.sum_sq.is_finite() {
+            passes.restore()?;
+            self.phase = Phase::Idle;
+            return Ok(SecondStep::Skipped);
+        }
+        let norm = reduced.sum_sq.sqrt();
+        // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
+        let clip = config.max_grad_norm.map_or(1.0, |m| (m / (norm + 1e-6)).min(1.0));
+        // GSAM: c*g' - alpha*(g - (g.g'/||g'||^2) g') = (c + alpha*g.g'/||g'||^2) g' - alpha g;
+        // g_perp does not change when g' is scaled, so clipping scales g' alone.
+        let (a, b) = match config.gsam_alpha {
+            Some(alpha) => {
+                let ratio = if reduced.sum_sq > 0.0 { reduced.dot / reduced.sum_sq } else { 0.0 };
+                (clip + alpha * ratio, alpha)
+            }
+            None => (clip, 0.0),
+        };
+        let step = UpdateStep {
+            a: a as f32,
+            b: b as f32,
+            gsam,
+            momentum: config.momentum as f32,
+            one_minus_dampening: (1.0 - config.dampening) as f32,
+            nesterov: config.nesterov,
+            beta1: config.beta1 as f32,
+            one_minus_beta1: (1.0 - config.beta1) as f32,
+            beta2: config.beta2 as f32,
+            one_minus_beta2: (1.0 - config.beta2) as f32,
+            adam_eps: config.adam_eps as f32,
+        };
+        self.tensor_steps.clear();
+        for t in &self.tensors {
+            let g = self.groups[t.group as usize];
+            self.tensor_steps.push(TensorStep::new(config, self.lr * g.lr_scale, g.weight_decay, t.updates + 1));
+        }
+        passes.update(&step, &self.tensor_steps)?;
+        for t in &mut self.tensors {
+            t.updates += 1;
+        }
+        self.last_second_norm = Some(norm);
         self.phase = Phase::Idle;
         self.steps += 1;
+        Ok(SecondStep::Updated)
+    }
+
+    /// Sets the learning rate of the built-in base optimizer from the next second step on (each
+    /// group scales it): the hook for a learning-rate schedule, called between steps.
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(Error::invalid(format!("lr = {lr}: must be finite and >= 0")));
+        }
+        self.lr = lr;
         Ok(())
+    }
+
+    /// The current learning rate.
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    /// The L2 norm of the last applied second gradient (before clipping); `None` before the first
+    /// update or without a base optimizer.
+    pub fn second_grad_norm(&self) -> Option<f64> {
+        self.last_second_norm
+    }
+
+    /// Adds a parameter group with its learning-rate scale (`lr * lr_scale` is its learning rate)
+    /// and weight decay (`None`: group 0's). Group 0 holds every tensor until
+    /// [`set_group`](Self::set_group) moves it; the gradient norm stays one global norm over all
+    /// groups, as in the reference.
+    pub fn add_group(&mut self, lr_scale: f64, weight_decay: Option<f64>) -> Result<GroupId> {
+        if !(lr_scale.is_finite() && lr_scale >= 0.0) {
+            return Err(Error::invalid(format!("lr_scale = {lr_scale}: must be finite and >= 0")));
+        }
+        let weight_decay = weight_decay.unwrap_or(self.groups[0].weight_decay);
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            return Err(Error::invalid(format!("weight_decay = {weight_decay}: must be finite and >= 0")));
+        }
+        if self.groups.len() >= GroupId::MAX as usize {
+            return Err(Error::invalid("too many groups"));
+        }
+        self.groups.push(Group { lr_scale, weight_decay });
+        Ok((self.groups.len() - 1) as GroupId)
+    }
+
+    /// Moves tensor `id` into `group`. Between the two steps this is refused.
+    pub fn set_group(&mut self, id: TensorId, group: GroupId) -> Result<()> {
+        self.expect_idle("change a tensor's group")?;
+        if group as usize >= self.groups.len() {
+            return Err(Error::invalid(format!("group = {group}: only {} groups exist", self.groups.len())));
+        }
+        let count = self.tensors.len();
+        let t = self
+            .tensors
+            .get_mut(id as usize)
+            .ok_or_else(|| Error::invalid(format!("id = {id}: only {count} tensors are registered")))?;
+        t.group = group;
+        let cohort = (group, t.epoch);
+        if let Some(p) = self.passes.as_mut() {
+            p.set_cohort(id as usize, cohort);
+        }
+        Ok(())
+    }
+
+    /// The group of tensor `id`.
+    pub fn group(&self, id: TensorId) -> Option<GroupId> {
+        self.tensors.get(id as usize).map(|t| t.group)
+    }
+
+    fn push_tensor(&mut self, len: usize, dtype: DType, owned: bool) {
+        let epoch = self.steps;
+        self.tensors.push(TensorInfo { len, dtype, owned, group: 0, updates: 0, epoch });
+        let id = self.tensors.len() - 1;
+        if let Some(p) = self.passes.as_mut() {
+            p.set_cohort(id, (0, epoch));
+        }
     }
 
     fn expect_idle(&self, action: &str) -> Result<()> {

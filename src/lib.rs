@@ -45,9 +45,9 @@ pub mod error;
 pub mod gpu;
 mod math;
 
-pub use config::{Backend, Config, Norm};
+pub use config::{Backend, BaseOptimizer, Config, Norm};
 pub use dtype::{DType, Element};
-pub use engine::{Optimizer, Phase, TensorId};
+pub use engine::{GroupId, Optimizer, Phase, SecondStep, TensorId};
 pub use error::{Error, ErrorKind, Result};
 pub use half;
 

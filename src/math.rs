@@ -69,3 +69,98 @@ pub(crate) fn perturbed<const ADAPTIVE: bool, const SIGN: bool>(w: f32, g: f32, 
     };
     w + e
 }
+
+// ---- The base optimizers, fused with the restore (PyTorch's SGD and AdamW) ----
+//
+// With `w` the restored weight and `d` the descent direction (the second gradient `g'`, clipped by
+// `c` and, under GSAM, `d = a * g' - b * g` with `a = c + alpha * (g.g') / ||g'||^2`, `b = alpha`):
+//
+// ```text
+// SGD:    d <- d + lambda*w;  b <- d (first update) or mu*b + (1 - tau)*d;  d <- d + mu*b (Nesterov) or b
+//         w <- w - lr*d
+// AdamW:  w <- w * (1 - lr*lambda);  m <- beta1*m + (1 - beta1)*d;  v <- beta2*v + (1 - beta2)*(d*d)
+//         w <- w - (lr / (1 - beta1^t)) * (m / (sqrt(v) / sqrt(1 - beta2^t) + eps))
+// ```
+//
+// Scalars are computed in f64 once per step and rounded to f32; the elementwise work is f32 in
+// PyTorch's order of operations, so an f32 trajectory follows `torch.optim` to rounding. The state
+// (momentum buffer, Adam moments) is f32 for every parameter dtype.
+
+/// The per-step scalars shared by every tensor.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct UpdateStep {
+    /// The direction is `a * g' - b * g` (GSAM), or `a * g'`.
+    pub a: f32,
+    pub b: f32,
+    pub gsam: bool,
+    pub momentum: f32,
+    pub one_minus_dampening: f32,
+    pub nesterov: bool,
+    pub beta1: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub adam_eps: f32,
+}
+
+/// The per-tensor scalars of one step (they depend on the tensor's group and update count).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct TensorStep {
+    /// The learning rate times the group's scale.
+    pub lr: f32,
+    /// The group's weight decay `lambda`.
+    pub weight_decay: f32,
+    /// SGD: the momentum buffer is uninitialised (this tensor's first update).
+    pub first: bool,
+    /// AdamW: `1 - lr*lambda`.
+    pub decay: f32,
+    /// AdamW: `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+    /// AdamW: `sqrt(1 - beta2^t)`.
+    pub bias2_sqrt: f32,
+}
+
+impl TensorStep {
+    /// The scalars for learning rate `lr`, weight decay `lambda` and update number `t` (from 1).
+    pub fn new(config: &Config, lr: f64, lambda: f64, t: u64) -> TensorStep {
+        let t = t.min(i32::MAX as u64) as i32;
+        TensorStep {
+            lr: lr as f32,
+            weight_decay: lambda as f32,
+            first: t == 1,
+            decay: (1.0 - lr * lambda) as f32,
+            step_size: (lr / (1.0 - config.beta1.powi(t))) as f32,
+            bias2_sqrt: (1.0 - config.beta2.powi(t)).sqrt() as f32,
+        }
+    }
+}
+
+/// The descent direction for one element.
+#[inline(always)]
+pub(crate) fn direction(g2: f32, g1: f32, s: &UpdateStep) -> f32 {
+    if s.gsam { s.a * g2 - s.b * g1 } else { s.a * g2 }
+}
+
+/// One SGD update of one element; `buf` is its momentum buffer.
+#[inline(always)]
+pub(crate) fn sgd(w: f32, d: f32, buf: &mut f32, s: &UpdateStep, t: &TensorStep) -> f32 {
+    let mut d = d;
+    if t.weight_decay != 0.0 {
+        d += t.weight_decay * w;
+    }
+    if s.momentum != 0.0 {
+        *buf = if t.first { d } else { s.momentum * *buf + s.one_minus_dampening * d };
+        d = if s.nesterov { d + s.momentum * *buf } else { *buf };
+    }
+    w - t.lr * d
+}
+
+/// One AdamW update of one element; `m`, `v` are its moments.
+#[inline(always)]
+pub(crate) fn adamw(w: f32, d: f32, m: &mut f32, v: &mut f32, s: &UpdateStep, t: &TensorStep) -> f32 {
+    let w = w * t.decay;
+    *m = s.beta1 * *m + s.one_minus_beta1 * d;
+    *v = s.beta2 * *v + s.one_minus_beta2 * (d * d);
+    let denom = v.sqrt() / t.bias2_sqrt + s.adam_eps;
+    w - t.step_size * (*m / denom)
+}

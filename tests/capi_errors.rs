@@ -324,3 +324,64 @@ fn versions() {
     let v = unsafe { std::ffi::CStr::from_ptr(sam_version()) }.to_str().unwrap();
     assert_eq!(v, env!("CARGO_PKG_VERSION"));
 }
+
+/// The base optimizer through the C API: config fields, groups, the learning rate, and the
+/// skipped-step status; and their errors.
+#[test]
+fn base_optimizer_c_api() {
+    let d = sam_config_default();
+    assert!(d.weight_decay.is_nan(), "weight decay defaults to the base optimizer's own default");
+    assert_eq!((d.base, d.lr, d.beta1, d.beta2, d.adam_eps), (SAM_BASE_NONE, 1e-3, 0.9, 0.999, 1e-8));
+    for (config, needle) in [
+        (SamConfig { base: 9, ..d }, "base = 9"),
+        (SamConfig { base: SAM_BASE_SGD, nesterov: true, ..d }, "nesterov"),
+        (SamConfig { base: SAM_BASE_ADAMW, beta1: 1.5, ..d }, "beta1 = 1.5"),
+        (SamConfig { gsam_alpha: 0.2, ..d }, "gsam_alpha = 0.2"),
+        (SamConfig { base: SAM_BASE_SGD, max_grad_norm: -1.0, ..d }, "max_grad_norm = -1"),
+        (SamConfig { base: SAM_BASE_SGD, lr: f64::NAN, ..d }, "lr = NaN"),
+    ] {
+        let (s, _) = try_create(&config);
+        expect_err(s, SamStatus::SAM_ERR_INVALID_ARGUMENT, &[needle]);
+    }
+
+    let opt = create(&SamConfig { base: SAM_BASE_SGD, lr: 0.5, backend: SAM_BACKEND_CPU, ..d });
+    let mut w = [1.0f32, 1.0];
+    let mut g = [0.5f32, -0.5];
+    // The host writes its gradient through the same pointer it registered.
+    let gp: *mut [f32; 2] = &mut g;
+    let (mut id, mut group) = (9u32, 9u32);
+    let mut lr = 0.0;
+    // SAFETY: live handle; the arrays outlive it and are written only between calls.
+    unsafe {
+        assert_eq!(
+            sam_register_host(opt, w.as_mut_ptr().cast(), gp.cast_const().cast(), 2, SAM_DTYPE_F32, &mut id),
+            SamStatus::SAM_OK
+        );
+        assert_eq!(sam_add_group(opt, 0.5, f64::NAN, &mut group), SamStatus::SAM_OK);
+        assert_eq!(group, 1);
+        assert_eq!(sam_set_tensor_group(opt, id, group), SamStatus::SAM_OK);
+        expect_err(sam_set_tensor_group(opt, id, 5), SamStatus::SAM_ERR_INVALID_ARGUMENT, &["group = 5"]);
+        expect_err(sam_add_group(opt, -1.0, 0.0, &mut group), SamStatus::SAM_ERR_INVALID_ARGUMENT, &["lr_scale = -1"]);
+        expect_err(sam_set_lr(opt, -0.1), SamStatus::SAM_ERR_INVALID_ARGUMENT, &["lr = -0.1"]);
+        assert_eq!(sam_set_lr(opt, 0.2), SamStatus::SAM_OK);
+        assert_eq!(sam_get_lr(opt, &mut lr), SamStatus::SAM_OK);
+        assert_eq!(lr, 0.2);
+
+        assert_eq!(sam_first_step(opt), SamStatus::SAM_OK);
+        *gp = [f32::INFINITY, 0.0];
+        assert_eq!(sam_second_step(opt), SamStatus::SAM_STEP_SKIPPED);
+        assert_eq!(w, [1.0, 1.0], "a skipped step moved the weights");
+        let mut steps = 7;
+        sam_step_count(opt, &mut steps);
+        assert_eq!(steps, 0);
+
+        *gp = [0.5, -0.5];
+        assert_eq!(sam_first_step(opt), SamStatus::SAM_OK);
+        assert_eq!(sam_second_step(opt), SamStatus::SAM_OK);
+        // SGD: w - lr * scale * g = 1 -/+ 0.2 * 0.5 * 0.5
+        assert_eq!(w, [1.0 - 0.05, 1.0 + 0.05]);
+        sam_step_count(opt, &mut steps);
+        assert_eq!(steps, 1);
+        sam_destroy(opt);
+    }
+}

@@ -43,8 +43,13 @@ pub(crate) fn last_error_ptr() -> *const c_char {
 /// becomes its status, and either sets this thread's last error to a message starting with the
 /// function's name.
 pub(crate) fn boundary(function: &str, body: impl FnOnce() -> Result<()>) -> SamStatus {
+    boundary_status(function, || body().map(|()| SamStatus::SAM_OK))
+}
+
+/// [`boundary`] for a body that chooses its own non-negative status on success.
+pub(crate) fn boundary_status(function: &str, body: impl FnOnce() -> Result<SamStatus>) -> SamStatus {
     match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(())) => SamStatus::SAM_OK,
+        Ok(Ok(status)) => status,
         Ok(Err(e)) => {
             set_last_error(function, e.message());
             status_of(e.kind())

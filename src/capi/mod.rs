@@ -14,24 +14,28 @@ mod logging;
 use std::ffi::{CStr, c_char, c_void};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::config::{Backend, Config, Norm};
+use crate::config::{Backend, BaseOptimizer, Config, Norm};
 use crate::dtype::DType;
-use crate::engine::{Optimizer, Phase};
+use crate::engine::{Optimizer, Phase, SecondStep};
 use crate::error::{Error, ErrorKind, Result};
-use ffi::{arg_ref, boundary, non_null, write_out};
+use ffi::{arg_ref, boundary, boundary_status, non_null, write_out};
 
 /// Version of the C ABI: bumped on any incompatible change to a signature or struct layout.
 /// Compare `sam_abi_version()` with `SAM_ABI_VERSION` from the header you compiled against.
 pub const SAM_ABI_VERSION: u32 = 1;
 
-/// The result of every fallible call. `SAM_OK` is 0, errors are negative, and a number never
-/// changes meaning (retired numbers are not reused).
+/// The result of every fallible call. `SAM_OK` is 0, errors are negative, non-fatal outcomes are
+/// positive, and a number never changes meaning (retired numbers are not reused).
 #[repr(i32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[allow(non_camel_case_types)]
 pub enum SamStatus {
     /// Success.
     SAM_OK = 0,
+    /// Not an error: `sam_second_step` found NaN or infinity in the second gradient, restored the
+    /// weights exactly, and skipped the base update (its state and step count untouched). A
+    /// loss-scaled loop lowers its scale and goes on.
+    SAM_STEP_SKIPPED = 1,
     /// A required pointer argument was NULL.
     SAM_ERR_NULL_POINTER = -1,
     /// An argument had a value the call cannot accept; the message names it.
@@ -73,6 +77,16 @@ pub const SAM_DTYPE_F32: SamDType = 0;
 pub const SAM_DTYPE_F16: SamDType = 1;
 /// bfloat16.
 pub const SAM_DTYPE_BF16: SamDType = 2;
+
+/// The base optimizer of the second step: one of the `SAM_BASE_*` values.
+pub type SamBase = u32;
+/// No base optimizer: `sam_second_step` only restores `w`, and the host runs its own optimizer on
+/// the gradient it computed at `w + e(w)`, as the PyTorch reference does.
+pub const SAM_BASE_NONE: SamBase = 0;
+/// PyTorch's SGD (lr, momentum, dampening, nesterov, weight_decay), fused with the restore.
+pub const SAM_BASE_SGD: SamBase = 1;
+/// PyTorch's AdamW (lr, beta1, beta2, adam_eps, weight_decay), fused with the restore.
+pub const SAM_BASE_ADAMW: SamBase = 2;
 
 /// Which buffer of an optimizer-allocated tensor: one of the `SAM_PART_*` values.
 pub type SamTensorPart = u32;
@@ -139,6 +153,34 @@ pub struct SamConfig {
     /// (discrete, integrated, virtual, CPU). `WGPU_BACKEND=vulkan|gl|...` limits the APIs searched.
     /// Read during `sam_create` only.
     pub adapter: *const c_char,
+    /// A `SAM_BASE_*` value. Default `SAM_BASE_NONE`.
+    pub base: SamBase,
+    /// Learning rate, >= 0 (1e-3). Change it between steps with `sam_set_lr`.
+    pub lr: f64,
+    /// SGD momentum, >= 0 (0).
+    pub momentum: f64,
+    /// SGD dampening (0).
+    pub dampening: f64,
+    /// SGD Nesterov momentum (false); needs momentum > 0 and dampening 0.
+    pub nesterov: bool,
+    /// Weight decay of group 0, >= 0. `NAN` (default): PyTorch's default for the base optimizer,
+    /// 0 for SGD and 1e-2 for AdamW.
+    pub weight_decay: f64,
+    /// AdamW's beta1, in [0, 1) (0.9).
+    pub beta1: f64,
+    /// AdamW's beta2, in [0, 1) (0.999).
+    pub beta2: f64,
+    /// AdamW's epsilon, >= 0 (1e-8).
+    pub adam_eps: f64,
+    /// Clip the second (perturbed) gradient to this global L2 norm before the base update, as
+    /// `torch.nn.utils.clip_grad_norm_` does; 0 (default) turns clipping off. Needs a built-in base
+    /// optimizer. (Clipping the first gradient would change nothing: the perturbation divides by
+    /// its norm.)
+    pub max_grad_norm: f64,
+    /// GSAM's alpha: step with `g' - alpha * g_perp`, `g_perp = g - (g.g' / ||g'||^2) g'`, with `g`
+    /// the first gradient (the first step keeps a copy) and `g'` the second; 0 (default) is plain
+    /// SAM. Needs a built-in base optimizer.
+    pub gsam_alpha: f64,
 }
 
 /// An optimizer handle: create with `sam_create`, free with `sam_destroy`.
@@ -190,7 +232,26 @@ unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
         let name = unsafe { CStr::from_ptr(c.adapter) };
         Some(name.to_str().map_err(|_| Error::invalid("config->adapter is not UTF-8"))?.to_owned())
     };
+    let base = match c.base {
+        SAM_BASE_NONE => BaseOptimizer::None,
+        SAM_BASE_SGD => BaseOptimizer::Sgd,
+        SAM_BASE_ADAMW => BaseOptimizer::AdamW,
+        other => {
+            return Err(Error::invalid(format!("config->base = {other}: not a SamBase (0 NONE, 1 SGD, 2 ADAMW)")));
+        }
+    };
     let config = Config {
+        base,
+        lr: c.lr,
+        momentum: c.momentum,
+        dampening: c.dampening,
+        nesterov: c.nesterov,
+        weight_decay: (!c.weight_decay.is_nan()).then_some(c.weight_decay),
+        beta1: c.beta1,
+        beta2: c.beta2,
+        adam_eps: c.adam_eps,
+        max_grad_norm: (c.max_grad_norm != 0.0).then_some(c.max_grad_norm),
+        gsam_alpha: (c.gsam_alpha != 0.0).then_some(c.gsam_alpha),
         adapter,
         rho: c.rho,
         eps: c.eps,
@@ -228,6 +289,17 @@ pub extern "C" fn sam_config_default() -> SamConfig {
         backend: SAM_BACKEND_AUTO,
         num_threads: 0,
         adapter: std::ptr::null(),
+        base: SAM_BASE_NONE,
+        lr: d.lr,
+        momentum: d.momentum,
+        dampening: d.dampening,
+        nesterov: d.nesterov,
+        weight_decay: f64::NAN,
+        beta1: d.beta1,
+        beta2: d.beta2,
+        adam_eps: d.adam_eps,
+        max_grad_norm: 0.0,
+        gsam_alpha: 0.0,
     }
 }
 
@@ -329,17 +401,25 @@ pub unsafe extern "C" fn sam_first_step(opt: *mut SamOptimizer) -> SamStatus {
 }
 
 /// The second step: restores every parameter to exactly the bits it had before the first step.
-/// The host then runs its base optimizer with the gradient it computed at `w + e(w)`.
+/// With `SAM_BASE_NONE` the host then runs its own optimizer with the gradient it computed at
+/// `w + e(w)`; with `SAM_BASE_SGD` or `SAM_BASE_ADAMW` the restore and the base update run as one
+/// pass (after one reduction over the second gradient: its norm for `max_grad_norm`, its dot
+/// product with the first gradient for GSAM, and a finiteness check).
 ///
-/// Returns `SAM_ERR_INVALID_STATE` without a preceding first step.
+/// Returns `SAM_OK`; `SAM_STEP_SKIPPED` (positive, not an error) when a built-in base optimizer
+/// finds NaN or infinity in the second gradient: weights restored, no update, state untouched;
+/// `SAM_ERR_INVALID_STATE` without a preceding first step.
 ///
 /// # Safety
 /// `opt` must be NULL or a live handle whose registered buffers are valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sam_second_step(opt: *mut SamOptimizer) -> SamStatus {
-    boundary("sam_second_step", || {
+    boundary_status("sam_second_step", || {
         // SAFETY: the caller's contract.
-        unsafe { arg_ref(opt, "opt") }?.lock()?.second_step()
+        Ok(match unsafe { arg_ref(opt, "opt") }?.lock()?.second_step()? {
+            SecondStep::Skipped => SamStatus::SAM_STEP_SKIPPED,
+            SecondStep::Restored | SecondStep::Updated => SamStatus::SAM_OK,
+        })
     })
 }
 
@@ -362,6 +442,71 @@ pub unsafe extern "C" fn sam_grad_norm(opt: *const SamOptimizer, out: *mut f64) 
     })
 }
 
+/// Sets the learning rate of the built-in base optimizer from the next second step on: the hook
+/// for a learning-rate schedule, called between steps. Groups scale it. `lr` must be finite and
+/// >= 0.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_set_lr(opt: *mut SamOptimizer, lr: f64) -> SamStatus {
+    boundary("sam_set_lr", || {
+        // SAFETY: the caller's contract.
+        unsafe { arg_ref(opt, "opt") }?.lock()?.set_lr(lr)
+    })
+}
+
+/// Stores the current learning rate in `*out`.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_get_lr(opt: *const SamOptimizer, out: *mut f64) -> SamStatus {
+    boundary("sam_get_lr", || {
+        // SAFETY: the caller's contract.
+        let lr = unsafe { arg_ref(opt, "opt") }?.lock()?.lr();
+        // SAFETY: the caller's contract.
+        unsafe { write_out(out, "out", lr) }
+    })
+}
+
+/// Adds a parameter group, as PyTorch's `param_groups`, and stores its id in `*out_group`: its
+/// tensors step with learning rate `lr * lr_scale` and weight decay `weight_decay` (`NAN`: group
+/// 0's, the config's). Group 0 exists from the start and holds every tensor until
+/// `sam_set_tensor_group` moves it. The gradient norm stays one norm over all groups. The common
+/// use: a group with weight decay 0 for biases and normalisation weights.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out_group` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_add_group(
+    opt: *mut SamOptimizer,
+    lr_scale: f64,
+    weight_decay: f64,
+    out_group: *mut u32,
+) -> SamStatus {
+    boundary("sam_add_group", || {
+        // SAFETY: the caller's contract.
+        let opt = unsafe { arg_ref(opt, "opt") }?;
+        non_null(out_group, "out_group")?;
+        let group = opt.lock()?.add_group(lr_scale, (!weight_decay.is_nan()).then_some(weight_decay))?;
+        // SAFETY: checked non-null.
+        unsafe { write_out(out_group, "out_group", group) }
+    })
+}
+
+/// Moves tensor `id` into `group` (refused between the two steps).
+///
+/// # Safety
+/// `opt` must be NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_set_tensor_group(opt: *mut SamOptimizer, id: u32, group: u32) -> SamStatus {
+    boundary("sam_set_tensor_group", || {
+        // SAFETY: the caller's contract.
+        unsafe { arg_ref(opt, "opt") }?.lock()?.set_group(id, group)
+    })
+}
+
 /// Stores the number of registered tensors in `*out`.
 ///
 /// # Safety
@@ -376,7 +521,8 @@ pub unsafe extern "C" fn sam_tensor_count(opt: *const SamOptimizer, out: *mut us
     })
 }
 
-/// Stores the number of completed SAM steps (second steps) in `*out`.
+/// Stores in `*out` the number of completed SAM steps: second steps that were not skipped (with a
+/// built-in base optimizer, the number of updates applied, as PyTorch's optimizer step count).
 ///
 /// # Safety
 /// `opt` must be NULL or a live handle; `out` NULL or writable.
@@ -662,6 +808,7 @@ pub extern "C" fn sam_last_error() -> *const c_char {
 pub extern "C" fn sam_status_string(status: i32) -> *const c_char {
     let s: &'static std::ffi::CStr = match status {
         0 => c"ok",
+        1 => c"step skipped: non-finite second gradient",
         -1 => c"null pointer",
         -2 => c"invalid argument",
         -3 => c"invalid state",
@@ -697,6 +844,7 @@ mod tests {
     fn status_strings_cover_every_status() {
         for s in [
             SamStatus::SAM_OK,
+            SamStatus::SAM_STEP_SKIPPED,
             SamStatus::SAM_ERR_NULL_POINTER,
             SamStatus::SAM_ERR_INVALID_ARGUMENT,
             SamStatus::SAM_ERR_INVALID_STATE,

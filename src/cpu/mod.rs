@@ -15,11 +15,11 @@ use std::ops::Range;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::backend::{AscentNorm, HostTensor, Part, Passes};
-use crate::config::Config;
+use crate::backend::{AscentNorm, HostTensor, Part, Passes, SecondNorm};
+use crate::config::{BaseOptimizer, Config};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, ErrorKind, Result};
-use crate::math::{Perturbation, ascent_norm_term, perturbed};
+use crate::math::{Perturbation, TensorStep, UpdateStep, adamw, ascent_norm_term, direction, perturbed, sgd};
 
 /// Elements per unit of parallel work.
 pub(crate) const CHUNK: usize = 1 << 16;
@@ -31,8 +31,12 @@ const BACKUP_ALIGN_WORDS: usize = 8;
 /// A registered tensor and where its backup lives.
 struct Slot {
     host: HostTensor,
-    /// Offset of the backup in `CpuEngine::backup`, in u64 words.
+    /// Offset of the backup in `CpuEngine::backup` (and of the GSAM copy of the first gradient in
+    /// `CpuEngine::first_grads`), in u64 words.
     backup_word: usize,
+    /// Offset of the base optimizer's state in `CpuEngine::state`, in f32: the momentum buffer or
+    /// Adam's first moment (`len`), then Adam's second moment (`len`).
+    state: usize,
 }
 
 /// A parameter/gradient pair the engine allocated (an owned tensor), 8-byte aligned. Only held
@@ -50,19 +54,29 @@ struct Segment {
     len: usize,
 }
 
-/// The base address of the backup, shareable across worker threads.
+/// The base address of an engine-owned buffer (backup, first gradients, state), shareable across
+/// worker threads.
 #[derive(Clone, Copy)]
-struct BackupPtr(*mut u64);
-// SAFETY: every worker writes the disjoint backup range of the segments it owns.
-unsafe impl Send for BackupPtr {}
+struct Shared<T>(*mut T);
+// SAFETY: every worker writes only the disjoint ranges of the segments it owns.
+unsafe impl<T> Send for Shared<T> {}
 // SAFETY: as above.
-unsafe impl Sync for BackupPtr {}
+unsafe impl<T> Sync for Shared<T> {}
 
-impl BackupPtr {
-    /// The address of backup word `word` (a method, so closures capture the whole `Sync` wrapper).
-    fn word(self, word: usize) -> *mut u64 {
-        self.0.wrapping_add(word)
+impl<T> Shared<T> {
+    /// The address of element `at` (a method, so closures capture the whole `Sync` wrapper).
+    fn at(self, at: usize) -> *mut T {
+        self.0.wrapping_add(at)
     }
+}
+
+/// The engine-owned buffers a pass works on, for the worker threads.
+#[derive(Clone, Copy)]
+struct Buffers {
+    backup: Shared<u64>,
+    /// The GSAM copy of the first gradient, laid out as the backup; `None` without GSAM.
+    first: Option<Shared<u64>>,
+    state: Shared<f32>,
 }
 
 /// The CPU backend.
@@ -74,6 +88,15 @@ pub(crate) struct CpuEngine {
     owned: Vec<Option<OwnedPair>>,
     /// Saved weights, all tensors end to end, each aligned to [`BACKUP_ALIGN_WORDS`].
     backup: Vec<u64>,
+    /// GSAM: the first gradient, kept by the perturbation pass, laid out as `backup`.
+    first_grads: Vec<u64>,
+    gsam: bool,
+    base: BaseOptimizer,
+    /// f32 state per element: 0 (none, or SGD without momentum), 1 (momentum), 2 (Adam).
+    state_per_elem: usize,
+    state: Vec<f32>,
+    /// Per-chunk partial sums of the second step's reduction: `(||g'||^2, g . g')`.
+    partials2: Vec<[f64; 2]>,
     segments: Vec<Segment>,
     /// Each chunk's range in `segments`.
     chunks: Vec<Range<usize>>,
@@ -84,10 +107,16 @@ pub(crate) struct CpuEngine {
 }
 
 impl CpuEngine {
-    /// A CPU engine with `threads` workers (0: one per available core).
-    pub fn new(threads: usize) -> Result<CpuEngine> {
+    /// A CPU engine with `config.threads` workers (0: one per available core), holding the state
+    /// the configured base optimizer needs.
+    pub fn new(config: &Config) -> Result<CpuEngine> {
+        let state_per_elem = match config.base {
+            BaseOptimizer::None => 0,
+            BaseOptimizer::Sgd => (config.momentum != 0.0) as usize,
+            BaseOptimizer::AdamW => 2,
+        };
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
+            .num_threads(config.threads)
             .thread_name(|i| format!("samopt-cpu-{i}"))
             .build()
             .map_err(|e| Error::new(ErrorKind::Internal, format!("cannot start CPU worker threads: {e}")))?;
@@ -97,6 +126,12 @@ impl CpuEngine {
             slots: Vec::new(),
             owned: Vec::new(),
             backup: Vec::new(),
+            first_grads: Vec::new(),
+            gsam: config.gsam_alpha.is_some(),
+            base: config.base,
+            state_per_elem,
+            state: Vec::new(),
+            partials2: Vec::new(),
             segments: Vec::new(),
             chunks: Vec::new(),
             last_chunk_fill: CHUNK,
@@ -107,6 +142,14 @@ impl CpuEngine {
     /// Worker threads in this engine's pool.
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
+    }
+
+    fn buffers(&mut self) -> Buffers {
+        Buffers {
+            backup: Shared(self.backup.as_mut_ptr()),
+            first: self.gsam.then_some(Shared(self.first_grads.as_mut_ptr())),
+            state: Shared(self.state.as_mut_ptr()),
+        }
     }
 
     /// Cuts a new tensor of `len` elements into the chunk list, continuing the last chunk.
@@ -137,8 +180,13 @@ impl Passes for CpuEngine {
         let backup_word = self.backup.len();
         // Reserve everything before changing anything, so a failure leaves the engine as it was.
         let new_chunks = host.len.div_ceil(CHUNK) + 1;
+        let first_words = if self.gsam { words } else { 0 };
+        let state_len = self.state_per_elem * host.len;
         self.backup
             .try_reserve_exact(words)
+            .and_then(|_| self.first_grads.try_reserve_exact(first_words))
+            .and_then(|_| self.state.try_reserve_exact(state_len))
+            .and_then(|_| self.partials2.try_reserve(new_chunks))
             .and_then(|_| self.segments.try_reserve(new_chunks))
             .and_then(|_| self.chunks.try_reserve(new_chunks))
             .and_then(|_| self.partials.try_reserve(new_chunks))
@@ -147,14 +195,18 @@ impl Passes for CpuEngine {
             .map_err(|_| {
                 Error::new(
                     ErrorKind::OutOfMemory,
-                    format!("cannot allocate the {bytes}-byte backup of a tensor of {} elements", host.len),
+                    format!("cannot allocate the backup and state of a tensor of {} elements", host.len),
                 )
             })?;
         self.backup.resize(backup_word + words, 0);
-        self.slots.push(Slot { host, backup_word });
+        self.first_grads.resize(self.first_grads.len() + first_words, 0);
+        let state = self.state.len();
+        self.state.resize(state + state_len, 0.0);
+        self.slots.push(Slot { host, backup_word, state });
         self.owned.push(None);
         self.append_segments(self.slots.len() - 1, host.len);
         self.partials.resize(self.chunks.len(), 0.0);
+        self.partials2.resize(self.chunks.len(), [0.0; 2]);
         Ok(())
     }
 
@@ -218,7 +270,7 @@ impl Passes for CpuEngine {
     }
 
     fn perturb(&mut self, p: &Perturbation) -> Result<()> {
-        let backup = BackupPtr(self.backup.as_mut_ptr());
+        let bufs = self.buffers();
         let this = &*self;
         this.pool.install(|| {
             this.chunks.par_iter().for_each(|chunk| {
@@ -226,7 +278,7 @@ impl Passes for CpuEngine {
                     let slot = &this.slots[seg.tensor];
                     // SAFETY: the segment lies inside its tensor and its backup; chunks are
                     // disjoint, so no two workers touch the same bytes.
-                    unsafe { perturb_segment(this.isa, slot, seg, backup, p) };
+                    unsafe { perturb_segment(this.isa, slot, seg, bufs, p) };
                 }
             })
         });
@@ -234,7 +286,7 @@ impl Passes for CpuEngine {
     }
 
     fn restore(&mut self) -> Result<()> {
-        let backup = BackupPtr(self.backup.as_mut_ptr());
+        let backup = self.buffers().backup;
         let this = &*self;
         this.pool.install(|| {
             this.chunks.par_iter().for_each(|chunk| {
@@ -243,10 +295,53 @@ impl Passes for CpuEngine {
                     let size = slot.host.dtype.size();
                     // SAFETY: as in `perturb`; a plain copy of the saved bits.
                     unsafe {
-                        let src = backup.word(slot.backup_word).cast::<u8>().add(seg.start * size);
+                        let src = backup.at(slot.backup_word).cast::<u8>().add(seg.start * size);
                         let dst = slot.host.param.add(seg.start * size);
                         std::ptr::copy_nonoverlapping(src, dst, seg.len * size);
                     }
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn second_reduce(&mut self, gsam: bool) -> Result<SecondNorm> {
+        let (isa, bufs) = (self.isa, self.buffers());
+        let first = if gsam { bufs.first } else { None };
+        let slots = &self.slots;
+        let segments = &self.segments;
+        let chunks = &self.chunks;
+        self.pool.install(|| {
+            self.partials2.par_iter_mut().zip(chunks.par_iter()).for_each(|(partial, chunk)| {
+                let mut sums = [0.0f64; 2];
+                for seg in &segments[chunk.clone()] {
+                    // SAFETY: the segment lies inside a registered tensor; this only reads.
+                    let [a, b] = unsafe { reduce_segment(isa, &slots[seg.tensor], seg, first) };
+                    sums[0] += a;
+                    sums[1] += b;
+                }
+                *partial = sums;
+            })
+        });
+        let (mut sum_sq, mut dot) = (0.0, 0.0);
+        for [a, b] in &self.partials2 {
+            sum_sq += a;
+            dot += b;
+        }
+        Ok(SecondNorm { sum_sq, dot })
+    }
+
+    fn update(&mut self, step: &UpdateStep, tensors: &[TensorStep]) -> Result<()> {
+        let (isa, bufs, base) = (self.isa, self.buffers(), self.base);
+        let has_state = self.state_per_elem > 0;
+        let this = &*self;
+        this.pool.install(|| {
+            this.chunks.par_iter().for_each(|chunk| {
+                for seg in this.chunk_segments(chunk) {
+                    let slot = &this.slots[seg.tensor];
+                    let job = UpdateJob { step, tensor: &tensors[seg.tensor], base, has_state };
+                    // SAFETY: as in `perturb`: disjoint ranges of the tensor, backup and state.
+                    unsafe { update_segment(isa, slot, seg, bufs, &job) };
                 }
             })
         });
@@ -327,7 +422,23 @@ dispatch! {
     ///
     /// # Safety
     /// As [`perturb_segment_any`]; `isa` must come from [`Isa::detect`].
-    unsafe fn perturb_segment(slot: &Slot, seg: &Segment, backup: BackupPtr, p: &Perturbation) = perturb_segment_any
+    unsafe fn perturb_segment(slot: &Slot, seg: &Segment, bufs: Buffers, p: &Perturbation) = perturb_segment_any
+}
+
+dispatch! {
+    /// [`reduce_segment_any`] for `isa`.
+    ///
+    /// # Safety
+    /// As [`reduce_segment_any`]; `isa` must come from [`Isa::detect`].
+    unsafe fn reduce_segment(slot: &Slot, seg: &Segment, first: Option<Shared<u64>>) -> [f64; 2] = reduce_segment_any
+}
+
+dispatch! {
+    /// [`update_segment_any`] for `isa`.
+    ///
+    /// # Safety
+    /// As [`update_segment_any`]; `isa` must come from [`Isa::detect`].
+    unsafe fn update_segment(slot: &Slot, seg: &Segment, bufs: Buffers, job: &UpdateJob<'_>) = update_segment_any
 }
 
 /// The parameter and gradient of a segment as typed slices.
@@ -402,38 +513,62 @@ fn sum_sq(w: &[f32], g: &[f32], adaptive: bool, eta: f64) -> f64 {
 /// # Safety
 /// As [`segment_slices`]; the backup range of the segment must be exclusively this caller's.
 #[inline(always)]
-unsafe fn perturb_segment_any(slot: &Slot, seg: &Segment, backup: BackupPtr, p: &Perturbation) {
+unsafe fn perturb_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, p: &Perturbation) {
     #[inline(always)]
-    unsafe fn typed<T: Element>(slot: &Slot, seg: &Segment, backup: BackupPtr, p: &Perturbation) {
+    unsafe fn typed<T: Element>(slot: &Slot, seg: &Segment, bufs: Buffers, p: &Perturbation) {
         let (w, g) = unsafe { segment_slices::<T>(&slot.host, seg) };
-        let saved = unsafe {
-            let base = backup.word(slot.backup_word).cast::<T>().add(seg.start);
-            std::slice::from_raw_parts_mut(base, seg.len)
-        };
+        let (saved, first) = unsafe { engine_slices::<T>(slot, seg, bufs) };
         match (p.adaptive, p.sign) {
-            (false, false) => blocks::<T, false, false>(w, g, saved, p),
-            (false, true) => blocks::<T, false, true>(w, g, saved, p),
-            (true, false) => blocks::<T, true, false>(w, g, saved, p),
-            (true, true) => blocks::<T, true, true>(w, g, saved, p),
+            (false, false) => blocks::<T, false, false>(w, g, saved, first, p),
+            (false, true) => blocks::<T, false, true>(w, g, saved, first, p),
+            (true, false) => blocks::<T, true, false>(w, g, saved, first, p),
+            (true, true) => blocks::<T, true, true>(w, g, saved, first, p),
         }
     }
     unsafe {
         match slot.host.dtype {
-            DType::F32 => typed::<f32>(slot, seg, backup, p),
-            DType::F16 => typed::<f16>(slot, seg, backup, p),
-            DType::BF16 => typed::<bf16>(slot, seg, backup, p),
+            DType::F32 => typed::<f32>(slot, seg, bufs, p),
+            DType::F16 => typed::<f16>(slot, seg, bufs, p),
+            DType::BF16 => typed::<bf16>(slot, seg, bufs, p),
         }
+    }
+}
+
+/// The segment's backup and (under GSAM) first-gradient copy, as typed slices.
+///
+/// # Safety
+/// The segment lies inside its tensor, and no other thread touches its ranges meanwhile.
+#[inline(always)]
+unsafe fn engine_slices<'a, T: Element>(
+    slot: &Slot,
+    seg: &Segment,
+    bufs: Buffers,
+) -> (&'a mut [T], Option<&'a mut [T]>) {
+    unsafe {
+        let at = |base: Shared<u64>| {
+            std::slice::from_raw_parts_mut(base.at(slot.backup_word).cast::<T>().add(seg.start), seg.len)
+        };
+        (at(bufs.backup), bufs.first.map(at))
     }
 }
 
 /// Backs up and perturbs `w` block by block, so the block read for the backup is still in L1 when
 /// it is updated.
 #[inline(always)]
-fn blocks<T: Element, const ADAPTIVE: bool, const SIGN: bool>(w: &mut [T], g: &[T], saved: &mut [T], p: &Perturbation) {
+fn blocks<T: Element, const ADAPTIVE: bool, const SIGN: bool>(
+    w: &mut [T],
+    g: &[T],
+    saved: &mut [T],
+    mut first: Option<&mut [T]>,
+    p: &Perturbation,
+) {
     let (eta, scale) = (p.eta, p.scale);
     let (mut wf, mut gf) = ([0f32; BLOCK], [0f32; BLOCK]);
-    for ((wb, gb), sb) in w.chunks_mut(BLOCK).zip(g.chunks(BLOCK)).zip(saved.chunks_mut(BLOCK)) {
+    for (k, ((wb, gb), sb)) in w.chunks_mut(BLOCK).zip(g.chunks(BLOCK)).zip(saved.chunks_mut(BLOCK)).enumerate() {
         sb.copy_from_slice(wb);
+        if let Some(f) = first.as_deref_mut() {
+            f[k * BLOCK..k * BLOCK + gb.len()].copy_from_slice(gb);
+        }
         if let (Some(gb), Some(wb)) = (T::as_f32(gb), T::as_f32_mut(wb)) {
             for (w, &g) in wb.iter_mut().zip(gb) {
                 *w = perturbed::<ADAPTIVE, SIGN>(*w, g, eta, scale);
@@ -447,6 +582,141 @@ fn blocks<T: Element, const ADAPTIVE: bool, const SIGN: bool>(w: &mut [T], g: &[
             *w = perturbed::<ADAPTIVE, SIGN>(*w, g, eta, scale);
         }
         T::narrow(&wf[..n], wb);
+    }
+}
+
+/// `(||g'||^2, g . g')` over a segment, in f64 over eight lanes; `g` is the GSAM copy of the
+/// first gradient (the dot product is 0 without it).
+///
+/// # Safety
+/// As [`segment_slices`], read-only.
+#[inline(always)]
+unsafe fn reduce_segment_any(slot: &Slot, seg: &Segment, first: Option<Shared<u64>>) -> [f64; 2] {
+    #[inline(always)]
+    fn lanes(g2: &[f32], g1: Option<&[f32]>) -> [f64; 2] {
+        const L: usize = 8;
+        let (mut sq, mut dot) = ([0f64; L], [0f64; L]);
+        let n = g2.len() / L * L;
+        for i in (0..n).step_by(L) {
+            for l in 0..L {
+                let x = g2[i + l] as f64;
+                sq[l] += x * x;
+            }
+            if let Some(g1) = g1 {
+                for l in 0..L {
+                    dot[l] += g1[i + l] as f64 * g2[i + l] as f64;
+                }
+            }
+        }
+        for i in n..g2.len() {
+            let x = g2[i] as f64;
+            sq[i - n] += x * x;
+            if let Some(g1) = g1 {
+                dot[i - n] += g1[i] as f64 * x;
+            }
+        }
+        let tree = |a: [f64; L]| ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+        [tree(sq), tree(dot)]
+    }
+    #[inline(always)]
+    unsafe fn typed<T: Element>(slot: &Slot, seg: &Segment, first: Option<Shared<u64>>) -> [f64; 2] {
+        let (_, g2) = unsafe { segment_slices::<T>(&slot.host, seg) };
+        let g1: Option<&[T]> = first
+            .map(|f| unsafe { std::slice::from_raw_parts(f.at(slot.backup_word).cast::<T>().add(seg.start), seg.len) });
+        if let Some(g2) = T::as_f32(g2) {
+            return lanes(g2, g1.map(|g| T::as_f32(g).expect("same type")));
+        }
+        let (mut f2, mut f1) = ([0f32; BLOCK], [0f32; BLOCK]);
+        let mut out = [0.0; 2];
+        for (k, b2) in g2.chunks(BLOCK).enumerate() {
+            let n = b2.len();
+            T::widen(b2, &mut f2[..n]);
+            if let Some(g1) = g1 {
+                T::widen(&g1[k * BLOCK..k * BLOCK + n], &mut f1[..n]);
+            }
+            let [a, b] = lanes(&f2[..n], g1.map(|_| &f1[..n]));
+            out[0] += a;
+            out[1] += b;
+        }
+        out
+    }
+    unsafe {
+        match slot.host.dtype {
+            DType::F32 => typed::<f32>(slot, seg, first),
+            DType::F16 => typed::<f16>(slot, seg, first),
+            DType::BF16 => typed::<bf16>(slot, seg, first),
+        }
+    }
+}
+
+/// What the fused update of one segment needs besides the buffers.
+struct UpdateJob<'a> {
+    step: &'a UpdateStep,
+    tensor: &'a TensorStep,
+    base: BaseOptimizer,
+    has_state: bool,
+}
+
+/// The restore fused with the base update over one segment: `w` from the backup, the direction
+/// from the second (and GSAM's first) gradient, the state updated in place.
+///
+/// # Safety
+/// As [`segment_slices`]; the segment's backup and state ranges must be exclusively this caller's.
+#[inline(always)]
+unsafe fn update_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, job: &UpdateJob<'_>) {
+    #[inline(always)]
+    unsafe fn typed<T: Element>(slot: &Slot, seg: &Segment, bufs: Buffers, job: &UpdateJob<'_>) {
+        let (w, g2) = unsafe { segment_slices::<T>(&slot.host, seg) };
+        let (saved, g1) = unsafe { engine_slices::<T>(slot, seg, bufs) };
+        let len = slot.host.len;
+        let state = |k: usize| unsafe {
+            std::slice::from_raw_parts_mut(bufs.state.at(slot.state + k * len + seg.start), seg.len)
+        };
+        let (mut m, mut v) = (job.has_state.then(|| state(0)), (job.base == BaseOptimizer::AdamW).then(|| state(1)));
+        let (s, t) = (job.step, job.tensor);
+        let (mut wf, mut f2, mut f1, mut scratch) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+        let mut scratch2 = [0f32; BLOCK];
+        for start in (0..seg.len).step_by(BLOCK) {
+            let end = (start + BLOCK).min(seg.len);
+            let n = end - start;
+            let wb = &mut w[start..end];
+            // The restore: w is the saved bits, widened.
+            T::widen(&saved[start..end], &mut wf[..n]);
+            T::widen(&g2[start..end], &mut f2[..n]);
+            if let Some(g1) = g1.as_deref() {
+                T::widen(&g1[start..end], &mut f1[..n]);
+            }
+            let mb = match m.as_deref_mut() {
+                Some(m) => &mut m[start..end],
+                None => &mut scratch[..n],
+            };
+            let vb = match v.as_deref_mut() {
+                Some(v) => &mut v[start..end],
+                None => &mut scratch2[..n],
+            };
+            match job.base {
+                BaseOptimizer::AdamW => {
+                    for i in 0..n {
+                        let d = direction(f2[i], f1[i], s);
+                        wf[i] = adamw(wf[i], d, &mut mb[i], &mut vb[i], s, t);
+                    }
+                }
+                _ => {
+                    for i in 0..n {
+                        let d = direction(f2[i], f1[i], s);
+                        wf[i] = sgd(wf[i], d, &mut mb[i], s, t);
+                    }
+                }
+            }
+            T::narrow(&wf[..n], wb);
+        }
+    }
+    unsafe {
+        match slot.host.dtype {
+            DType::F32 => typed::<f32>(slot, seg, bufs, job),
+            DType::F16 => typed::<f16>(slot, seg, bufs, job),
+            DType::BF16 => typed::<bf16>(slot, seg, bufs, job),
+        }
     }
 }
 
@@ -496,7 +766,7 @@ mod tests {
                 let mut results = Vec::new();
                 for isa in [Isa::Baseline, Isa::detect()] {
                     let (mut w, g) = (encode(&w32, dtype), encode(&g32, dtype));
-                    let mut engine = CpuEngine::new(2).unwrap();
+                    let mut engine = CpuEngine::new(&Config { threads: 2, ..Config::default() }).unwrap();
                     engine.isa = isa;
                     engine
                         .add_host(HostTensor { param: w.as_mut_ptr().cast(), grad: g.as_ptr().cast(), len: n, dtype })

@@ -23,11 +23,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::backend::{AscentNorm, HostTensor, Part, Passes};
-use crate::config::{Config, Norm};
+use crate::backend::{AscentNorm, HostTensor, Part, Passes, SecondNorm};
+use crate::config::{BaseOptimizer, Config, Norm};
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
-use crate::math::Perturbation;
+use crate::math::{Perturbation, TensorStep, UpdateStep};
 
 const WORKGROUP: u64 = 256;
 /// Bytes of the reusable download staging buffer (downloads larger than this go in pieces).
@@ -237,6 +237,8 @@ struct GpuTensor {
     words: u64,
     home: Home,
     staged: Option<Staged>,
+    /// Tensors of one cohort share every per-tensor scalar; an arena holds one cohort.
+    cohort: (u32, u64),
 }
 
 impl GpuTensor {
@@ -251,14 +253,26 @@ struct Arena {
     param: wgpu::Buffer,
     grad: wgpu::Buffer,
     backup: wgpu::Buffer,
+    /// GSAM: the first gradient, saved by the perturbation pass.
+    first_grad: Option<wgpu::Buffer>,
+    /// The base optimizer's f32 state: momentum buffer or Adam's first moment, second moment.
+    state_m: Option<wgpu::Buffer>,
+    state_v: Option<wgpu::Buffer>,
     /// `(first word, tensor)` of every member, in order.
     members: Vec<(u64, usize)>,
+}
+
+impl Arena {
+    fn per_word(&self) -> u64 {
+        if self.dtype == DType::F32 { 1 } else { 2 }
+    }
 }
 
 /// One window's GPU resources.
 struct WindowRes {
     arena: usize,
     first_word: u64,
+    quads: u32,
     groups: u32,
     slot: u32,
     bind_group: wgpu::BindGroup,
@@ -266,13 +280,15 @@ struct WindowRes {
 
 /// What the windows need, rebuilt when the registrations change.
 struct Prepared {
+    /// Bytes between two windows' uniforms.
+    stride: u64,
     windows: Vec<WindowRes>,
     partials: wgpu::Buffer,
     partials_readback: wgpu::Buffer,
     first_bad: wgpu::Buffer,
     first_bad_readback: wgpu::Buffer,
     slots: u32,
-    _window_uniforms: wgpu::Buffer,
+    window_uniforms: wgpu::Buffer,
 }
 
 /// The `Step` uniform of the shader.
@@ -281,7 +297,16 @@ struct Prepared {
 struct StepUniform {
     scale: f32,
     eta: f32,
-    pad: [u32; 2],
+    a: f32,
+    b: f32,
+    momentum: f32,
+    one_minus_dampening: f32,
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    adam_eps: f32,
+    pad: u32,
 }
 
 /// The `Window` uniform of the shader.
@@ -291,7 +316,13 @@ struct WindowUniform {
     quads: u32,
     slot: u32,
     index: u32,
-    pad: u32,
+    first: u32,
+    lr: f32,
+    weight_decay: f32,
+    decay: f32,
+    step_size: f32,
+    bias2_sqrt: f32,
+    pad: [u32; 3],
 }
 
 /// The GPU time of each pass of the last step, in nanoseconds, from timestamp queries.
@@ -320,9 +351,13 @@ enum Entry {
     Perturb = 1,
     Restore = 2,
     Locate = 3,
+    SecondReduce = 4,
+    Update = 5,
 }
 
-const ENTRY_NAMES: [&str; 4] = ["ascent_norm", "perturb", "restore", "locate_non_finite"];
+const ENTRIES: [Entry; 6] =
+    [Entry::Norm, Entry::Perturb, Entry::Restore, Entry::Locate, Entry::SecondReduce, Entry::Update];
+const ENTRY_NAMES: [&str; 6] = ["ascent_norm", "perturb", "restore", "locate_non_finite", "second_reduce", "update"];
 
 fn dtype_index(d: DType) -> usize {
     match d {
@@ -337,12 +372,20 @@ pub(crate) struct GpuEngine {
     ctx: GpuContext,
     adaptive: bool,
     sign: bool,
+    base: BaseOptimizer,
+    momentum: bool,
+    nesterov: bool,
+    gsam: bool,
     module: wgpu::ShaderModule,
     layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
     /// `[entry][dtype]`, compiled when a dtype first appears.
-    pipelines: [[Option<wgpu::ComputePipeline>; 3]; 4],
+    pipelines: [[Option<wgpu::ComputePipeline>; 3]; 6],
     step_uniform: wgpu::Buffer,
+    /// The host copy of the `Step` uniform: each pass changes its own fields.
+    step: StepUniform,
+    /// Bound where a pipeline's optional buffer (GSAM's copy, the state) does not exist.
+    dummy: wgpu::Buffer,
     readback: wgpu::Buffer,
     tensors: Vec<GpuTensor>,
     arenas: Vec<Arena>,
@@ -354,6 +397,8 @@ pub(crate) struct GpuEngine {
     max_groups: u32,
     /// Windows whose workgroups saw a non-finite input in the last norm pass.
     bad_windows: Vec<usize>,
+    /// The window uniforms of the last update, reused every step.
+    window_uniforms: Vec<WindowUniform>,
     timing: Option<Timing>,
 }
 
@@ -393,6 +438,9 @@ impl GpuEngine {
                     uniform(4),
                     uniform(5),
                     storage(6, false),
+                    storage(7, false),
+                    storage(8, false),
+                    storage(9, false),
                 ],
             });
             let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
@@ -412,6 +460,12 @@ impl GpuEngine {
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("samopt unused binding"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
         let readback = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("samopt readback"),
             size: READBACK_BYTES,
@@ -428,6 +482,13 @@ impl GpuEngine {
             ctx,
             adaptive: config.adaptive,
             sign: config.norm == Norm::LInf,
+            base: config.base,
+            momentum: config.base == BaseOptimizer::Sgd && config.momentum != 0.0,
+            nesterov: config.nesterov,
+            gsam: config.gsam_alpha.is_some(),
+            step: bytemuck::Zeroable::zeroed(),
+            dummy,
+            window_uniforms: Vec::new(),
             module,
             layout,
             pipeline_layout,
@@ -553,7 +614,7 @@ impl GpuEngine {
                 Ok(Home::Own { param: make("samopt param"), grad: make("samopt grad") })
             })?
         };
-        self.tensors.push(GpuTensor { len, dtype, words, home, staged });
+        self.tensors.push(GpuTensor { len, dtype, words, home, staged, cohort: (0, 0) });
         self.prepared = None;
         Ok(())
     }
@@ -573,29 +634,34 @@ impl GpuEngine {
     /// Packs every tensor into arenas, moving the data of those that have some on the device.
     fn pack(&mut self) -> Result<()> {
         let d = &self.ctx.device;
-        // Per arena to build: dtype, words used, and the `(first word, tensor)` of its members.
+        // Per arena to build: dtype, cohort, words used, and the `(first word, tensor)` of its
+        // members. One arena per (dtype, cohort), split where it would pass the largest buffer.
         struct Plan {
             dtype: DType,
+            cohort: (u32, u64),
             words: u64,
             members: Vec<(u64, usize)>,
         }
+        let mut order: Vec<usize> = (0..self.tensors.len()).collect();
+        order.sort_by_key(|&k| (dtype_index(self.tensors[k].dtype), self.tensors[k].cohort, k));
         let mut plan: Vec<Plan> = Vec::new();
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
-            for (k, t) in self.tensors.iter().enumerate().filter(|(_, t)| t.dtype == dtype) {
-                match plan.last_mut() {
-                    Some(p) if p.dtype == dtype && p.words + t.words <= self.arena_words => {
-                        p.members.push((p.words, k));
-                        p.words += t.words;
-                    }
-                    _ => plan.push(Plan { dtype, words: t.words, members: vec![(0, k)] }),
+        for k in order {
+            let t = &self.tensors[k];
+            match plan.last_mut() {
+                Some(p) if p.dtype == t.dtype && p.cohort == t.cohort && p.words + t.words <= self.arena_words => {
+                    p.members.push((p.words, k));
+                    p.words += t.words;
                 }
+                _ => plan.push(Plan { dtype: t.dtype, cohort: t.cohort, words: t.words, members: vec![(0, k)] }),
             }
         }
+        let per_word = |d: DType| if d == DType::F32 { 1 } else { 2 };
+        let (has_m, has_v) = (self.momentum || self.base == BaseOptimizer::AdamW, self.base == BaseOptimizer::AdamW);
         let arenas = self.ctx.checked("packing the tensors", || {
             use wgpu::BufferUsages as U;
             let mut arenas = Vec::with_capacity(plan.len());
             let mut enc = d.create_command_encoder(&Default::default());
-            for Plan { dtype, words, members } in &plan {
+            for Plan { dtype, words, members, .. } in &plan {
                 let make = |label, usage| {
                     d.create_buffer(&wgpu::BufferDescriptor {
                         label: Some(label),
@@ -604,11 +670,23 @@ impl GpuEngine {
                         mapped_at_creation: false,
                     })
                 };
+                // f32 state: 4 bytes per element, `per_word` elements per word.
+                let state = |label| {
+                    d.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(label),
+                        size: words * 4 * per_word(*dtype),
+                        usage: U::STORAGE | U::COPY_SRC | U::COPY_DST,
+                        mapped_at_creation: false,
+                    })
+                };
                 let arena = Arena {
                     dtype: *dtype,
                     param: make("samopt params", U::STORAGE | U::COPY_SRC | U::COPY_DST),
                     grad: make("samopt grads", U::STORAGE | U::COPY_SRC | U::COPY_DST),
                     backup: make("samopt backups", U::STORAGE | U::COPY_SRC),
+                    first_grad: self.gsam.then(|| make("samopt first grads", U::STORAGE)),
+                    state_m: has_m.then(|| state("samopt state m")),
+                    state_v: has_v.then(|| state("samopt state v")),
                     members: members.clone(),
                 };
                 for &(offset, k) in members {
@@ -617,6 +695,22 @@ impl GpuEngine {
                         for (part, dst) in [(Part::Param, &arena.param), (Part::Grad, &arena.grad)] {
                             let (src, src_offset) = self.location(t, part);
                             enc.copy_buffer_to_buffer(src, src_offset, dst, offset * 4, t.words * 4);
+                        }
+                    }
+                    // The optimizer state moves with the tensor (new tensors start at zeros).
+                    if let Home::Packed { arena: old, offset: old_offset } = t.home {
+                        let pw = per_word(t.dtype);
+                        let old = &self.arenas[old];
+                        for (src, dst) in [(&old.state_m, &arena.state_m), (&old.state_v, &arena.state_v)] {
+                            if let (Some(src), Some(dst)) = (src, dst) {
+                                enc.copy_buffer_to_buffer(
+                                    src,
+                                    old_offset * 4 * pw,
+                                    dst,
+                                    offset * 4 * pw,
+                                    t.words * 4 * pw,
+                                );
+                            }
                         }
                     }
                 }
@@ -635,6 +729,13 @@ impl GpuEngine {
         Ok(())
     }
 
+    /// Window size in words for an arena of `dtype`: one storage binding, or half of one for a
+    /// half-precision arena whose f32 state takes twice the bytes of its words.
+    fn window_words_for(&self, dtype: DType) -> u64 {
+        let has_state = self.momentum || self.base == BaseOptimizer::AdamW;
+        if dtype != DType::F32 && has_state { (self.window_words / 2 / 64 * 64).max(64) } else { self.window_words }
+    }
+
     fn pipeline(&self, entry: Entry, dtype: DType) -> &wgpu::ComputePipeline {
         let d = if entry == Entry::Restore { 0 } else { dtype_index(dtype) };
         self.pipelines[entry as usize][d].as_ref().expect("compiled in prepare")
@@ -643,13 +744,29 @@ impl GpuEngine {
     /// Compiles the pipelines a dtype needs, once.
     fn compile(&mut self, dtype: DType) -> Result<()> {
         let d = dtype_index(dtype);
-        for entry in [Entry::Norm, Entry::Perturb, Entry::Restore, Entry::Locate] {
+        for entry in ENTRIES {
+            if self.base == BaseOptimizer::None && matches!(entry, Entry::SecondReduce | Entry::Update) {
+                continue;
+            }
             let slot = if entry == Entry::Restore { 0 } else { d };
             if self.pipelines[entry as usize][slot].is_some() {
                 continue;
             }
-            let constants =
-                [("DTYPE", slot as f64), ("ADAPTIVE", self.adaptive as u8 as f64), ("SIGN", self.sign as u8 as f64)];
+            let base = match self.base {
+                BaseOptimizer::None => 0.0,
+                BaseOptimizer::Sgd => 1.0,
+                BaseOptimizer::AdamW => 2.0,
+            };
+            let flag = |b: bool| b as u8 as f64;
+            let constants = [
+                ("DTYPE", slot as f64),
+                ("ADAPTIVE", flag(self.adaptive)),
+                ("SIGN", flag(self.sign)),
+                ("BASE", base),
+                ("MOMENTUM", flag(self.momentum)),
+                ("NESTEROV", flag(self.nesterov)),
+                ("GSAM", flag(self.gsam)),
+            ];
             let pipeline = self.ctx.checked("compiling a SAM pipeline", || {
                 Ok(self.ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(ENTRY_NAMES[entry as usize]),
@@ -687,8 +804,9 @@ impl GpuEngine {
         for (a, arena) in self.arenas.iter().enumerate() {
             let words = arena.members.last().map_or(0, |&(o, k)| o + self.tensors[k].words);
             let mut first = 0;
+            let window_words = self.window_words_for(arena.dtype);
             while first < words {
-                let n = self.window_words.min(words - first);
+                let n = window_words.min(words - first);
                 let groups = (n / 4).div_ceil(WORKGROUP).clamp(1, self.max_groups as u64) as u32;
                 plan.push((a, first, n, groups, slots));
                 slots += groups;
@@ -701,7 +819,7 @@ impl GpuEngine {
             };
             use wgpu::BufferUsages as U;
             let uniforms = buffer("samopt windows", stride * plan.len().max(1) as u64, U::UNIFORM | U::COPY_DST);
-            let partial_bytes = 8 * slots.max(1) as u64;
+            let partial_bytes = 16 * slots.max(1) as u64;
             let partials = buffer("samopt partials", partial_bytes, U::STORAGE | U::COPY_SRC);
             let partials_readback = buffer("samopt partials readback", partial_bytes, U::MAP_READ | U::COPY_DST);
             let bad_bytes = (4 * plan.len().max(1) as u64).div_ceil(8) * 8;
@@ -710,8 +828,24 @@ impl GpuEngine {
             let mut windows = Vec::with_capacity(plan.len());
             for (i, &(a, first, n, groups, slot)) in plan.iter().enumerate() {
                 let arena = &self.arenas[a];
-                let u = WindowUniform { quads: (n / 4) as u32, slot, index: i as u32, pad: 0 };
+                let u = WindowUniform { quads: (n / 4) as u32, slot, index: i as u32, ..bytemuck::Zeroable::zeroed() };
                 self.ctx.queue.write_buffer(&uniforms, i as u64 * stride, bytemuck::bytes_of(&u));
+                let pw = arena.per_word();
+                // f32 state: `pw` elements of 4 bytes per word.
+                fn state_range<'a>(
+                    buffer: &'a Option<wgpu::Buffer>,
+                    dummy: &'a wgpu::Buffer,
+                    (first, n, pw): (u64, u64, u64),
+                ) -> wgpu::BindingResource<'a> {
+                    match buffer {
+                        Some(buffer) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer,
+                            offset: first * 4 * pw,
+                            size: wgpu::BufferSize::new(n * 4 * pw),
+                        }),
+                        None => dummy.as_entire_binding(),
+                    }
+                }
                 let range = |buffer| {
                     wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer,
@@ -737,18 +871,41 @@ impl GpuEngine {
                         },
                         wgpu::BindGroupEntry { binding: 5, resource: self.step_uniform.as_entire_binding() },
                         wgpu::BindGroupEntry { binding: 6, resource: first_bad.as_entire_binding() },
+                        wgpu::BindGroupEntry {
+                            binding: 7,
+                            resource: match &arena.first_grad {
+                                Some(b) => range(b),
+                                None => self.dummy.as_entire_binding(),
+                            },
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 8,
+                            resource: state_range(&arena.state_m, &self.dummy, (first, n, pw)),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 9,
+                            resource: state_range(&arena.state_v, &self.dummy, (first, n, pw)),
+                        },
                     ],
                 });
-                windows.push(WindowRes { arena: a, first_word: first, groups, slot, bind_group });
+                windows.push(WindowRes {
+                    arena: a,
+                    first_word: first,
+                    quads: (n / 4) as u32,
+                    groups,
+                    slot,
+                    bind_group,
+                });
             }
             Ok(Prepared {
+                stride,
                 windows,
                 partials,
                 partials_readback,
                 first_bad,
                 first_bad_readback,
                 slots,
-                _window_uniforms: uniforms,
+                window_uniforms: uniforms,
             })
         })?;
         self.prepared = Some(prepared);
@@ -945,10 +1102,10 @@ impl Passes for GpuEngine {
 
     fn ascent_norm(&mut self, config: &Config) -> Result<AscentNorm> {
         self.prepare()?;
-        let step = StepUniform { scale: 0.0, eta: config.eta as f32, pad: [0; 2] };
-        self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&step));
+        self.step.eta = config.eta as f32;
+        self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&self.step));
         let prepared = self.prepared.as_ref().expect("prepared above");
-        let bytes = 8 * prepared.slots as u64;
+        let bytes = 16 * prepared.slots as u64;
         // Reused every step: no allocation once the windows are built.
         let mut bad_windows = std::mem::take(&mut self.bad_windows);
         bad_windows.clear();
@@ -971,11 +1128,11 @@ impl Passes for GpuEngine {
             enc.copy_buffer_to_buffer(&prepared.partials, 0, &prepared.partials_readback, 0, bytes);
             self.ctx.queue.submit([enc.finish()]);
             map_read(&self.ctx, &prepared.partials_readback, 0, bytes, |b| {
-                let partials: &[[u32; 2]] = bytemuck::cast_slice(b);
+                let partials: &[[u32; 4]] = bytemuck::cast_slice(b);
                 // Fixed order over fixed slots: the same bits for the same inputs on one adapter.
                 for (i, w) in prepared.windows.iter().enumerate() {
                     let mut bad = false;
-                    for &[bits, flag] in &partials[w.slot as usize..(w.slot + w.groups) as usize] {
+                    for &[bits, _, flag, _] in &partials[w.slot as usize..(w.slot + w.groups) as usize] {
                         sum_sq += f32::from_bits(bits) as f64;
                         bad |= flag != 0;
                     }
@@ -994,8 +1151,9 @@ impl Passes for GpuEngine {
     }
 
     fn perturb(&mut self, p: &Perturbation) -> Result<()> {
-        let step = StepUniform { scale: p.scale, eta: p.eta, pad: [0; 2] };
-        self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&step));
+        self.step.scale = p.scale;
+        self.step.eta = p.eta;
+        self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&self.step));
         // The host's own copy of w first, so the host's weights survive any device failure below.
         for t in &mut self.tensors {
             if let Some(s) = &mut t.staged {
@@ -1045,6 +1203,110 @@ impl Passes for GpuEngine {
             self.ctx.queue.submit([enc.finish()]);
             self.ctx.wait()
         })
+    }
+
+    fn second_reduce(&mut self, _gsam: bool) -> Result<SecondNorm> {
+        let prepared = self.prepared.as_ref().expect("prepared by the first step");
+        let bytes = 16 * prepared.slots as u64;
+        let (mut sum_sq, mut dot, mut bad) = (0.0f64, 0.0f64, false);
+        self.ctx.checked("the second gradient's reduction", || {
+            for t in &self.tensors {
+                if let Some(s) = &t.staged {
+                    // SAFETY: the host's registration promise.
+                    let g = unsafe { std::slice::from_raw_parts(s.host.grad, t.host_bytes()) };
+                    let (buffer, offset) = self.location(t, Part::Grad);
+                    self.upload(buffer, offset, g);
+                }
+            }
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            self.record_pass(&mut enc, Entry::SecondReduce, self.all_windows(), None);
+            enc.copy_buffer_to_buffer(&prepared.partials, 0, &prepared.partials_readback, 0, bytes);
+            self.ctx.queue.submit([enc.finish()]);
+            map_read(&self.ctx, &prepared.partials_readback, 0, bytes, |b| {
+                // Fixed order over fixed slots, as in the norm pass.
+                for &[sq, d, flag, _] in bytemuck::cast_slice::<u8, [u32; 4]>(b) {
+                    sum_sq += f32::from_bits(sq) as f64;
+                    dot += f32::from_bits(d) as f64;
+                    bad |= flag != 0;
+                }
+            })
+        })?;
+        if bad {
+            sum_sq = f64::NAN;
+        }
+        Ok(SecondNorm { sum_sq, dot })
+    }
+
+    fn update(&mut self, step: &UpdateStep, tensors: &[TensorStep]) -> Result<()> {
+        self.step.a = step.a;
+        self.step.b = step.b;
+        self.step.momentum = step.momentum;
+        self.step.one_minus_dampening = step.one_minus_dampening;
+        self.step.beta1 = step.beta1;
+        self.step.one_minus_beta1 = step.one_minus_beta1;
+        self.step.beta2 = step.beta2;
+        self.step.one_minus_beta2 = step.one_minus_beta2;
+        self.step.adam_eps = step.adam_eps;
+        self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&self.step));
+        let prepared = self.prepared.as_ref().expect("prepared by the first step");
+        // Every member of an arena is of one cohort, so its first member's scalars are the arena's.
+        let mut uniforms = std::mem::take(&mut self.window_uniforms);
+        uniforms.clear();
+        for (i, w) in prepared.windows.iter().enumerate() {
+            let t = &tensors[self.arenas[w.arena].members[0].1];
+            uniforms.push(WindowUniform {
+                quads: 0,
+                slot: w.slot,
+                index: i as u32,
+                first: t.first as u32,
+                lr: t.lr,
+                weight_decay: t.weight_decay,
+                decay: t.decay,
+                step_size: t.step_size,
+                bias2_sqrt: t.bias2_sqrt,
+                pad: [0; 3],
+            });
+        }
+        let result = self.ctx.checked("the update pass", || {
+            for (i, (u, w)) in uniforms.iter_mut().zip(&prepared.windows).enumerate() {
+                u.quads = w.quads;
+                self.ctx.queue.write_buffer(
+                    &prepared.window_uniforms,
+                    i as u64 * prepared.stride,
+                    bytemuck::bytes_of(u),
+                );
+            }
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            self.record_pass(&mut enc, Entry::Update, self.all_windows(), Some(2));
+            self.ctx.queue.submit([enc.finish()]);
+            let jobs: Vec<(&wgpu::Buffer, u64, *mut u8, usize)> = self
+                .tensors
+                .iter()
+                .filter_map(|t| {
+                    let s = t.staged.as_ref()?;
+                    let (buffer, offset) = self.location(t, Part::Param);
+                    Some((buffer, offset, s.host.param, t.host_bytes()))
+                })
+                .collect();
+            if jobs.is_empty() {
+                return self.ctx.wait();
+            }
+            // SAFETY: the host's registration promise.
+            unsafe { self.download(&jobs) }
+        });
+        self.window_uniforms = uniforms;
+        if result.is_err() {
+            // The host's weights go back to w; the device state may have moved.
+            self.restore_staged_hosts();
+        }
+        result
+    }
+
+    fn set_cohort(&mut self, tensor: usize, cohort: (u32, u64)) {
+        if self.tensors[tensor].cohort != cohort {
+            self.tensors[tensor].cohort = cohort;
+            self.prepared = None;
+        }
     }
 
     fn find_non_finite(&self, _adaptive: bool) -> Option<(usize, usize)> {

@@ -1,5 +1,7 @@
 // SAM's GPU passes over one window of one arena: the ascent norm, the perturbation, the restore,
-// and (only after a norm pass saw NaN or infinity) the search for the first non-finite element.
+// (only after a norm pass saw NaN or infinity) the search for the first non-finite element, and
+// with a built-in base optimizer the second gradient's reduction and the restore fused with
+// PyTorch's SGD or AdamW update.
 //
 // An arena holds the tensors of one dtype end to end, each padded to 16 bytes with zeros; a window
 // is the part of an arena one storage binding can hold. Padding is inert: its gradient is zero, so
@@ -16,32 +18,59 @@
 override DTYPE: u32 = 0u;         // 0 f32, 1 f16, 2 bf16
 override ADAPTIVE: bool = false;  // ASAM
 override SIGN: bool = false;      // p = infinity
+override BASE: u32 = 0u;          // 0 none, 1 SGD, 2 AdamW
+override MOMENTUM: bool = false;  // SGD with a momentum buffer
+override NESTEROV: bool = false;
+override GSAM: bool = false;      // keep the first gradient; direction a*g' - b*g
 
 const WORKGROUP: u32 = 256u;
 
 struct Window {
-    quads: u32,   // 16-byte groups of words in this window
-    slot: u32,    // first partial-sum slot of this window
-    index: u32,   // this window's entry in first_bad
-    pad: u32,
+    quads: u32,        // 16-byte groups of words in this window
+    slot: u32,         // first partial-sum slot of this window
+    index: u32,        // this window's entry in first_bad
+    first: u32,        // SGD: this arena's first update (the momentum buffer starts as d)
+    lr: f32,           // the arena's learning rate (lr times its group's scale)
+    weight_decay: f32,
+    decay: f32,        // AdamW: 1 - lr * weight_decay
+    step_size: f32,    // AdamW: lr / (1 - beta1^t)
+    bias2_sqrt: f32,   // AdamW: sqrt(1 - beta2^t)
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 struct Step {
-    scale: f32,   // rho / (n + eps), or rho for the sign perturbation
+    scale: f32,        // rho / (n + eps), or rho for the sign perturbation
     eta: f32,
-    pad0: u32,
-    pad1: u32,
+    a: f32,            // direction a * g' (- b * g under GSAM)
+    b: f32,
+    momentum: f32,
+    one_minus_dampening: f32,
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    adam_eps: f32,
+    pad: u32,
 }
 
 @group(0) @binding(0) var<storage, read_write> param: array<vec4<u32>>;
 @group(0) @binding(1) var<storage, read> grad: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read_write> backup: array<vec4<u32>>;
-// Per workgroup of the norm pass: (bits of the f32 partial sum of (T_w g)^2, non-finite flag).
-@group(0) @binding(3) var<storage, read_write> partials: array<vec2<u32>>;
+// Per workgroup of a reduction: (bits of the f32 partial sum of squares, bits of the partial dot
+// product (second reduction only), non-finite flag, 0).
+@group(0) @binding(3) var<storage, read_write> partials: array<vec4<u32>>;
 @group(0) @binding(4) var<uniform> window: Window;
 @group(0) @binding(5) var<uniform> step: Step;
 // Per window: the first non-finite element's index within the window (u32 max: none).
 @group(0) @binding(6) var<storage, read_write> first_bad: array<atomic<u32>>;
+// GSAM: the first gradient, saved by the perturbation pass, laid out as grad.
+@group(0) @binding(7) var<storage, read_write> first_grad: array<vec4<u32>>;
+// The base optimizer's f32 state, four elements per vec4: the momentum buffer or Adam's first
+// moment, and Adam's second moment.
+@group(0) @binding(8) var<storage, read_write> state_m: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read_write> state_v: array<vec4<f32>>;
 
 var<workgroup> scratch: array<f32, WORKGROUP>;
 var<workgroup> scratch_flag: array<u32, WORKGROUP>;
@@ -200,7 +229,7 @@ fn ascent_norm(
         workgroupBarrier();
     }
     if (lid == 0u) {
-        partials[window.slot + wid.x] = vec2<u32>(bitcast<u32>(scratch[0]), scratch_flag[0]);
+        partials[window.slot + wid.x] = vec4<u32>(bitcast<u32>(scratch[0]), 0u, scratch_flag[0], 0u);
     }
 }
 
@@ -213,6 +242,9 @@ fn perturb(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
         let w = param[i];
         let g = grad[i];
         backup[i] = w;
+        if (GSAM) {
+            first_grad[i] = g;
+        }
         param[i] = vec4<u32>(perturbed_word(w.x, g.x), perturbed_word(w.y, g.y),
                              perturbed_word(w.z, g.z), perturbed_word(w.w, g.w));
     }
@@ -241,6 +273,146 @@ fn locate_non_finite(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
                 if (non_finite(g[k], h) || (ADAPTIVE && non_finite(w[k], h))) {
                     atomicMin(&first_bad[window.index], (4u * i + k) * per_word() + h);
                 }
+            }
+        }
+    }
+}
+
+// ---- the second step with a base optimizer ----
+
+var<workgroup> scratch_dot: array<f32, WORKGROUP>;
+
+// ||g'||^2 and g.g' (GSAM) per workgroup, with the non-finite flag of g'.
+@compute @workgroup_size(256)
+fn second_reduce(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let stride = nwg.x * WORKGROUP;
+    var sum = 0.0;
+    var dot_sum = 0.0;
+    var bad = 0u;
+    for (var i = wid.x * WORKGROUP + lid; i < window.quads; i += stride) {
+        let g2 = grad[i];
+        var g1 = vec4<u32>(0u);
+        if (GSAM) {
+            g1 = first_grad[i];
+        }
+        for (var k = 0u; k < 4u; k++) {
+            for (var h = 0u; h < per_word(); h++) {
+                let x = element(g2[k], h);
+                sum += x * x;
+                if (GSAM) {
+                    dot_sum += element(g1[k], h) * x;
+                }
+                bad |= u32(non_finite(g2[k], h));
+            }
+        }
+    }
+    scratch[lid] = sum;
+    scratch_dot[lid] = dot_sum;
+    scratch_flag[lid] = bad;
+    workgroupBarrier();
+    for (var width = WORKGROUP / 2u; width > 0u; width >>= 1u) {
+        if (lid < width) {
+            scratch[lid] += scratch[lid + width];
+            scratch_dot[lid] += scratch_dot[lid + width];
+            scratch_flag[lid] |= scratch_flag[lid + width];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        partials[window.slot + wid.x] =
+            vec4<u32>(bitcast<u32>(scratch[0]), bitcast<u32>(scratch_dot[0]), scratch_flag[0], 0u);
+    }
+}
+
+fn direction(g2: f32, g1: f32) -> f32 {
+    if (GSAM) {
+        return step.a * g2 - step.b * g1;
+    }
+    return step.a * g2;
+}
+
+// One element of the base update, in PyTorch's order (see src/math.rs); m and v are its state.
+fn base_update(w_in: f32, d_in: f32, m: ptr<function, f32>, v: ptr<function, f32>) -> f32 {
+    if (BASE == 2u) {
+        let w = w_in * window.decay;
+        *m = step.beta1 * *m + step.one_minus_beta1 * d_in;
+        *v = step.beta2 * *v + step.one_minus_beta2 * (d_in * d_in);
+        let denom = sqrt(*v) / window.bias2_sqrt + step.adam_eps;
+        return w - window.step_size * (*m / denom);
+    }
+    var d = d_in;
+    if (window.weight_decay != 0.0) {
+        d += window.weight_decay * w_in;
+    }
+    if (MOMENTUM) {
+        if (window.first != 0u) {
+            *m = d;
+        } else {
+            *m = step.momentum * *m + step.one_minus_dampening * d;
+        }
+        if (NESTEROV) {
+            d = d + step.momentum * *m;
+        } else {
+            d = *m;
+        }
+    }
+    return w_in - window.lr * d;
+}
+
+// The restore fused with the update: w from the backup, state read and written once.
+@compute @workgroup_size(256)
+fn update(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let stride = nwg.x * WORKGROUP;
+    let has_m = MOMENTUM || BASE == 2u;
+    let pw = per_word();
+    for (var i = gid.x; i < window.quads; i += stride) {
+        let wq = backup[i];
+        let g2 = grad[i];
+        var g1 = vec4<u32>(0u);
+        if (GSAM) {
+            g1 = first_grad[i];
+        }
+        // pw vec4s of state per quad: four elements each.
+        var m = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+        var v = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+        for (var q = 0u; q < pw; q++) {
+            if (has_m) {
+                m[q] = state_m[pw * i + q];
+            }
+            if (BASE == 2u) {
+                v[q] = state_v[pw * i + q];
+            }
+        }
+        var out = vec4<u32>(0u);
+        for (var k = 0u; k < 4u; k++) {
+            var word = 0u;
+            for (var h = 0u; h < pw; h++) {
+                let e = k * pw + h;
+                var mk = m[e / 4u][e % 4u];
+                var vk = v[e / 4u][e % 4u];
+                let d = direction(element(g2[k], h), element(g1[k], h));
+                let r = base_update(element(wq[k], h), d, &mk, &vk);
+                m[e / 4u][e % 4u] = mk;
+                v[e / 4u][e % 4u] = vk;
+                if (DTYPE == 0u) {
+                    word = bitcast<u32>(r);
+                } else {
+                    word |= to_half(r) << (16u * h);
+                }
+            }
+            out[k] = word;
+        }
+        param[i] = out;
+        for (var q = 0u; q < pw; q++) {
+            if (has_m) {
+                state_m[pw * i + q] = m[q];
+            }
+            if (BASE == 2u) {
+                state_v[pw * i + q] = v[q];
             }
         }
     }
