@@ -9,6 +9,10 @@
 //! restore:  read backup; write w          8 B/elem
 //! ```
 //!
+//! With a built-in base optimizer the restore becomes a reduction over `g'` (4 B/elem) and the
+//! fused restore + update: read backup, g', state; write w, state (SGD with momentum 20 B/elem,
+//! AdamW 28 B/elem, f32 state).
+//!
 //! The reference is a copy of a buffer of the same size as the parameters on the same threads
 //! (8 B/elem moved: read + write), timed alternately with the SAM step so both see the same
 //! machine. The printed ratio is SAM bytes/s over copy bytes/s, the median over adjacent pairs of
@@ -19,7 +23,7 @@
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
-use samopt::{Config, DType, Optimizer};
+use samopt::{BaseOptimizer, Config, DType, Optimizer};
 
 const LAYOUTS: &str = include_str!("param_layouts.json");
 
@@ -28,6 +32,7 @@ struct Case {
     lens: Vec<usize>,
     dtype: DType,
     adaptive: bool,
+    base: BaseOptimizer,
 }
 
 fn layout(key: &str) -> Vec<usize> {
@@ -50,17 +55,62 @@ fn main() {
     let resnet = layout("resnet50");
     let total: usize = resnet.iter().sum();
     let mut cases = vec![
-        Case { name: "resnet50, 161 tensors".into(), lens: resnet.clone(), dtype: DType::F32, adaptive: false },
-        Case { name: "one tensor".into(), lens: vec![total], dtype: DType::F32, adaptive: false },
+        Case {
+            name: "resnet50, 161 tensors".into(),
+            lens: resnet.clone(),
+            dtype: DType::F32,
+            adaptive: false,
+            base: BaseOptimizer::None,
+        },
+        Case {
+            name: "one tensor".into(),
+            lens: vec![total],
+            dtype: DType::F32,
+            adaptive: false,
+            base: BaseOptimizer::None,
+        },
         Case {
             name: "10k tensors of ~2.5k".into(),
             lens: (0..10_000).map(|i| total / 10_000 + (i % 3)).collect(),
             dtype: DType::F32,
             adaptive: false,
+            base: BaseOptimizer::None,
         },
-        Case { name: "resnet50, ASAM".into(), lens: resnet.clone(), dtype: DType::F32, adaptive: true },
-        Case { name: "resnet50, bf16".into(), lens: resnet.clone(), dtype: DType::BF16, adaptive: false },
-        Case { name: "resnet50, f16".into(), lens: resnet.clone(), dtype: DType::F16, adaptive: false },
+        Case {
+            name: "resnet50, ASAM".into(),
+            lens: resnet.clone(),
+            dtype: DType::F32,
+            adaptive: true,
+            base: BaseOptimizer::None,
+        },
+        Case {
+            name: "resnet50, bf16".into(),
+            lens: resnet.clone(),
+            dtype: DType::BF16,
+            adaptive: false,
+            base: BaseOptimizer::None,
+        },
+        Case {
+            name: "resnet50, f16".into(),
+            lens: resnet.clone(),
+            dtype: DType::F16,
+            adaptive: false,
+            base: BaseOptimizer::None,
+        },
+        Case {
+            name: "resnet50, SGD momentum".into(),
+            lens: resnet.clone(),
+            dtype: DType::F32,
+            adaptive: false,
+            base: BaseOptimizer::Sgd,
+        },
+        Case {
+            name: "resnet50, AdamW".into(),
+            lens: resnet.clone(),
+            dtype: DType::F32,
+            adaptive: false,
+            base: BaseOptimizer::AdamW,
+        },
     ];
     if args.iter().any(|a| a == "--gpt2") {
         cases.push(Case {
@@ -68,6 +118,7 @@ fn main() {
             lens: layout("gpt2_small"),
             dtype: DType::F32,
             adaptive: false,
+            base: BaseOptimizer::None,
         });
     }
 
@@ -91,7 +142,8 @@ fn main() {
             case.lens.iter().map(|&l| vec![0x3F80_0000_3F80_0000u64; (l * size).div_ceil(8)]).collect();
         let grads: Vec<Vec<u64>> =
             case.lens.iter().map(|&l| vec![0x3C23_D70A_3C23_D70Au64; (l * size).div_ceil(8)]).collect();
-        let mut sam = Optimizer::new(Config { adaptive: case.adaptive, threads, ..Config::default() }).unwrap();
+        let config = Config { adaptive: case.adaptive, threads, base: case.base, momentum: 0.9, ..Config::default() };
+        let mut sam = Optimizer::new(config).unwrap();
         for ((p, g), &l) in params.iter_mut().zip(&grads).zip(&case.lens) {
             // SAFETY: the buffers outlive `sam` and are not touched while it runs.
             unsafe { sam.register_host_raw(p.as_mut_ptr().cast(), g.as_ptr().cast(), l, case.dtype).unwrap() };
@@ -120,7 +172,13 @@ fn main() {
             t_sam.push(t.elapsed());
         }
         assert_eq!(dst[dst.len() / 2], 1);
-        let bytes_per_elem = (if case.adaptive { 2 } else { 1 } + 4 + 2) * size;
+        // Element-sized (dtype) streams, plus f32 state streams for the base optimizer.
+        let second = match case.base {
+            BaseOptimizer::None => 2 * size,
+            BaseOptimizer::Sgd => 4 * size + 2 * 4,
+            BaseOptimizer::AdamW => 4 * size + 4 * 4,
+        };
+        let bytes_per_elem = (if case.adaptive { 2 } else { 1 } + 4) * size + second;
         let (sam_bytes, copy_bytes) = ((n * bytes_per_elem) as f64, (2 * n * size) as f64);
         // The machine's bandwidth drifts: the ratio is taken per adjacent pair, then the median.
         let mut ratios: Vec<f64> = t_sam

@@ -228,7 +228,8 @@ impl Optimizer {
         self.tensors.get(id as usize).map(|t| (t.len, t.dtype))
     }
 
-    /// Number of completed SAM steps (second steps).
+    /// Number of completed SAM steps: second steps that were not [skipped](SecondStep::Skipped).
+    /// With a built-in base optimizer, the number of updates applied, as PyTorch counts them.
     pub fn steps(&self) -> u64 {
         self.steps
     }
@@ -513,19 +514,7 @@ impl Optimizer {
             }
             None => (clip, 0.0),
         };
-        let step = UpdateStep {
-            a: a as f32,
-            b: b as f32,
-            gsam,
-            momentum: config.momentum as f32,
-            one_minus_dampening: (1.0 - config.dampening) as f32,
-            nesterov: config.nesterov,
-            beta1: config.beta1 as f32,
-            one_minus_beta1: (1.0 - config.beta1) as f32,
-            beta2: config.beta2 as f32,
-            one_minus_beta2: (1.0 - config.beta2) as f32,
-            adam_eps: config.adam_eps as f32,
-        };
+        let step = UpdateStep::new(config, a, b);
         self.tensor_steps.clear();
         for t in &self.tensors {
             let g = self.groups[t.group as usize];

@@ -83,19 +83,25 @@ pub(crate) fn perturbed<const ADAPTIVE: bool, const SIGN: bool>(w: f32, g: f32, 
 // ```
 //
 // Scalars are computed in f64 once per step and rounded to f32; the elementwise work is f32 in
-// PyTorch's order of operations, so an f32 trajectory follows `torch.optim` to rounding. The state
-// (momentum buffer, Adam moments) is f32 for every parameter dtype.
+// PyTorch's order of operations. The state (momentum buffer, Adam moments) is f32 for every
+// parameter dtype.
+//
+// SGD's cases are folded into coefficients, so one branch-free loop (which vectorizes) serves them
+// all: `d <- a*g' - b*g` (b = 0 without GSAM), `d <- d + lambda*w` (lambda may be 0),
+// `buf <- keep*buf + take*d` ((0, 1) on the first update, when the buffer is zero, and without
+// momentum; (mu, 1 - tau) after), `d <- nd*d + nb*buf` ((1, mu) Nesterov, (0, 1) momentum, (1, 0)
+// none). Each folded term adds or multiplies an exact 0 or 1, so the result is PyTorch's to the
+// bit, up to the sign of a zero.
 
 /// The per-step scalars shared by every tensor.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct UpdateStep {
-    /// The direction is `a * g' - b * g` (GSAM), or `a * g'`.
+    /// The direction is `a * g' - b * g` (b = 0 without GSAM).
     pub a: f32,
     pub b: f32,
-    pub gsam: bool,
-    pub momentum: f32,
-    pub one_minus_dampening: f32,
-    pub nesterov: bool,
+    /// SGD: `d <- nd*d + nb*buf`.
+    pub nd: f32,
+    pub nb: f32,
     pub beta1: f32,
     pub one_minus_beta1: f32,
     pub beta2: f32,
@@ -103,15 +109,40 @@ pub(crate) struct UpdateStep {
     pub adam_eps: f32,
 }
 
+impl UpdateStep {
+    /// The scalars of one second step for `config`, with direction coefficients `a`, `b`.
+    pub fn new(config: &Config, a: f64, b: f64) -> UpdateStep {
+        let (nd, nb) = if config.momentum == 0.0 {
+            (1.0, 0.0)
+        } else if config.nesterov {
+            (1.0, config.momentum)
+        } else {
+            (0.0, 1.0)
+        };
+        UpdateStep {
+            a: a as f32,
+            b: b as f32,
+            nd,
+            nb: nb as f32,
+            beta1: config.beta1 as f32,
+            one_minus_beta1: (1.0 - config.beta1) as f32,
+            beta2: config.beta2 as f32,
+            one_minus_beta2: (1.0 - config.beta2) as f32,
+            adam_eps: config.adam_eps as f32,
+        }
+    }
+}
+
 /// The per-tensor scalars of one step (they depend on the tensor's group and update count).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct TensorStep {
     /// The learning rate times the group's scale.
     pub lr: f32,
-    /// The group's weight decay `lambda`.
+    /// SGD: the group's weight decay `lambda` (added to the gradient).
     pub weight_decay: f32,
-    /// SGD: the momentum buffer is uninitialised (this tensor's first update).
-    pub first: bool,
+    /// SGD: `buf <- keep*buf + take*d`.
+    pub keep: f32,
+    pub take: f32,
     /// AdamW: `1 - lr*lambda`.
     pub decay: f32,
     /// AdamW: `lr / (1 - beta1^t)`.
@@ -123,11 +154,13 @@ pub(crate) struct TensorStep {
 impl TensorStep {
     /// The scalars for learning rate `lr`, weight decay `lambda` and update number `t` (from 1).
     pub fn new(config: &Config, lr: f64, lambda: f64, t: u64) -> TensorStep {
+        let first = t == 1 || config.momentum == 0.0;
         let t = t.min(i32::MAX as u64) as i32;
         TensorStep {
             lr: lr as f32,
             weight_decay: lambda as f32,
-            first: t == 1,
+            keep: if first { 0.0 } else { config.momentum as f32 },
+            take: if first { 1.0 } else { (1.0 - config.dampening) as f32 },
             decay: (1.0 - lr * lambda) as f32,
             step_size: (lr / (1.0 - config.beta1.powi(t))) as f32,
             bias2_sqrt: (1.0 - config.beta2.powi(t)).sqrt() as f32,
@@ -135,23 +168,18 @@ impl TensorStep {
     }
 }
 
-/// The descent direction for one element.
+/// The descent direction for one element: `a*g' - b*g`.
 #[inline(always)]
 pub(crate) fn direction(g2: f32, g1: f32, s: &UpdateStep) -> f32 {
-    if s.gsam { s.a * g2 - s.b * g1 } else { s.a * g2 }
+    s.a * g2 - s.b * g1
 }
 
 /// One SGD update of one element; `buf` is its momentum buffer.
 #[inline(always)]
 pub(crate) fn sgd(w: f32, d: f32, buf: &mut f32, s: &UpdateStep, t: &TensorStep) -> f32 {
-    let mut d = d;
-    if t.weight_decay != 0.0 {
-        d += t.weight_decay * w;
-    }
-    if s.momentum != 0.0 {
-        *buf = if t.first { d } else { s.momentum * *buf + s.one_minus_dampening * d };
-        d = if s.nesterov { d + s.momentum * *buf } else { *buf };
-    }
+    let d = d + t.weight_decay * w;
+    *buf = t.keep * *buf + t.take * d;
+    let d = s.nd * d + s.nb * *buf;
     w - t.lr * d
 }
 

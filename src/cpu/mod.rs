@@ -672,43 +672,35 @@ unsafe fn update_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, job: &Up
         let state = |k: usize| unsafe {
             std::slice::from_raw_parts_mut(bufs.state.at(slot.state + k * len + seg.start), seg.len)
         };
-        let (mut m, mut v) = (job.has_state.then(|| state(0)), (job.base == BaseOptimizer::AdamW).then(|| state(1)));
+        let adamw = job.base == BaseOptimizer::AdamW;
+        let mut m: &mut [f32] = if job.has_state { state(0) } else { &mut [] };
+        let mut v: &mut [f32] = if adamw { state(1) } else { &mut [] };
+        let mut g1: &[T] = g1.as_deref().unwrap_or(&[]);
         let (s, t) = (job.step, job.tensor);
-        let (mut wf, mut f2, mut f1, mut scratch) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
-        let mut scratch2 = [0f32; BLOCK];
-        for start in (0..seg.len).step_by(BLOCK) {
-            let end = (start + BLOCK).min(seg.len);
-            let n = end - start;
-            let wb = &mut w[start..end];
+        // f32 in place: no conversion buffers.
+        if let (Some(w), Some(saved), Some(g2)) = (T::as_f32_mut(w), T::as_f32(saved), T::as_f32(g2)) {
+            let g1 = T::as_f32(g1).expect("same type");
+            return fused(w, saved, g2, g1, m, v, adamw, s, t);
+        }
+        let (mut wf, mut out, mut f2, mut f1) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+        let mut w = w;
+        let (mut saved, mut g2): (&[T], &[T]) = (saved, g2);
+        while !w.is_empty() {
+            let n = w.len().min(BLOCK);
+            // Absent buffers (no GSAM, no state) stay empty.
+            let part = |len: usize| if len == 0 { 0 } else { n };
+            let (nm, nv, n1) = (part(m.len()), part(v.len()), part(g1.len()));
             // The restore: w is the saved bits, widened.
-            T::widen(&saved[start..end], &mut wf[..n]);
-            T::widen(&g2[start..end], &mut f2[..n]);
-            if let Some(g1) = g1.as_deref() {
-                T::widen(&g1[start..end], &mut f1[..n]);
-            }
-            let mb = match m.as_deref_mut() {
-                Some(m) => &mut m[start..end],
-                None => &mut scratch[..n],
-            };
-            let vb = match v.as_deref_mut() {
-                Some(v) => &mut v[start..end],
-                None => &mut scratch2[..n],
-            };
-            match job.base {
-                BaseOptimizer::AdamW => {
-                    for i in 0..n {
-                        let d = direction(f2[i], f1[i], s);
-                        wf[i] = adamw(wf[i], d, &mut mb[i], &mut vb[i], s, t);
-                    }
-                }
-                _ => {
-                    for i in 0..n {
-                        let d = direction(f2[i], f1[i], s);
-                        wf[i] = sgd(wf[i], d, &mut mb[i], s, t);
-                    }
-                }
-            }
-            T::narrow(&wf[..n], wb);
+            T::widen(&saved[..n], &mut wf[..n]);
+            T::widen(&g2[..n], &mut f2[..n]);
+            T::widen(&g1[..n1], &mut f1[..n1]);
+            let (mb, mr) = std::mem::take(&mut m).split_at_mut(nm);
+            let (vb, vr) = std::mem::take(&mut v).split_at_mut(nv);
+            fused(&mut out[..n], &wf[..n], &f2[..n], &f1[..n1], mb, vb, adamw, s, t);
+            let (wb, wr) = std::mem::take(&mut w).split_at_mut(n);
+            T::narrow(&out[..n], wb);
+            (w, m, v) = (wr, mr, vr);
+            (saved, g2, g1) = (&saved[n..], &g2[n..], &g1[n1..]);
         }
     }
     unsafe {
@@ -717,6 +709,63 @@ unsafe fn update_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, job: &Up
             DType::F16 => typed::<f16>(slot, seg, bufs, job),
             DType::BF16 => typed::<bf16>(slot, seg, bufs, job),
         }
+    }
+}
+
+/// The fused restore + update over f32 slices: `out[i]` from the restored `w[i]`, the second
+/// gradient, (GSAM) the first gradient, and the state. `g1`, `m`, `v` are empty where the
+/// configuration has none; the const parameters give each case its own branch-free loop.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn fused(
+    out: &mut [f32],
+    w: &[f32],
+    g2: &[f32],
+    g1: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    adamw_base: bool,
+    s: &UpdateStep,
+    t: &TensorStep,
+) {
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn run<const ADAMW: bool, const GSAM: bool, const HAS_M: bool>(
+        out: &mut [f32],
+        w: &[f32],
+        g2: &[f32],
+        g1: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        s: &UpdateStep,
+        t: &TensorStep,
+    ) {
+        let n = out.len();
+        let (w, g2) = (&w[..n], &g2[..n]);
+        let g1 = if GSAM { &g1[..n] } else { g1 };
+        let m = if HAS_M { &mut m[..n] } else { m };
+        let v = if ADAMW { &mut v[..n] } else { v };
+        for i in 0..n {
+            // Without GSAM, a*g' - b*0 with b = 0 is a*g': the same bits.
+            let d = if GSAM { direction(g2[i], g1[i], s) } else { s.a * g2[i] };
+            let mut mi = if HAS_M { m[i] } else { 0.0 };
+            let mut vi = if ADAMW { v[i] } else { 0.0 };
+            out[i] = if ADAMW { adamw(w[i], d, &mut mi, &mut vi, s, t) } else { sgd(w[i], d, &mut mi, s, t) };
+            if HAS_M {
+                m[i] = mi;
+            }
+            if ADAMW {
+                v[i] = vi;
+            }
+        }
+    }
+    match (adamw_base, !g1.is_empty(), !m.is_empty()) {
+        (true, false, _) => run::<true, false, true>(out, w, g2, g1, m, v, s, t),
+        (true, true, _) => run::<true, true, true>(out, w, g2, g1, m, v, s, t),
+        (false, false, false) => run::<false, false, false>(out, w, g2, g1, m, v, s, t),
+        (false, false, true) => run::<false, false, true>(out, w, g2, g1, m, v, s, t),
+        (false, true, false) => run::<false, true, false>(out, w, g2, g1, m, v, s, t),
+        (false, true, true) => run::<false, true, true>(out, w, g2, g1, m, v, s, t),
     }
 }
 

@@ -299,8 +299,8 @@ struct StepUniform {
     eta: f32,
     a: f32,
     b: f32,
-    momentum: f32,
-    one_minus_dampening: f32,
+    nd: f32,
+    nb: f32,
     beta1: f32,
     one_minus_beta1: f32,
     beta2: f32,
@@ -316,13 +316,15 @@ struct WindowUniform {
     quads: u32,
     slot: u32,
     index: u32,
-    first: u32,
+    pad0: u32,
     lr: f32,
     weight_decay: f32,
+    keep: f32,
+    take: f32,
     decay: f32,
     step_size: f32,
     bias2_sqrt: f32,
-    pad: [u32; 3],
+    pad1: u32,
 }
 
 /// The GPU time of each pass of the last step, in nanoseconds, from timestamp queries.
@@ -374,7 +376,6 @@ pub(crate) struct GpuEngine {
     sign: bool,
     base: BaseOptimizer,
     momentum: bool,
-    nesterov: bool,
     gsam: bool,
     module: wgpu::ShaderModule,
     layout: wgpu::BindGroupLayout,
@@ -484,7 +485,6 @@ impl GpuEngine {
             sign: config.norm == Norm::LInf,
             base: config.base,
             momentum: config.base == BaseOptimizer::Sgd && config.momentum != 0.0,
-            nesterov: config.nesterov,
             gsam: config.gsam_alpha.is_some(),
             step: bytemuck::Zeroable::zeroed(),
             dummy,
@@ -764,7 +764,6 @@ impl GpuEngine {
                 ("SIGN", flag(self.sign)),
                 ("BASE", base),
                 ("MOMENTUM", flag(self.momentum)),
-                ("NESTEROV", flag(self.nesterov)),
                 ("GSAM", flag(self.gsam)),
             ];
             let pipeline = self.ctx.checked("compiling a SAM pipeline", || {
@@ -1240,8 +1239,8 @@ impl Passes for GpuEngine {
     fn update(&mut self, step: &UpdateStep, tensors: &[TensorStep]) -> Result<()> {
         self.step.a = step.a;
         self.step.b = step.b;
-        self.step.momentum = step.momentum;
-        self.step.one_minus_dampening = step.one_minus_dampening;
+        self.step.nd = step.nd;
+        self.step.nb = step.nb;
         self.step.beta1 = step.beta1;
         self.step.one_minus_beta1 = step.one_minus_beta1;
         self.step.beta2 = step.beta2;
@@ -1258,13 +1257,15 @@ impl Passes for GpuEngine {
                 quads: 0,
                 slot: w.slot,
                 index: i as u32,
-                first: t.first as u32,
+                pad0: 0,
                 lr: t.lr,
                 weight_decay: t.weight_decay,
+                keep: t.keep,
+                take: t.take,
                 decay: t.decay,
                 step_size: t.step_size,
                 bias2_sqrt: t.bias2_sqrt,
-                pad: [0; 3],
+                pad1: 0,
             });
         }
         let result = self.ctx.checked("the update pass", || {

@@ -19,8 +19,7 @@ override DTYPE: u32 = 0u;         // 0 f32, 1 f16, 2 bf16
 override ADAPTIVE: bool = false;  // ASAM
 override SIGN: bool = false;      // p = infinity
 override BASE: u32 = 0u;          // 0 none, 1 SGD, 2 AdamW
-override MOMENTUM: bool = false;  // SGD with a momentum buffer
-override NESTEROV: bool = false;
+override MOMENTUM: bool = false;  // SGD with a momentum buffer (in state_m)
 override GSAM: bool = false;      // keep the first gradient; direction a*g' - b*g
 
 const WORKGROUP: u32 = 256u;
@@ -29,24 +28,24 @@ struct Window {
     quads: u32,        // 16-byte groups of words in this window
     slot: u32,         // first partial-sum slot of this window
     index: u32,        // this window's entry in first_bad
-    first: u32,        // SGD: this arena's first update (the momentum buffer starts as d)
+    pad0: u32,
     lr: f32,           // the arena's learning rate (lr times its group's scale)
-    weight_decay: f32,
+    weight_decay: f32, // SGD: added to the gradient
+    keep: f32,         // SGD: buf <- keep*buf + take*d
+    take: f32,
     decay: f32,        // AdamW: 1 - lr * weight_decay
     step_size: f32,    // AdamW: lr / (1 - beta1^t)
     bias2_sqrt: f32,   // AdamW: sqrt(1 - beta2^t)
-    pad0: u32,
     pad1: u32,
-    pad2: u32,
 }
 
 struct Step {
     scale: f32,        // rho / (n + eps), or rho for the sign perturbation
     eta: f32,
-    a: f32,            // direction a * g' (- b * g under GSAM)
+    a: f32,            // direction a * g' - b * g (b = 0 without GSAM)
     b: f32,
-    momentum: f32,
-    one_minus_dampening: f32,
+    nd: f32,           // SGD: d <- nd*d + nb*buf
+    nb: f32,
     beta1: f32,
     one_minus_beta1: f32,
     beta2: f32,
@@ -329,13 +328,11 @@ fn second_reduce(
 }
 
 fn direction(g2: f32, g1: f32) -> f32 {
-    if (GSAM) {
-        return step.a * g2 - step.b * g1;
-    }
-    return step.a * g2;
+    return step.a * g2 - step.b * g1;
 }
 
-// One element of the base update, in PyTorch's order (see src/math.rs); m and v are its state.
+// One element of the base update, in PyTorch's order, SGD's cases folded into coefficients (see
+// src/math.rs); m and v are its state.
 fn base_update(w_in: f32, d_in: f32, m: ptr<function, f32>, v: ptr<function, f32>) -> f32 {
     if (BASE == 2u) {
         let w = w_in * window.decay;
@@ -344,23 +341,9 @@ fn base_update(w_in: f32, d_in: f32, m: ptr<function, f32>, v: ptr<function, f32
         let denom = sqrt(*v) / window.bias2_sqrt + step.adam_eps;
         return w - window.step_size * (*m / denom);
     }
-    var d = d_in;
-    if (window.weight_decay != 0.0) {
-        d += window.weight_decay * w_in;
-    }
-    if (MOMENTUM) {
-        if (window.first != 0u) {
-            *m = d;
-        } else {
-            *m = step.momentum * *m + step.one_minus_dampening * d;
-        }
-        if (NESTEROV) {
-            d = d + step.momentum * *m;
-        } else {
-            d = *m;
-        }
-    }
-    return w_in - window.lr * d;
+    let d = d_in + window.weight_decay * w_in;
+    *m = window.keep * *m + window.take * d;
+    return w_in - window.lr * (step.nd * d + step.nb * *m);
 }
 
 // The restore fused with the update: w from the backup, state read and written once.
