@@ -31,3 +31,6 @@ fi
 # Release mode: the numeric tests run 10^8-element passes and the C programs link the release cdylib.
 cargo fmt --check
 cargo test --release --locked
+# README's first command, as a new user runs it (about two seconds once built).
+cargo run --release --locked --quiet -- demo > /dev/null
+echo "scripts/test.sh: the demo ran"

@@ -36,6 +36,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod backend;
+pub mod bench;
 pub mod capi;
 pub mod config;
 mod cpu;

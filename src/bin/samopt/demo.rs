@@ -1,0 +1,228 @@
+//! `samopt demo`: the same MLP trained twice on noisy labels, with SGD alone and with SAM around the
+//! same SGD, then compared on clean test accuracy and on sharpness.
+
+use std::time::Instant;
+
+use samopt::{Backend, BaseOptimizer, Config, Optimizer};
+
+use crate::data::{Dataset, Rng};
+use crate::mlp::Mlp;
+
+/// The training setup shared by both runs.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    pub hidden: usize,
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub rho: f64,
+    pub adaptive: bool,
+    pub backend: Backend,
+    /// Use samopt's built-in SGD, fused with the restore, instead of the host's own.
+    pub fused: bool,
+    pub seed: u64,
+}
+
+/// Per-epoch curves.
+#[derive(Clone, Debug, Default)]
+pub struct History {
+    pub train_loss: Vec<f64>,
+    pub test_accuracy: Vec<f64>,
+}
+
+/// One run's results.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    pub optimizer: &'static str,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub test_accuracy: f64,
+    /// Loss increase at the worst point found by projected gradient ascent inside the rho-ball.
+    pub sharpness: f64,
+    /// Mean loss increase under random perturbations of norm rho.
+    pub sharpness_random: f64,
+    pub seconds_per_step: f64,
+    pub backend: String,
+    pub history: History,
+}
+
+/// The host's own SGD with momentum and L2 weight decay (PyTorch's semantics), the base optimizer
+/// of both runs unless `fused`.
+struct HostSgd {
+    buffers: Vec<Vec<f32>>,
+    started: bool,
+}
+
+impl HostSgd {
+    fn step(&mut self, net: &mut Mlp, s: &Setup, lr: f64) {
+        for ((w, g), b) in net.params.iter_mut().zip(&net.grads).zip(&mut self.buffers) {
+            for ((w, &g), b) in w.iter_mut().zip(g).zip(b.iter_mut()) {
+                let d = g + s.weight_decay as f32 * *w;
+                *b = if self.started { s.momentum as f32 * *b + d } else { d };
+                *w -= lr as f32 * *b;
+            }
+        }
+        self.started = true;
+    }
+}
+
+fn accuracy(net: &mut Mlp, d: &Dataset) -> f64 {
+    let mut correct = 0;
+    for start in (0..d.len()).step_by(1024) {
+        let end = (start + 1024).min(d.len());
+        correct += net.run(&d.x[start * d.dim..end * d.dim], &d.y[start..end], false).1;
+    }
+    correct as f64 / d.len() as f64
+}
+
+fn full_loss(net: &mut Mlp, d: &Dataset, grad: bool) -> (f64, usize) {
+    net.run(&d.x, &d.y, grad)
+}
+
+/// Cosine decay from `lr` to 0 over the run.
+fn schedule(s: &Setup, step: usize, total: usize) -> f64 {
+    0.5 * s.lr * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos())
+}
+
+/// Trains a fresh network on `train` (noisy labels), with SAM when `sam`.
+pub fn train(
+    s: &Setup,
+    train: &Dataset,
+    test: &Dataset,
+    sam: bool,
+    progress: &dyn Fn(usize),
+) -> Result<RunResult, String> {
+    let sizes = [train.dim, s.hidden, s.hidden, train.classes];
+    let mut net = Mlp::new(&sizes, s.seed);
+    let mut host_sgd = HostSgd { buffers: net.params.iter().map(|p| vec![0.0; p.len()]).collect(), started: false };
+    let steps_per_epoch = train.len().div_ceil(s.batch);
+    let total = s.epochs * steps_per_epoch;
+
+    let mut optimizer = if sam {
+        let config = Config {
+            rho: s.rho,
+            adaptive: s.adaptive,
+            eta: if s.adaptive { 0.01 } else { 0.0 },
+            backend: s.backend,
+            base: if s.fused { BaseOptimizer::Sgd } else { BaseOptimizer::None },
+            lr: s.lr,
+            momentum: s.momentum,
+            weight_decay: Some(s.weight_decay),
+            ..Config::default()
+        };
+        let mut opt = Optimizer::new(config).map_err(|e| format!("--backend: {e}"))?;
+        for (w, g) in net.params.iter_mut().zip(&net.grads) {
+            // SAFETY: the network's vectors are never resized and outlive `opt`; they are only
+            // touched between optimizer calls.
+            unsafe { opt.register_host(w.as_mut_ptr(), g.as_ptr(), w.len()) }.map_err(|e| e.to_string())?;
+        }
+        Some(opt)
+    } else {
+        None
+    };
+    let backend = optimizer.as_ref().map_or_else(|| "host sgd".to_owned(), |o| o.backend_description());
+
+    let mut rng = Rng::new(s.seed.wrapping_add(99));
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut history = History::default();
+    let mut xb = Vec::with_capacity(s.batch * train.dim);
+    let mut yb = Vec::with_capacity(s.batch);
+    let mut step = 0;
+    let started = Instant::now();
+    for epoch in 0..s.epochs {
+        rng.shuffle(&mut order);
+        let mut loss_sum = 0.0;
+        for chunk in order.chunks(s.batch) {
+            xb.clear();
+            yb.clear();
+            for &i in chunk {
+                xb.extend_from_slice(train.row(i));
+                yb.push(train.y[i]);
+            }
+            let lr = schedule(s, step, total);
+            let (loss, _) = net.run(&xb, &yb, true);
+            loss_sum += loss * chunk.len() as f64;
+            match optimizer.as_mut() {
+                Some(opt) => {
+                    opt.first_step().map_err(|e| e.to_string())?; // w -> w + e(w)
+                    net.run(&xb, &yb, true); // the gradient at w + e(w)
+                    if s.fused {
+                        opt.set_lr(lr).map_err(|e| e.to_string())?;
+                        opt.second_step().map_err(|e| e.to_string())?; // restore + SGD, one pass
+                    } else {
+                        opt.second_step().map_err(|e| e.to_string())?; // back to w
+                        host_sgd.step(&mut net, s, lr);
+                    }
+                }
+                None => host_sgd.step(&mut net, s, lr),
+            }
+            step += 1;
+        }
+        history.train_loss.push(loss_sum / train.len() as f64);
+        history.test_accuracy.push(accuracy(&mut net, test));
+        progress(epoch + 1);
+    }
+    let seconds_per_step = started.elapsed().as_secs_f64() / total as f64;
+    drop(optimizer);
+
+    let (train_loss, correct) = full_loss(&mut net, train, false);
+    let (sharpness, sharpness_random) = sharpness(&mut net, train, s.rho, s.seed);
+    Ok(RunResult {
+        optimizer: if sam { "sam" } else { "sgd" },
+        train_loss,
+        train_accuracy: correct as f64 / train.len() as f64,
+        test_accuracy: accuracy(&mut net, test),
+        sharpness,
+        sharpness_random,
+        seconds_per_step,
+        backend,
+        history,
+    })
+}
+
+/// How much the training loss can rise inside the ball `||e|| <= rho` around the trained weights:
+/// by projected normalised gradient ascent (8 steps of rho/4), and on average under 8 random
+/// directions of norm rho. Both on the whole training set, as trained (noisy labels).
+fn sharpness(net: &mut Mlp, d: &Dataset, rho: f64, seed: u64) -> (f64, f64) {
+    let w0 = net.params.clone();
+    let (base, _) = full_loss(net, d, false);
+    let norm = |v: &[Vec<f32>]| v.iter().flatten().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let set = |net: &mut Mlp, e: &[Vec<f32>]| {
+        for ((w, w0), e) in net.params.iter_mut().zip(&w0).zip(e) {
+            for ((w, &w0), &e) in w.iter_mut().zip(w0).zip(e) {
+                *w = w0 + e;
+            }
+        }
+    };
+    let mut e: Vec<Vec<f32>> = w0.iter().map(|w| vec![0.0; w.len()]).collect();
+    let mut worst = 0.0f64;
+    for _ in 0..8 {
+        set(net, &e);
+        let (loss, _) = full_loss(net, d, true);
+        worst = worst.max(loss - base);
+        let gn = norm(&net.grads).max(1e-12);
+        for (e, g) in e.iter_mut().zip(&net.grads) {
+            e.iter_mut().zip(g).for_each(|(e, &g)| *e += (rho / 4.0 / gn) as f32 * g);
+        }
+        let en = norm(&e);
+        if en > rho {
+            e.iter_mut().flatten().for_each(|x| *x *= (rho / en) as f32);
+        }
+    }
+    set(net, &e);
+    worst = worst.max(full_loss(net, d, false).0 - base);
+
+    let mut rng = Rng::new(seed ^ 0x5EED);
+    let mut random = 0.0;
+    for _ in 0..8 {
+        let mut u: Vec<Vec<f32>> = w0.iter().map(|w| w.iter().map(|_| rng.normal() as f32).collect()).collect();
+        let un = norm(&u);
+        u.iter_mut().flatten().for_each(|x| *x *= (rho / un) as f32);
+        set(net, &u);
+        random += (full_loss(net, d, false).0 - base) / 8.0;
+    }
+    net.params = w0;
+    (worst, random)
+}

@@ -1,0 +1,433 @@
+//! `samopt`: shows SAM working (`demo`), measures the engines (`bench`), and reports the version and
+//! the GPU adapters (`info`). It runs on the same engine the C ABI uses.
+
+mod data;
+mod demo;
+mod mlp;
+mod plot;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use samopt::{Backend, BaseOptimizer, Config, DType};
+
+/// Sharpness-Aware Minimization as an embeddable optimizer: demo, benchmark and device info.
+#[derive(Parser, Debug)]
+#[command(name = "samopt", version, about, long_about = None, propagate_version = true, arg_required_else_help = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a small MLP on noisy labels twice, with SGD and with SAM around the same SGD, and
+    /// compare clean test accuracy and sharpness.
+    Demo(DemoArgs),
+    /// Throughput of the SAM passes beside a plain copy of the same bytes, on the CPU and the GPU.
+    Bench(BenchArgs),
+    /// Version, ABI version, the GPU adapters wgpu finds, and what backend AUTO picks.
+    Info,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BackendArg {
+    Cpu,
+    Gpu,
+    Auto,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Backend {
+        match b {
+            BackendArg::Cpu => Backend::Cpu,
+            BackendArg::Gpu => Backend::Gpu,
+            BackendArg::Auto => Backend::Auto,
+        }
+    }
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..1.0).contains(&v) { Ok(v) } else { Err(format!("{v} is not in [0, 1)")) }
+}
+
+fn parse_positive(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v.is_finite() && v > 0.0 { Ok(v) } else { Err(format!("{v} is not a finite number > 0")) }
+}
+
+#[derive(clap::Args, Debug)]
+struct DemoArgs {
+    /// Where the SAM passes run (the network itself always trains on the CPU).
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
+    /// Radius of the SAM neighbourhood.
+    #[arg(long, default_value = "0.3", value_parser = parse_positive, allow_hyphen_values = true)]
+    rho: f64,
+    /// Adaptive SAM (ASAM, eta 0.01); it wants a larger rho, about 1 here.
+    #[arg(long)]
+    adaptive: bool,
+    /// Training epochs, the same budget for both runs (SAM takes two gradients per step).
+    #[arg(long, default_value = "60", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    epochs: u32,
+    /// Fraction of training labels flipped to another class (test labels stay clean).
+    #[arg(long, default_value = "0.4", value_parser = parse_fraction, allow_hyphen_values = true)]
+    noise: f64,
+    /// Seed of the data sample, the label noise, the initialisation and the batch order.
+    #[arg(long, default_value = "1")]
+    seed: u64,
+    /// Print the summary as JSON on standard output instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Write the loss and accuracy curves of both runs to this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Train on this dataset instead of the embedded one: a CSV file with a header and a `label`
+    /// column (else the last column), or an MNIST IDX image file with --labels. 80% trains, 20% tests.
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
+    /// The IDX label file that goes with an IDX image file given to --data.
+    #[arg(long, value_name = "FILE", requires = "data")]
+    labels: Option<PathBuf>,
+    /// Let samopt run the SGD update too, fused with its restore, instead of the demo's own SGD.
+    #[arg(long)]
+    fused: bool,
+    /// Width of the two hidden layers.
+    #[arg(long, default_value = "128", value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    hidden: u32,
+    /// Mini-batch size.
+    #[arg(long, default_value = "64", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    batch: u32,
+    /// Peak learning rate of SGD (momentum 0.9, cosine decay, weight decay 5e-4).
+    #[arg(long, default_value = "0.05", value_parser = parse_positive, allow_hyphen_values = true)]
+    lr: f64,
+    /// Training samples of the embedded task.
+    #[arg(long, default_value = "2000", value_parser = clap::value_parser!(u32).range(10..=10_000_000))]
+    train: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BenchBackend {
+    Cpu,
+    Gpu,
+    All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BaseArg {
+    None,
+    Sgd,
+    Adamw,
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Which engines to measure.
+    #[arg(long, value_enum, default_value = "all")]
+    backend: BenchBackend,
+    /// Total parameters (repeatable: one row per size).
+    #[arg(long, value_name = "N", default_values_t = vec![25_557_032usize])]
+    elements: Vec<usize>,
+    /// Number of tensors the parameters are split into (repeatable).
+    #[arg(long, value_name = "K", default_values_t = vec![1usize, 161])]
+    tensors: Vec<usize>,
+    /// Element types (repeatable).
+    #[arg(long, value_enum, default_values_t = vec![DTypeArg::F32])]
+    dtype: Vec<DTypeArg>,
+    /// The base optimizer fused with the second step.
+    #[arg(long, value_enum, default_value = "none")]
+    base: BaseArg,
+    /// Repetitions of each measurement (medians are reported).
+    #[arg(long, default_value = "9", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    reps: u32,
+}
+
+/// Mesa's drivers warn on every start unless `XDG_RUNTIME_DIR` names a private directory; give
+/// them one when the environment has none (before any thread starts).
+fn quiet_mesa() {
+    #[cfg(unix)]
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        use std::os::unix::fs::DirBuilderExt;
+        let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
+        let dir = std::env::temp_dir().join(format!("samopt-xdg-{user}"));
+        if std::fs::DirBuilder::new().mode(0o700).create(&dir).is_ok() || dir.is_dir() {
+            // SAFETY: called first thing in main, while the process has one thread.
+            unsafe { std::env::set_var("XDG_RUNTIME_DIR", dir) };
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    quiet_mesa();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // One line: clap's message and its hints, without the follow-up advice.
+            let text = e.render().to_string();
+            let parts: Vec<&str> = text
+                .lines()
+                .map(|l| l.trim().trim_start_matches("error: "))
+                .filter(|l| !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:"))
+                .collect();
+            eprintln!("samopt: {} (see samopt --help)", parts.join("; "));
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Demo(args) => run_demo(args),
+        Command::Bench(args) => run_bench(args),
+        Command::Info => run_info(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("samopt: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_demo(a: DemoArgs) -> Result<(), String> {
+    let (mut train, mut test, source) = match &a.data {
+        Some(path) => {
+            let all = data::load(path, a.labels.as_deref())?;
+            let mut idx: Vec<usize> = (0..all.len()).collect();
+            data::Rng::new(a.seed).shuffle(&mut idx);
+            let cut = all.len() * 4 / 5;
+            if cut == 0 || cut == all.len() {
+                return Err(format!("--data {}: {} rows are too few to split", path.display(), all.len()));
+            }
+            (all.subset(&idx[..cut]), all.subset(&idx[cut..]), path.display().to_string())
+        }
+        None => {
+            let (train, test) = data::generated(a.train as usize, 2000, 16, 4, a.seed);
+            (train, test, "embedded task (16 Gaussian features, 4 classes by a fixed random teacher network)".into())
+        }
+    };
+    train.standardize_with(&mut test);
+    let flipped = data::flip_labels(&mut train, a.noise, a.seed);
+    let setup = demo::Setup {
+        hidden: a.hidden as usize,
+        epochs: a.epochs as usize,
+        batch: a.batch as usize,
+        lr: a.lr,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        rho: a.rho,
+        adaptive: a.adaptive,
+        backend: a.backend.into(),
+        fused: a.fused,
+        seed: a.seed,
+    };
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(2 * setup.epochs as u64),
+        indicatif::ProgressDrawTarget::stderr(), // hidden when standard error is not a terminal
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>4} [{bar:40}] epoch {pos}/{len} {elapsed}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let mut runs = Vec::new();
+    for sam in [false, true] {
+        bar.set_prefix(if sam { "sam" } else { "sgd" });
+        let offset = if sam { setup.epochs as u64 } else { 0 };
+        runs.push(demo::train(&setup, &train, &test, sam, &|e| bar.set_position(offset + e as u64))?);
+    }
+    bar.finish_and_clear();
+
+    if let Some(path) = &a.plot {
+        if path.extension().and_then(|e| e.to_str()) != Some("svg") {
+            return Err(format!("--plot {}: only SVG is written; name the file *.svg", path.display()));
+        }
+        std::fs::write(path, plot::svg(&runs)).map_err(|e| format!("--plot {}: {e}", path.display()))?;
+    }
+    let backend = runs[1].backend.clone();
+    if a.json {
+        let json = serde_json::json!({
+            "backend": backend,
+            "dataset": {
+                "source": source,
+                "train": train.len(),
+                "test": test.len(),
+                "features": train.dim,
+                "classes": train.classes,
+                "flipped_labels": flipped,
+            },
+            "setup": {
+                "epochs": setup.epochs, "batch": setup.batch, "lr": setup.lr, "momentum": setup.momentum,
+                "weight_decay": setup.weight_decay, "rho": setup.rho, "adaptive": setup.adaptive,
+                "hidden": setup.hidden, "seed": setup.seed, "fused": setup.fused,
+            },
+            "runs": runs.iter().map(|r| serde_json::json!({
+                "optimizer": r.optimizer,
+                "test_accuracy": r.test_accuracy,
+                "train_loss": r.train_loss,
+                "train_accuracy": r.train_accuracy,
+                "sharpness": r.sharpness,
+                "sharpness_random": r.sharpness_random,
+                "seconds_per_step": r.seconds_per_step,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&json).expect("JSON serialises"));
+        return Ok(());
+    }
+    println!("samopt demo: {source}");
+    println!(
+        "{} training samples ({flipped} labels flipped, {:.0}%), {} clean test samples; MLP {}-{h}-{h}-{} \
+         ({} parameters)",
+        train.len(),
+        100.0 * a.noise,
+        test.len(),
+        train.dim,
+        train.classes,
+        mlp::Mlp::new(&[train.dim, setup.hidden, setup.hidden, train.classes], 0).param_count(),
+        h = setup.hidden,
+    );
+    println!(
+        "SGD momentum 0.9, lr {} cosine, weight decay 5e-4, batch {}, {} epochs for both; SAM rho {}{}; SAM passes on {}",
+        setup.lr,
+        setup.batch,
+        setup.epochs,
+        setup.rho,
+        if setup.adaptive { " (ASAM)" } else { "" },
+        backend
+    );
+    println!();
+    println!(
+        "{:<5} {:>11} {:>10} {:>10} {:>18} {:>18} {:>9}",
+        "run", "train loss", "train acc", "test acc", "sharpness ascent", "sharpness random", "ms/step"
+    );
+    for r in &runs {
+        println!(
+            "{:<5} {:>11.4} {:>10.3} {:>10.3} {:>18.4} {:>18.4} {:>9.3}",
+            r.optimizer,
+            r.train_loss,
+            r.train_accuracy,
+            r.test_accuracy,
+            r.sharpness,
+            r.sharpness_random,
+            r.seconds_per_step * 1e3
+        );
+    }
+    println!();
+    println!(
+        "train loss and accuracy are on the noisy labels; sharpness is the rise of that loss within ||e|| <= rho \
+         (8 ascent steps; mean of 8 random directions)."
+    );
+    Ok(())
+}
+
+fn run_bench(a: BenchArgs) -> Result<(), String> {
+    let config = Config {
+        base: match a.base {
+            BaseArg::None => BaseOptimizer::None,
+            BaseArg::Sgd => BaseOptimizer::Sgd,
+            BaseArg::Adamw => BaseOptimizer::AdamW,
+        },
+        momentum: if a.base == BaseArg::Sgd { 0.9 } else { 0.0 },
+        ..Config::default()
+    };
+    println!(
+        "samopt {} bench: a SAM step (first + second) beside a copy of the same bytes, {} repetitions, medians",
+        samopt::VERSION,
+        a.reps
+    );
+    println!(
+        "{:<5} {:>5} {:>12} {:>8} {:>10} {:>10} {:>10} {:>7}  timing",
+        "where", "dtype", "elements", "tensors", "SAM ms", "SAM GB/s", "copy GB/s", "ratio"
+    );
+    let mut engines = Vec::new();
+    if a.backend != BenchBackend::Gpu {
+        engines.push(false);
+    }
+    if a.backend != BenchBackend::Cpu {
+        engines.push(true);
+    }
+    for &gpu in &engines {
+        for &n in &a.elements {
+            for &k in &a.tensors {
+                if k == 0 || k > n {
+                    return Err(format!("--tensors {k}: between 1 and --elements ({n})"));
+                }
+                let lens: Vec<usize> = (0..k).map(|i| n / k + usize::from(i < n % k)).collect();
+                for &d in &a.dtype {
+                    let dtype = match d {
+                        DTypeArg::F32 => DType::F32,
+                        DTypeArg::F16 => DType::F16,
+                        DTypeArg::Bf16 => DType::BF16,
+                    };
+                    let m = if gpu {
+                        samopt::bench::gpu(&lens, dtype, &config, a.reps as usize)
+                    } else {
+                        samopt::bench::cpu(&lens, dtype, &config, a.reps as usize)
+                    }
+                    .map_err(|e| format!("bench on the {}: {e}", if gpu { "GPU" } else { "CPU" }))?;
+                    println!(
+                        "{:<5} {:>5} {:>12} {:>8} {:>10.3} {:>10.2} {:>10.2} {:>7.2}  {}",
+                        if gpu { "gpu" } else { "cpu" },
+                        dtype.name(),
+                        m.elements,
+                        m.tensors,
+                        m.sam_seconds * 1e3,
+                        m.sam_bytes / m.sam_seconds / 1e9,
+                        m.copy_bytes / m.copy_seconds / 1e9,
+                        m.ratio,
+                        m.timing
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_info() -> Result<(), String> {
+    println!("samopt {} (C ABI {})", samopt::VERSION, samopt::capi::SAM_ABI_VERSION);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("CPU engine: {threads} threads");
+    let adapters = samopt::gpu::adapters();
+    if adapters.is_empty() {
+        println!("GPU adapters: none found (WGPU_BACKEND={})", std::env::var("WGPU_BACKEND").unwrap_or_default());
+    } else {
+        println!("GPU adapters (best first; choose with SAMOPT_ADAPTER=<index or name>):");
+        for (i, a) in adapters.iter().enumerate() {
+            println!("  [{i}] {} ({}, {})", a.name, a.backend, a.device_type);
+            println!(
+                "      driver {}; storage binding {} MiB, buffer {} MiB, timestamps {}",
+                if a.driver.is_empty() { "?" } else { &a.driver },
+                a.max_binding_bytes >> 20,
+                a.max_buffer_bytes >> 20,
+                if a.timestamps { "yes" } else { "no" }
+            );
+        }
+    }
+    println!("backend AUTO picks: the CPU for host buffers (sam_register_host);");
+    match adapters.first() {
+        Some(a) => println!("  the GPU for optimizer-allocated tensors (sam_tensor_create), on [0] {}", a.name),
+        None => println!("  the CPU for optimizer-allocated tensors too (no GPU adapter)"),
+    }
+    if std::io::stdout().is_terminal() {
+        println!("(set SAMOPT_LOG=info to see samopt's own log messages)");
+    }
+    Ok(())
+}
