@@ -463,6 +463,57 @@ SamStatus sam_add_group(SamOptimizer *opt,
 SamStatus sam_set_tensor_group(SamOptimizer *opt, uint32_t id, uint32_t group);
 
 /**
+ * Stores in `*out` the bytes `sam_state_save` writes now (it grows with registrations).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_state_size(const SamOptimizer *opt, size_t *out);
+
+/**
+ * Writes a checkpoint of the optimizer's state into `buf` (`len` bytes, at least
+ * `sam_state_size`): step counts, learning rate, groups, and the base optimizer's state
+ * (momentum, Adam moments, step counts), with a magic number, a version, fingerprints of the
+ * configuration and of the registrations, and a checksum. Stores the bytes written in
+ * `*out_written` (which may be NULL). Refused with `SAM_ERR_INVALID_STATE` between the two steps.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `buf` NULL or writable for `len` bytes; `out_written`
+ * NULL or writable.
+ */
+SamStatus sam_state_save(SamOptimizer *opt, void *buf, size_t len, size_t *out_written);
+
+/**
+ * Restores a checkpoint from `sam_state_save` (`len` bytes at `buf`) into an optimizer created
+ * with the same configuration and the same registrations (count, lengths, dtypes, groups), for
+ * example in a resumed job. Resuming gives the same bits as a run that never stopped. A
+ * truncated or corrupted checkpoint, one of another version, configuration or layout is refused
+ * with `SAM_ERR_IO` and a message saying which, and the optimizer is left exactly as it was.
+ * Refused with `SAM_ERR_INVALID_STATE` between the two steps.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `buf` NULL or readable for `len` bytes.
+ */
+SamStatus sam_state_load(SamOptimizer *opt, const void *buf, size_t len);
+
+/**
+ * `sam_state_save` to the file `path`: written to a temporary file beside it, flushed to disk
+ * and renamed into place, so a crash mid-write never leaves half a checkpoint under `path`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `path` NULL or a NUL-terminated string.
+ */
+SamStatus sam_state_save_file(SamOptimizer *opt, const char *path);
+
+/**
+ * `sam_state_load` from the file `path`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `path` NULL or a NUL-terminated string.
+ */
+SamStatus sam_state_load_file(SamOptimizer *opt, const char *path);
+
+/**
  * Stores the number of registered tensors in `*out`.
  *
  * # Safety

@@ -90,6 +90,13 @@ pub(crate) trait Passes: Send {
     /// `tensors[k]` holds tensor k's scalars.
     fn update(&mut self, step: &UpdateStep, tensors: &[TensorStep]) -> Result<()>;
 
+    /// Copies the base optimizer's state into `out`, tensor by tensor (the momentum buffer or
+    /// Adam's first moment, then the second moment), `len` f32 each.
+    fn export_state(&mut self, out: &mut [f32]) -> Result<()>;
+
+    /// Replaces the base optimizer's state with `data`, laid out as [`Passes::export_state`].
+    fn import_state(&mut self, data: &[f32]) -> Result<()>;
+
     /// Tensors of one cohort (group, and the number of updates applied before it was registered)
     /// share every per-tensor scalar of every step; the GPU packs each cohort on its own.
     fn set_cohort(&mut self, _tensor: usize, _cohort: (u32, u64)) {}

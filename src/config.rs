@@ -224,6 +224,39 @@ impl Config {
         Ok(())
     }
 
+    /// A fingerprint of every field that shapes the optimizer's state or update (not `backend`,
+    /// `threads`, `adapter`, nor `lr`, which schedules change and checkpoints carry), so a
+    /// checkpoint refuses to load into a differently configured optimizer.
+    pub fn fingerprint(&self) -> u64 {
+        let f = |o: Option<f64>| o.unwrap_or(f64::NAN);
+        crate::checkpoint::Fnv::new()
+            .f64(self.rho)
+            .f64(self.eps)
+            .u64(self.adaptive as u64)
+            .f64(self.eta)
+            .f64(self.norm.p())
+            .u64(self.base as u64)
+            .f64(self.momentum)
+            .f64(self.dampening)
+            .u64(self.nesterov as u64)
+            .f64(self.effective_weight_decay())
+            .f64(self.beta1)
+            .f64(self.beta2)
+            .f64(self.adam_eps)
+            .f64(f(self.max_grad_norm))
+            .f64(f(self.gsam_alpha))
+            .finish()
+    }
+
+    /// f32 state values per parameter element: 1 for SGD with momentum, 2 for AdamW, else 0.
+    pub fn state_per_element(&self) -> usize {
+        match self.base {
+            BaseOptimizer::AdamW => 2,
+            BaseOptimizer::Sgd if self.momentum != 0.0 => 1,
+            _ => 0,
+        }
+    }
+
     /// The weight decay of group 0: the configured one, or the base optimizer's default.
     pub fn effective_weight_decay(&self) -> f64 {
         self.weight_decay.unwrap_or_else(|| self.base.default_weight_decay())

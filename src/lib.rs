@@ -38,6 +38,7 @@
 mod backend;
 pub mod bench;
 pub mod capi;
+pub mod checkpoint;
 pub mod config;
 mod cpu;
 pub mod dtype;

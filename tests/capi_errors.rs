@@ -385,3 +385,67 @@ fn base_optimizer_c_api() {
         sam_destroy(opt);
     }
 }
+
+/// Checkpoints through the C API: sizes, NULLs, short buffers, bad bytes, files.
+#[test]
+fn state_c_api() {
+    let opt = create(&SamConfig {
+        base: SAM_BASE_SGD,
+        momentum: 0.9,
+        lr: 0.1,
+        backend: SAM_BACKEND_CPU,
+        ..sam_config_default()
+    });
+    let mut w = [1.0f32, 2.0, 3.0];
+    let g = [0.5f32, 0.25, -1.0];
+    let mut id = 0;
+    let mut size = 0usize;
+    let mut written = 0usize;
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("capi-state");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = std::ffi::CString::new(dir.join("opt.state").to_str().unwrap()).unwrap();
+    // SAFETY: live handle; every buffer is valid for the length given or is what is tested.
+    unsafe {
+        assert_eq!(
+            sam_register_host(opt, w.as_mut_ptr().cast(), g.as_ptr().cast(), 3, SAM_DTYPE_F32, &mut id),
+            SamStatus::SAM_OK
+        );
+        assert_eq!(sam_first_step(opt), SamStatus::SAM_OK);
+        assert_eq!(sam_second_step(opt), SamStatus::SAM_OK);
+        assert_eq!(sam_state_size(opt, &mut size), SamStatus::SAM_OK);
+        let mut buf = vec![0u8; size];
+        expect_err(
+            sam_state_save(opt, null_mut(), size, &mut written),
+            SamStatus::SAM_ERR_NULL_POINTER,
+            &["buf is NULL"],
+        );
+        expect_err(
+            sam_state_save(opt, buf.as_mut_ptr().cast(), size - 1, &mut written),
+            SamStatus::SAM_ERR_INVALID_ARGUMENT,
+            &[&format!("len = {}", size - 1), &format!("needs {size} bytes")],
+        );
+        assert_eq!(sam_state_save(opt, buf.as_mut_ptr().cast(), size, &mut written), SamStatus::SAM_OK);
+        assert_eq!(written, size);
+        assert_eq!(sam_state_save(opt, buf.as_mut_ptr().cast(), size, null_mut()), SamStatus::SAM_OK);
+        assert_eq!(sam_state_load(opt, buf.as_ptr().cast(), size), SamStatus::SAM_OK);
+        expect_err(sam_state_load(opt, buf.as_ptr().cast(), 7), SamStatus::SAM_ERR_IO, &["truncated"]);
+        expect_err(sam_state_load(opt, null(), size), SamStatus::SAM_ERR_NULL_POINTER, &["buf is NULL"]);
+        assert_eq!(sam_state_save_file(opt, path.as_ptr()), SamStatus::SAM_OK);
+        assert_eq!(std::fs::read(dir.join("opt.state")).unwrap(), buf);
+        assert_eq!(sam_state_load_file(opt, path.as_ptr()), SamStatus::SAM_OK);
+        expect_err(sam_state_load_file(opt, null()), SamStatus::SAM_ERR_NULL_POINTER, &["path is NULL"]);
+        expect_err(sam_state_load_file(opt, c"/nonexistent/x".as_ptr()), SamStatus::SAM_ERR_IO, &["/nonexistent/x"]);
+        expect_err(
+            sam_state_save_file(opt, c"/nonexistent/dir/x".as_ptr()),
+            SamStatus::SAM_ERR_IO,
+            &["/nonexistent/dir/x"],
+        );
+        assert_eq!(sam_first_step(opt), SamStatus::SAM_OK);
+        expect_err(
+            sam_state_save(opt, buf.as_mut_ptr().cast(), size, null_mut()),
+            SamStatus::SAM_ERR_INVALID_STATE,
+            &["perturbed"],
+        );
+        sam_destroy(opt);
+    }
+}

@@ -348,6 +348,17 @@ impl Passes for CpuEngine {
         Ok(())
     }
 
+    fn export_state(&mut self, out: &mut [f32]) -> Result<()> {
+        // Slots hold their state end to end in registration order: the checkpoint's layout.
+        out.copy_from_slice(&self.state);
+        Ok(())
+    }
+
+    fn import_state(&mut self, data: &[f32]) -> Result<()> {
+        self.state.copy_from_slice(data);
+        Ok(())
+    }
+
     fn find_non_finite(&self, adaptive: bool) -> Option<(usize, usize)> {
         self.slots.iter().enumerate().find_map(|(i, slot)| {
             // SAFETY: the tensor is registered; this only reads.

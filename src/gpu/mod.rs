@@ -729,6 +729,15 @@ impl GpuEngine {
         Ok(())
     }
 
+    /// f32 state values per element: 0, 1 (momentum) or 2 (Adam).
+    fn state_per_elem(&self) -> usize {
+        match self.base {
+            BaseOptimizer::AdamW => 2,
+            BaseOptimizer::Sgd if self.momentum => 1,
+            _ => 0,
+        }
+    }
+
     /// Window size in words for an arena of `dtype`: one storage binding, or half of one for a
     /// half-precision arena whose f32 state takes twice the bytes of its words.
     fn window_words_for(&self, dtype: DType) -> u64 {
@@ -1301,6 +1310,54 @@ impl Passes for GpuEngine {
             self.restore_staged_hosts();
         }
         result
+    }
+
+    fn export_state(&mut self, out: &mut [f32]) -> Result<()> {
+        let per_tensor = self.state_per_elem();
+        if per_tensor == 0 {
+            return Ok(());
+        }
+        out.fill(0.0); // tensors never packed have never been updated: zero state
+        let mut jobs: Vec<(&wgpu::Buffer, u64, *mut u8, usize)> = Vec::new();
+        let mut at = 0usize;
+        for t in &self.tensors {
+            if let Home::Packed { arena, offset } = t.home {
+                let a = &self.arenas[arena];
+                for (k, buffer) in [&a.state_m, &a.state_v].into_iter().take(per_tensor).enumerate() {
+                    let buffer = buffer.as_ref().expect("the arena holds the configured state");
+                    let dst = out[at + k * t.len..at + (k + 1) * t.len].as_mut_ptr().cast::<u8>();
+                    jobs.push((buffer, offset * a.per_word() * 4, dst, t.len * 4));
+                }
+            }
+            at += per_tensor * t.len;
+        }
+        self.ctx.checked("reading the optimizer state", || {
+            // SAFETY: every destination is a distinct range of `out` of exactly that many bytes.
+            unsafe { self.download(&jobs) }
+        })
+    }
+
+    fn import_state(&mut self, data: &[f32]) -> Result<()> {
+        let per_tensor = self.state_per_elem();
+        if per_tensor == 0 {
+            return Ok(());
+        }
+        self.prepare()?; // every tensor gets its place in an arena
+        self.ctx.checked("writing the optimizer state", || {
+            let mut at = 0usize;
+            for t in &self.tensors {
+                let Home::Packed { arena, offset } = t.home else { unreachable!("packed by prepare") };
+                let a = &self.arenas[arena];
+                for (k, buffer) in [&a.state_m, &a.state_v].into_iter().take(per_tensor).enumerate() {
+                    let buffer = buffer.as_ref().expect("the arena holds the configured state");
+                    let values = &data[at + k * t.len..at + (k + 1) * t.len];
+                    self.upload(buffer, offset * a.per_word() * 4, bytemuck::cast_slice(values));
+                }
+                at += per_tensor * t.len;
+            }
+            self.ctx.queue.submit([]);
+            self.ctx.wait()
+        })
     }
 
     fn set_cohort(&mut self, tensor: usize, cohort: (u32, u64)) {
