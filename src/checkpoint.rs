@@ -67,7 +67,6 @@ fn dtype_code(d: DType) -> u8 {
 pub(crate) struct Fnv(u64);
 
 #[allow(clippy::new_without_default)]
-
 impl Fnv {
     pub fn new() -> Fnv {
         Fnv(0xcbf2_9ce4_8422_2325)
@@ -281,7 +280,7 @@ pub(crate) fn decode(bytes: &[u8], want: &Expected<'_>) -> Result<Snapshot> {
         tensors.push(TensorRecord { len, dtype: here.dtype, group, updates, epoch });
     }
     let floats = (body.len() - r.at) / 4;
-    if floats != want.state || (body.len() - r.at) % 4 != 0 {
+    if floats != want.state || !(body.len() - r.at).is_multiple_of(4) {
         return Err(format_error(format!(
             "written for another registration layout: {floats} state values in the checkpoint, {} here",
             want.state
