@@ -13,6 +13,7 @@ need=()
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 if ! ldconfig -p | grep -q 'libvulkan\.so\.1'; then need+=(libvulkan1); fi
 if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then need+=(mesa-vulkan-drivers); fi
+command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 if ((${#need[@]})); then
     echo "scripts/test.sh: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -31,6 +32,12 @@ fi
 # Release mode: the numeric tests run 10^8-element passes and the C programs link the release cdylib.
 cargo fmt --check
 cargo test --release --locked
+# The C programs under valgrind's memcheck: zero errors, nothing definitely or indirectly lost.
+bash scripts/memcheck.sh
+
+# The C ABI fuzzed for a minute (random call sequences, NULLs, bad lengths, NaN, bad checkpoints).
+bash scripts/fuzz.sh "${SAMOPT_FUZZ_SECONDS:-60}"
+
 # README's first command, as a new user runs it (about two seconds once built).
 cargo run --release --locked --quiet -- demo > /dev/null
 echo "scripts/test.sh: the demo ran"
