@@ -1007,6 +1007,25 @@ impl GpuEngine {
         flush(&mut batch, &mut used)
     }
 
+    /// After a pass that moved the weights: the staged tensors' new weights back into the host's
+    /// buffers (or, with none staged, just the wait for the pass).
+    fn download_staged_params(&self) -> Result<()> {
+        let jobs: Vec<(&wgpu::Buffer, u64, *mut u8, usize)> = self
+            .tensors
+            .iter()
+            .filter_map(|t| {
+                let s = t.staged.as_ref()?;
+                let (buffer, offset) = self.location(t, Part::Param);
+                Some((buffer, offset, s.host.param, t.host_bytes()))
+            })
+            .collect();
+        if jobs.is_empty() {
+            return self.ctx.wait();
+        }
+        // SAFETY: the host's registration promise: its parameter buffers are valid for writes.
+        unsafe { self.download(&jobs) }
+    }
+
     fn restore_staged_hosts(&self) {
         for t in &self.tensors {
             if let Some(s) = &t.staged {
@@ -1179,20 +1198,7 @@ impl Passes for GpuEngine {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             self.record_pass(&mut enc, Entry::Perturb, self.all_windows(), Some(1));
             self.ctx.queue.submit([enc.finish()]);
-            let jobs: Vec<(&wgpu::Buffer, u64, *mut u8, usize)> = self
-                .tensors
-                .iter()
-                .filter_map(|t| {
-                    let s = t.staged.as_ref()?;
-                    let (buffer, offset) = self.location(t, Part::Param);
-                    Some((buffer, offset, s.host.param, t.host_bytes()))
-                })
-                .collect();
-            if jobs.is_empty() {
-                return self.ctx.wait();
-            }
-            // SAFETY: the host's registration promise.
-            unsafe { self.download(&jobs) }
+            self.download_staged_params()
         });
         if result.is_err() {
             self.restore_staged_hosts();
@@ -1289,20 +1295,7 @@ impl Passes for GpuEngine {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             self.record_pass(&mut enc, Entry::Update, self.all_windows(), Some(2));
             self.ctx.queue.submit([enc.finish()]);
-            let jobs: Vec<(&wgpu::Buffer, u64, *mut u8, usize)> = self
-                .tensors
-                .iter()
-                .filter_map(|t| {
-                    let s = t.staged.as_ref()?;
-                    let (buffer, offset) = self.location(t, Part::Param);
-                    Some((buffer, offset, s.host.param, t.host_bytes()))
-                })
-                .collect();
-            if jobs.is_empty() {
-                return self.ctx.wait();
-            }
-            // SAFETY: the host's registration promise.
-            unsafe { self.download(&jobs) }
+            self.download_staged_params()
         });
         self.window_uniforms = uniforms;
         if result.is_err() {
