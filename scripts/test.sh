@@ -6,11 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests use: a C compiler for the C programs built against the header, and
+# System packages the tests use: C and C++ compilers for the programs built against the headers, and
 # Vulkan's loader with Mesa's lavapipe, a conformant Vulkan 1.3 driver that runs on the CPU, so the
 # GPU engine's tests run for real on a machine without a GPU.
 need=()
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+command -v c++ >/dev/null 2>&1 || need+=(g++)
 if ! ldconfig -p | grep -q 'libvulkan\.so\.1'; then need+=(libvulkan1); fi
 if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then need+=(mesa-vulkan-drivers); fi
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)

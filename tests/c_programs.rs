@@ -1,6 +1,7 @@
-//! C programs against the generated header and the cdylib: `tests/c/capi_test.c` (numbers and
-//! error paths from C) and `examples/c/quickstart.c`, compiled with
-//! `-std=c11 -Wall -Wextra -Werror -pedantic`, linked against `libsamopt.so`, and run.
+//! C and C++ programs against the generated header and the cdylib: `tests/c/capi_test.c` (numbers
+//! and error paths from C) and `examples/c/quickstart.c`, compiled with
+//! `-std=c11 -Wall -Wextra -Werror -pedantic`, and `tests/cpp/samopt_test.cpp` through the C++
+//! wrapper with `-std=c++17 -Wall -Wextra -Werror -pedantic`; linked against `libsamopt.so`, run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,11 +29,19 @@ fn compile_and_run(source: &str, name: &str) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = cdylib_dir();
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let cpp = source.ends_with(".cpp");
+    let cc = if cpp {
+        std::env::var("CXX").unwrap_or_else(|_| "c++".into())
+    } else {
+        std::env::var("CC").unwrap_or_else(|_| "cc".into())
+    };
+    let std = if cpp { "-std=c++17" } else { "-std=c11" };
     let status = Command::new(&cc)
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2"])
+        .args([std, "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2"])
         .arg("-I")
         .arg(root.join("include"))
+        .arg("-I")
+        .arg(root.join("bindings/cpp"))
         .arg(root.join(source))
         .arg("-o")
         .arg(&out)
@@ -60,4 +69,10 @@ fn c_api_test_program() {
 fn c_quickstart_trains() {
     let out = compile_and_run("examples/c/quickstart.c", "quickstart");
     assert!(out.contains("ok: loss"), "{out}");
+}
+
+#[test]
+fn cpp_wrapper_test_program() {
+    let out = compile_and_run("tests/cpp/samopt_test.cpp", "samopt_test_cpp");
+    assert!(out.contains(" passed, 0 failed"), "{out}");
 }

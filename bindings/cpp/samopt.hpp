@@ -1,0 +1,231 @@
+// samopt.hpp: a header-only C++17 RAII wrapper over the C API (samopt.h).
+//
+//   samopt::Config config;                 // sam_config_default(), fields as in SamConfig
+//   config.rho = 0.05;
+//   samopt::Optimizer sam(config);         // throws samopt::Error on a bad config
+//   sam.register_host(weights, grads);     // any contiguous container of float (or pointer + length)
+//   for (...) {
+//       forward_backward();                // gradient at w
+//       sam.first_step();                  // w -> w + e(w)
+//       forward_backward();                // gradient at w + e(w)
+//       sam.second_step();                 // w restored (and updated, with a built-in base optimizer)
+//   }
+//
+// Every failing call throws samopt::Error, which carries the SamStatus and samopt's message (which
+// names the argument and the value); a failing call changes nothing. Non-fatal outcomes are
+// returned: second_step() says whether a non-finite second gradient made samopt skip the update.
+#ifndef SAMOPT_HPP
+#define SAMOPT_HPP
+
+#include <samopt.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <iterator>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace samopt {
+
+/// A failed call: the status and samopt's message for it.
+class Error : public std::runtime_error {
+public:
+    Error(SamStatus status, const std::string &message) : std::runtime_error(message), status_(status) {}
+    /// The SamStatus the call returned (negative).
+    SamStatus status() const noexcept { return status_; }
+    /// sam_status_string of the status, e.g. "invalid argument".
+    const char *status_string() const noexcept { return sam_status_string(status_); }
+
+private:
+    SamStatus status_;
+};
+
+/// Throws Error for a negative status; returns non-negative ones.
+inline SamStatus check(SamStatus status) {
+    if (static_cast<int32_t>(status) < 0) throw Error(status, sam_last_error());
+    return status;
+}
+
+/// The library's version, e.g. "0.1.0".
+inline const char *version() noexcept { return sam_version(); }
+
+/// The loaded library's ABI version; equal to SAM_ABI_VERSION when it matches this header.
+inline uint32_t abi_version() noexcept { return sam_abi_version(); }
+
+/// A SamConfig that starts as sam_config_default(); set its fields directly.
+struct Config : SamConfig {
+    Config() : SamConfig(sam_config_default()) {}
+};
+
+/// The element type samopt uses for T: float is SAM_DTYPE_F32. For f16 and bf16 (often stored as
+/// uint16_t or a framework's own half type) pass the dtype explicitly.
+template <class T>
+struct dtype_of {
+    static_assert(std::is_same<T, float>::value,
+                  "samopt infers SAM_DTYPE_F32 from float only: pass SAM_DTYPE_F16 or SAM_DTYPE_BF16 explicitly");
+    static constexpr SamDType value = SAM_DTYPE_F32;
+};
+
+/// What a second step did.
+enum class Step {
+    /// Weights restored (and updated by a built-in base optimizer).
+    Done,
+    /// A non-finite second gradient: weights restored, update and its state skipped
+    /// (SAM_STEP_SKIPPED). A loss-scaled loop lowers its scale and goes on.
+    Skipped,
+};
+
+/// An optimizer handle that destroys itself; movable, not copyable. Calls on one Optimizer may
+/// come from any thread (samopt serialises them).
+class Optimizer {
+public:
+    /// sam_create.
+    explicit Optimizer(const SamConfig &config = Config()) { check(sam_create(&config, &handle_)); }
+    ~Optimizer() { sam_destroy(handle_); }
+    Optimizer(const Optimizer &) = delete;
+    Optimizer &operator=(const Optimizer &) = delete;
+    Optimizer(Optimizer &&other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+    Optimizer &operator=(Optimizer &&other) noexcept {
+        if (this != &other) {
+            sam_destroy(handle_);
+            handle_ = std::exchange(other.handle_, nullptr);
+        }
+        return *this;
+    }
+
+    /// The C handle, for calls this wrapper does not cover.
+    SamOptimizer *get() const noexcept { return handle_; }
+
+    /// sam_register_host: a parameter buffer and its gradient buffer, both owned by the caller
+    /// and kept in place for the optimizer's lifetime. Returns the tensor's id.
+    uint32_t register_host(void *param, const void *grad, size_t len, SamDType dtype) {
+        uint32_t id = 0;
+        check(sam_register_host(handle_, param, grad, len, dtype, &id));
+        return id;
+    }
+
+    /// Typed form: dtype from T (float), or given.
+    template <class T>
+    uint32_t register_host(T *param, const T *grad, size_t len, SamDType dtype = dtype_of<T>::value) {
+        return register_host(static_cast<void *>(param), static_cast<const void *>(grad), len, dtype);
+    }
+
+    /// Contiguous containers (std::vector, std::array, ...): the same length, registered whole.
+    template <class C, class = decltype(std::data(std::declval<C &>())), class = decltype(std::size(std::declval<C &>()))>
+    uint32_t register_host(C &params, const C &grads,
+                           SamDType dtype = dtype_of<std::remove_cv_t<std::remove_reference_t<decltype(*std::data(params))>>>::value) {
+        if (std::size(params) != std::size(grads))
+            throw Error(SAM_ERR_INVALID_ARGUMENT, "samopt::Optimizer::register_host: params and grads differ in size (" +
+                                                      std::to_string(std::size(params)) + " and " +
+                                                      std::to_string(std::size(grads)) + ")");
+        return register_host(static_cast<void *>(std::data(params)), static_cast<const void *>(std::data(grads)),
+                             std::size(params), dtype);
+    }
+
+    /// sam_first_step: one global norm, then w -> w + e(w). Throws with SAM_ERR_NON_FINITE (and
+    /// nothing changed) on NaN or infinity in a gradient.
+    void first_step() { check(sam_first_step(handle_)); }
+
+    /// sam_second_step: restore (and update, with a built-in base optimizer).
+    Step second_step() { return check(sam_second_step(handle_)) == SAM_STEP_SKIPPED ? Step::Skipped : Step::Done; }
+
+    /// The gradient norm the last first step used.
+    double grad_norm() const {
+        double n = 0;
+        check(sam_grad_norm(handle_, &n));
+        return n;
+    }
+
+    size_t tensor_count() const {
+        size_t n = 0;
+        check(sam_tensor_count(handle_, &n));
+        return n;
+    }
+
+    /// Completed SAM steps (skipped ones excluded).
+    uint64_t step_count() const {
+        uint64_t n = 0;
+        check(sam_step_count(handle_, &n));
+        return n;
+    }
+
+    bool perturbed() const {
+        bool p = false;
+        check(sam_is_perturbed(handle_, &p));
+        return p;
+    }
+
+    /// SAM_BACKEND_CPU or SAM_BACKEND_GPU (AUTO until the first registration decides).
+    SamBackend backend() const {
+        SamBackend b = 0;
+        check(sam_get_backend(handle_, &b));
+        return b;
+    }
+
+    /// The base optimizer's learning rate from the next second step on.
+    void set_lr(double lr) { check(sam_set_lr(handle_, lr)); }
+
+    double lr() const {
+        double v = 0;
+        check(sam_get_lr(handle_, &v));
+        return v;
+    }
+
+    /// A parameter group with its learning-rate scale and weight decay (NAN: group 0's).
+    uint32_t add_group(double lr_scale, double weight_decay = NAN) {
+        uint32_t g = 0;
+        check(sam_add_group(handle_, lr_scale, weight_decay, &g));
+        return g;
+    }
+
+    void set_group(uint32_t tensor, uint32_t group) { check(sam_set_tensor_group(handle_, tensor, group)); }
+
+    /// sam_tensor_create: a zeroed parameter/gradient pair owned by the optimizer (on the GPU
+    /// backend, on the device).
+    uint32_t tensor_create(size_t len, SamDType dtype = SAM_DTYPE_F32) {
+        uint32_t id = 0;
+        check(sam_tensor_create(handle_, len, dtype, &id));
+        return id;
+    }
+
+    void tensor_write(uint32_t id, SamTensorPart part, const void *src, size_t len) {
+        check(sam_tensor_write(handle_, id, part, src, len));
+    }
+
+    void tensor_read(uint32_t id, SamTensorPart part, void *dst, size_t len) {
+        check(sam_tensor_read(handle_, id, part, dst, len));
+    }
+
+    /// A checkpoint of the optimizer's state (between steps).
+    std::vector<uint8_t> save_state() {
+        size_t size = 0;
+        check(sam_state_size(handle_, &size));
+        std::vector<uint8_t> bytes(size);
+        check(sam_state_save(handle_, bytes.data(), bytes.size(), nullptr));
+        return bytes;
+    }
+
+    void load_state(const void *bytes, size_t len) { check(sam_state_load(handle_, bytes, len)); }
+    void load_state(const std::vector<uint8_t> &bytes) { load_state(bytes.data(), bytes.size()); }
+    void save_state_file(const std::string &path) { check(sam_state_save_file(handle_, path.c_str())); }
+    void load_state_file(const std::string &path) { check(sam_state_load_file(handle_, path.c_str())); }
+
+    /// The GPU adapter this optimizer runs on (throws SAM_ERR_UNSUPPORTED on the CPU).
+    SamAdapterInfo adapter_info() const {
+        SamAdapterInfo info{};
+        info.struct_size = sizeof info;
+        check(sam_get_adapter_info(handle_, &info));
+        return info;
+    }
+
+private:
+    SamOptimizer *handle_ = nullptr;
+};
+
+}  // namespace samopt
+
+#endif  // SAMOPT_HPP

@@ -1,0 +1,158 @@
+// The C++ wrapper (bindings/cpp/samopt.hpp), compiled with -std=c++17 -Wall -Wextra -Werror
+// -pedantic: numbers against a double reference written here, exceptions with status and message,
+// RAII and moves, containers, groups, the base optimizer, checkpoints.
+// Prints "N passed, M failed"; exits non-zero on any failure.
+#include "samopt.hpp"
+
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+static int passed = 0, failed = 0;
+
+#define EXPECT(cond)                                                              \
+    do {                                                                          \
+        if (cond) {                                                               \
+            ++passed;                                                             \
+        } else {                                                                  \
+            ++failed;                                                             \
+            std::fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); \
+        }                                                                         \
+    } while (0)
+
+template <class F>
+static void expect_error(F &&f, SamStatus status, const char *needle) {
+    try {
+        f();
+        ++failed;
+        std::fprintf(stderr, "FAIL: no exception for %s\n", needle);
+    } catch (const samopt::Error &e) {
+        bool ok = e.status() == status && std::strstr(e.what(), needle) != nullptr;
+        if (ok) {
+            ++passed;
+        } else {
+            ++failed;
+            std::fprintf(stderr, "FAIL: status %d, message \"%s\", wanted %d and \"%s\"\n", static_cast<int>(e.status()),
+                         e.what(), static_cast<int>(status), needle);
+        }
+    }
+}
+
+static void first_and_second_step() {
+    std::vector<float> w(1000), g(1000);
+    std::array<float, 3> b{0.5f, -0.5f, 2.0f}, gb{0.0f, 3.0f, -4.0f};
+    double sum = 0;
+    for (size_t i = 0; i < w.size(); i++) {
+        w[i] = std::sin(static_cast<float>(i));
+        g[i] = std::cos(static_cast<float>(i) * 0.7f) * 0.01f;
+        sum += static_cast<double>(g[i]) * g[i];
+    }
+    for (float x : gb) sum += static_cast<double>(x) * x;
+    const double norm = std::sqrt(sum);
+    const std::vector<float> w0 = w;
+    const std::array<float, 3> b0 = b;
+
+    samopt::Config config;
+    config.rho = 0.1;
+    samopt::Optimizer sam(config);
+    EXPECT(sam.register_host(w, g) == 0);
+    EXPECT(sam.register_host(b.data(), gb.data(), b.size()) == 1);
+    EXPECT(sam.tensor_count() == 2);
+    sam.first_step();
+    EXPECT(sam.perturbed());
+    EXPECT(std::fabs(sam.grad_norm() - norm) < 1e-9 * norm);
+    double worst = 0;
+    for (size_t i = 0; i < w.size(); i++) {
+        double want = w0[i] + 0.1 * g[i] / norm;
+        worst = std::fmax(worst, std::fabs(w[i] - want) / (std::fabs(want) * 0x1p-22 + 1e-30));
+    }
+    EXPECT(worst <= 1.0);
+    EXPECT(std::fabs(b[2] - (2.0 + 0.1 * -4.0 / norm)) < 1e-6);
+    EXPECT(sam.second_step() == samopt::Step::Done);
+    EXPECT(std::memcmp(w.data(), w0.data(), w.size() * sizeof(float)) == 0);
+    EXPECT(std::memcmp(b.data(), b0.data(), sizeof b) == 0);
+    EXPECT(sam.step_count() == 1);
+    EXPECT(sam.backend() == SAM_BACKEND_CPU);
+}
+
+static void errors_and_raii() {
+    samopt::Config bad;
+    bad.rho = -1;
+    expect_error([&] { samopt::Optimizer o(bad); }, SAM_ERR_INVALID_ARGUMENT, "rho = -1");
+    samopt::Optimizer sam;
+    std::vector<float> w(4), g(3);
+    expect_error([&] { sam.register_host(w, g); }, SAM_ERR_INVALID_ARGUMENT, "differ in size");
+    expect_error([&] { sam.register_host(w.data(), w.data(), 4); }, SAM_ERR_INVALID_ARGUMENT, "overlap");
+    expect_error([&] { sam.second_step(); }, SAM_ERR_INVALID_STATE, "second step without a first step");
+    expect_error([&] { sam.adapter_info(); }, SAM_ERR_UNSUPPORTED, "not a GPU");
+    std::vector<float> g4(4, 0.25f);
+    sam.register_host(w, g4);
+    g4[1] = NAN;
+    expect_error([&] { sam.first_step(); }, SAM_ERR_NON_FINITE, "element 1");
+    try {
+        sam.set_lr(-1);
+    } catch (const samopt::Error &e) {
+        EXPECT(std::strcmp(e.status_string(), "invalid argument") == 0);
+    }
+    // Moves hand the handle over; the moved-from object destroys nothing.
+    samopt::Optimizer moved = std::move(sam);
+    EXPECT(moved.get() != nullptr && sam.get() == nullptr);
+    EXPECT(moved.tensor_count() == 1);
+    samopt::Optimizer other;
+    other = std::move(moved);
+    EXPECT(other.tensor_count() == 1);
+    EXPECT(std::strlen(samopt::version()) > 0 && samopt::abi_version() == SAM_ABI_VERSION);
+}
+
+// SGD with momentum through the plugin against the same formulas in double.
+static void base_optimizer_groups_and_checkpoint() {
+    samopt::Config config;
+    config.base = SAM_BASE_SGD;
+    config.lr = 0.1;
+    config.momentum = 0.9;
+    config.backend = SAM_BACKEND_CPU;
+    samopt::Optimizer sam(config);
+    std::vector<float> w{1.0f, -1.0f}, g{0.0f, 0.0f}, bias{0.5f}, gbias{0.0f};
+    sam.register_host(w, g);
+    uint32_t id = sam.register_host(bias, gbias);
+    uint32_t half_lr = sam.add_group(0.5);
+    sam.set_group(id, half_lr);
+    double ref[3] = {1.0, -1.0, 0.5}, buf[3] = {0, 0, 0};
+    for (int step = 0; step < 5; step++) {
+        if (step == 3) sam.set_lr(0.05);
+        const double lr = step >= 3 ? 0.05 : 0.1;
+        const float g2[3] = {0.3f - 0.1f * static_cast<float>(step), 0.2f, -0.4f};
+        g = {0.1f, 0.2f};
+        gbias = {0.3f};
+        sam.first_step();
+        g = {g2[0], g2[1]};
+        gbias = {g2[2]};
+        EXPECT(sam.second_step() == samopt::Step::Done);
+        for (int i = 0; i < 3; i++) {
+            buf[i] = step == 0 ? g2[i] : 0.9 * buf[i] + g2[i];
+            ref[i] -= (i == 2 ? lr * 0.5 : lr) * buf[i];
+        }
+    }
+    EXPECT(std::fabs(w[0] - ref[0]) < 1e-6 && std::fabs(w[1] - ref[1]) < 1e-6 && std::fabs(bias[0] - ref[2]) < 1e-6);
+    EXPECT(std::fabs(sam.lr() - 0.05) < 1e-15);
+    std::vector<uint8_t> state = sam.save_state();
+    EXPECT(!state.empty());
+    sam.load_state(state);
+    state[state.size() / 2] ^= 1;
+    expect_error([&] { sam.load_state(state); }, SAM_ERR_IO, "corrupted");
+    // A skipped step: inf in the second gradient.
+    sam.first_step();
+    g[0] = INFINITY;
+    EXPECT(sam.second_step() == samopt::Step::Skipped);
+    EXPECT(std::fabs(w[0] - ref[0]) < 1e-6);
+}
+
+int main() {
+    first_and_second_step();
+    errors_and_raii();
+    base_optimizer_groups_and_checkpoint();
+    std::printf("%d passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}
