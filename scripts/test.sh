@@ -15,6 +15,9 @@ command -v c++ >/dev/null 2>&1 || need+=(g++)
 if ! ldconfig -p | grep -q 'libvulkan\.so\.1'; then need+=(libvulkan1); fi
 if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then need+=(mesa-vulkan-drivers); fi
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+command -v make >/dev/null 2>&1 || need+=(make)
 if ((${#need[@]})); then
     echo "scripts/test.sh: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -33,6 +36,9 @@ fi
 # Release mode: the numeric tests run 10^8-element passes and the C programs link the release cdylib.
 cargo fmt --check
 cargo test --release --locked
+# `make install` into a temporary prefix; the examples built against it with CMake and pkg-config.
+bash scripts/package-test.sh
+
 # The C programs under valgrind's memcheck: zero errors, nothing definitely or indirectly lost.
 bash scripts/memcheck.sh
 
