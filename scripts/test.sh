@@ -18,6 +18,8 @@ command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v make >/dev/null 2>&1 || need+=(make)
+# Julia's standard libraries load OpenBLAS, which needs the Fortran runtime.
+if ! ldconfig -p | grep -q 'libgfortran\.so\.5'; then need+=(libgfortran5); fi
 if ((${#need[@]})); then
     echo "scripts/test.sh: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -38,6 +40,9 @@ cargo fmt --check
 cargo test --release --locked
 # `make install` into a temporary prefix; the examples built against it with CMake and pkg-config.
 bash scripts/package-test.sh
+
+# The Julia binding: its test suite and example (installs a private Julia the first time).
+bash scripts/julia-test.sh
 
 # The C programs under valgrind's memcheck: zero errors, nothing definitely or indirectly lost.
 bash scripts/memcheck.sh

@@ -1,0 +1,259 @@
+"""
+    SamOpt
+
+Julia bindings for samopt, Sharpness-Aware Minimization as an embeddable optimizer, over `ccall`.
+Works on Julia 1.5 and later. The library is `ENV["SAMOPT_LIB"]` when set at load time (a path to
+`libsamopt.so`), else `libsamopt` from the system's library path.
+
+    include("bindings/julia/SamOpt.jl"); using .SamOpt
+    opt = SamOptimizer(rho = 0.05)
+    register!(opt, W, dW)            # any dense Float32/Float16 arrays (bf16: UInt16 with dtype = :bf16)
+    first_step!(opt)                 # W -> W + e(W), after the gradient at W is in dW
+    second_step!(opt)                # W restored (and updated with base = :sgd or :adamw)
+
+Every failing call throws a `SamError` with the status and samopt's message; a failing call
+changes nothing. Registered arrays are kept alive by the optimizer, which frees its handle when
+garbage-collected (or at `close(opt)`).
+"""
+module SamOpt
+
+export SamOptimizer, SamError, register!, first_step!, second_step!, grad_norm, tensor_count,
+       step_count, isperturbed, set_lr!, lr, add_group!, set_group!, save_state, load_state!,
+       save_state_file, load_state_file!
+
+const libsamopt = get(ENV, "SAMOPT_LIB", "libsamopt")
+
+# SamStatus values used here.
+const SAM_OK = Int32(0)
+const SAM_STEP_SKIPPED = Int32(1)
+const SAM_ERR_INVALID_ARGUMENT = Int32(-2)
+
+"""
+    SamError(status, message)
+
+A failed samopt call: `status` is the `SamStatus` number (negative), `message` samopt's text,
+which names the argument and the value that were wrong.
+"""
+struct SamError <: Exception
+    status::Int32
+    message::String
+end
+
+Base.showerror(io::IO, e::SamError) = print(io, "SamError(", e.status, ", ",
+    unsafe_string(ccall((:sam_status_string, libsamopt), Cstring, (Int32,), e.status)), "): ", e.message)
+
+function check(status::Int32)
+    if status < 0
+        throw(SamError(status, unsafe_string(ccall((:sam_last_error, libsamopt), Cstring, ()))))
+    end
+    return status
+end
+
+# The C struct SamConfig, field for field (an isbits struct has the C layout).
+struct SamConfig
+    struct_size::Csize_t
+    rho::Cdouble
+    eps::Cdouble
+    eta::Cdouble
+    norm_p::Cdouble
+    adaptive::Bool
+    backend::UInt32
+    num_threads::UInt32
+    adapter::Ptr{Cchar}
+    base::UInt32
+    lr::Cdouble
+    momentum::Cdouble
+    dampening::Cdouble
+    nesterov::Bool
+    weight_decay::Cdouble
+    beta1::Cdouble
+    beta2::Cdouble
+    adam_eps::Cdouble
+    max_grad_norm::Cdouble
+    gsam_alpha::Cdouble
+end
+
+const BACKENDS = Dict(:auto => UInt32(0), :cpu => UInt32(1), :gpu => UInt32(2))
+const BASES = Dict(:none => UInt32(0), :sgd => UInt32(1), :adamw => UInt32(2))
+const DTYPES = Dict(:f32 => UInt32(0), :f16 => UInt32(1), :bf16 => UInt32(2))
+
+"""
+    SamOptimizer(; rho = 0.05, adaptive = false, eta = 0.0, norm_p = 2.0, backend = :auto,
+                   threads = 0, base = :none, lr = 1e-3, momentum = 0.0, dampening = 0.0,
+                   nesterov = false, weight_decay = NaN, beta1 = 0.9, beta2 = 0.999,
+                   adam_eps = 1e-8, max_grad_norm = 0.0, gsam_alpha = 0.0)
+
+Creates an optimizer (`sam_create`). `backend` is `:auto`, `:cpu` or `:gpu`; `base` is `:none`
+(the second step only restores; run your own optimizer after it), `:sgd` or `:adamw` (PyTorch's
+semantics, fused with the restore). `weight_decay = NaN` takes PyTorch's default for the base;
+`norm_p = Inf` is the sign perturbation; `max_grad_norm` clips the second gradient (0: off);
+`gsam_alpha` turns on GSAM (0: off).
+"""
+mutable struct SamOptimizer
+    handle::Ptr{Cvoid}
+    # The registered arrays: kept here so the garbage collector cannot free them under samopt.
+    arrays::Vector{Any}
+
+    function SamOptimizer(; rho = 0.05, adaptive = false, eta = 0.0, norm_p = 2.0, backend = :auto,
+                          threads = 0, base = :none, lr = 1e-3, momentum = 0.0, dampening = 0.0,
+                          nesterov = false, weight_decay = NaN, beta1 = 0.9, beta2 = 0.999,
+                          adam_eps = 1e-8, max_grad_norm = 0.0, gsam_alpha = 0.0)
+        haskey(BACKENDS, backend) || throw(ArgumentError("backend = $backend: use :auto, :cpu or :gpu"))
+        haskey(BASES, base) || throw(ArgumentError("base = $base: use :none, :sgd or :adamw"))
+        d = ccall((:sam_config_default, libsamopt), SamConfig, ())
+        d.struct_size == sizeof(SamConfig) || error("SamOpt.jl does not match the loaded libsamopt " *
+            "(SamConfig is $(d.struct_size) bytes there, $(sizeof(SamConfig)) here)")
+        config = SamConfig(d.struct_size, rho, d.eps, eta, norm_p, adaptive, BACKENDS[backend],
+                           threads, C_NULL, BASES[base], lr, momentum, dampening, nesterov,
+                           weight_decay, beta1, beta2, adam_eps, max_grad_norm, gsam_alpha)
+        out = Ref{Ptr{Cvoid}}(C_NULL)
+        check(ccall((:sam_create, libsamopt), Int32, (Ref{SamConfig}, Ref{Ptr{Cvoid}}), config, out))
+        opt = new(out[], Any[])
+        finalizer(close, opt)
+        return opt
+    end
+end
+
+"""
+    close(opt::SamOptimizer)
+
+Frees the handle now (`sam_destroy`); the garbage collector does it otherwise. Idempotent.
+"""
+function Base.close(opt::SamOptimizer)
+    if opt.handle != C_NULL
+        ccall((:sam_destroy, libsamopt), Cvoid, (Ptr{Cvoid},), opt.handle)
+        opt.handle = C_NULL
+        empty!(opt.arrays)
+    end
+    return nothing
+end
+
+function handle(opt::SamOptimizer)
+    opt.handle == C_NULL && throw(ArgumentError("the SamOptimizer was closed"))
+    return opt.handle
+end
+
+dtype_of(::Type{Float32}, dtype) = dtype === nothing ? :f32 : dtype
+dtype_of(::Type{Float16}, dtype) = dtype === nothing ? :f16 : dtype
+dtype_of(::Type{UInt16}, dtype) = dtype === nothing ?
+    throw(ArgumentError("UInt16 arrays need dtype = :bf16 or :f16")) : dtype
+dtype_of(::Type{T}, dtype) where {T} = throw(ArgumentError("element type $T: use Float32, Float16, or UInt16 with dtype = :bf16"))
+
+function iscontiguous(a::AbstractArray)
+    a isa Array && return true
+    try
+        return strides(a) == Base.size_to_strides(1, size(a)...)
+    catch
+        return false
+    end
+end
+
+"""
+    register!(opt, param, grad; dtype = nothing) -> Int
+
+Registers a parameter array and its gradient array (`sam_register_host`): dense arrays of the same
+size and element type, `Float32` or `Float16` (or `UInt16` holding bf16 bits, with
+`dtype = :bf16`), with contiguous memory (checked). samopt rewrites `param` in place at every step
+and reads `grad`; the optimizer keeps both alive. Returns the tensor's id (from 0).
+"""
+function register!(opt::SamOptimizer, param::AbstractArray{T}, grad::AbstractArray{T};
+                   dtype = nothing) where {T}
+    size(param) == size(grad) || throw(ArgumentError("param is $(size(param)) but grad is $(size(grad))"))
+    (iscontiguous(param) && iscontiguous(grad)) ||
+        throw(ArgumentError("param and grad must have contiguous memory (got $(typeof(param)))"))
+    dt = dtype_of(T, dtype)
+    haskey(DTYPES, dt) || throw(ArgumentError("dtype = $dt: use :f32, :f16 or :bf16"))
+    id = Ref{UInt32}(0)
+    GC.@preserve param grad begin
+        check(ccall((:sam_register_host, libsamopt), Int32,
+                    (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Csize_t, UInt32, Ref{UInt32}),
+                    handle(opt), pointer(param), pointer(grad), length(param), DTYPES[dt], id))
+    end
+    push!(opt.arrays, param, grad)
+    return Int(id[])
+end
+
+"""
+    first_step!(opt)
+
+The ascent (`sam_first_step`): one global gradient norm, then every parameter moved to
+`w + e(w)`. Throws a `SamError` (status -4) with nothing changed on NaN or Inf in a gradient.
+"""
+first_step!(opt::SamOptimizer) = (check(ccall((:sam_first_step, libsamopt), Int32, (Ptr{Cvoid},), handle(opt))); nothing)
+
+"""
+    second_step!(opt) -> Symbol
+
+Restores every parameter exactly (and, with a built-in base optimizer, updates it):
+`:done`, or `:skipped` when a non-finite second gradient made samopt skip the update.
+"""
+function second_step!(opt::SamOptimizer)
+    s = check(ccall((:sam_second_step, libsamopt), Int32, (Ptr{Cvoid},), handle(opt)))
+    return s == SAM_STEP_SKIPPED ? :skipped : :done
+end
+
+# `sam_*` calls that store one value through an output pointer: ccall needs the C name as a
+# constant, so each gets its own method.
+for (name, cname, T) in [(:raw_grad_norm, :sam_grad_norm, Cdouble), (:raw_tensor_count, :sam_tensor_count, Csize_t),
+                         (:raw_step_count, :sam_step_count, UInt64), (:raw_perturbed, :sam_is_perturbed, Bool),
+                         (:raw_lr, :sam_get_lr, Cdouble), (:raw_state_size, :sam_state_size, Csize_t)]
+    @eval function $name(opt::SamOptimizer)
+        out = Ref{$T}(zero($T))
+        check(ccall(($(QuoteNode(cname)), libsamopt), Int32, (Ptr{Cvoid}, Ref{$T}), handle(opt), out))
+        return out[]
+    end
+end
+
+"The gradient norm the last first step used (`sam_grad_norm`)."
+grad_norm(opt::SamOptimizer) = raw_grad_norm(opt)
+"Number of registered tensors."
+tensor_count(opt::SamOptimizer) = Int(raw_tensor_count(opt))
+"Completed SAM steps (skipped ones excluded)."
+step_count(opt::SamOptimizer) = Int(raw_step_count(opt))
+"Whether the weights are perturbed (between the two steps)."
+isperturbed(opt::SamOptimizer) = raw_perturbed(opt)
+"The base optimizer's learning rate."
+lr(opt::SamOptimizer) = raw_lr(opt)
+
+"Sets the base optimizer's learning rate from the next second step on (`sam_set_lr`)."
+set_lr!(opt::SamOptimizer, lr::Real) =
+    (check(ccall((:sam_set_lr, libsamopt), Int32, (Ptr{Cvoid}, Cdouble), handle(opt), lr)); nothing)
+
+"""
+    add_group!(opt, lr_scale; weight_decay = NaN) -> Int
+
+A parameter group with its learning-rate scale and weight decay (NaN: group 0's).
+"""
+function add_group!(opt::SamOptimizer, lr_scale::Real; weight_decay::Real = NaN)
+    g = Ref{UInt32}(0)
+    check(ccall((:sam_add_group, libsamopt), Int32, (Ptr{Cvoid}, Cdouble, Cdouble, Ref{UInt32}),
+                handle(opt), lr_scale, weight_decay, g))
+    return Int(g[])
+end
+
+"Moves tensor `id` into `group`."
+set_group!(opt::SamOptimizer, id::Integer, group::Integer) =
+    (check(ccall((:sam_set_tensor_group, libsamopt), Int32, (Ptr{Cvoid}, UInt32, UInt32), handle(opt), id, group)); nothing)
+
+"A checkpoint of the optimizer's state as bytes (`sam_state_save`; between steps)."
+function save_state(opt::SamOptimizer)
+    n = Int(raw_state_size(opt))
+    bytes = Vector{UInt8}(undef, n)
+    check(ccall((:sam_state_save, libsamopt), Int32, (Ptr{Cvoid}, Ptr{UInt8}, Csize_t, Ptr{Csize_t}),
+                handle(opt), bytes, n, C_NULL))
+    return bytes
+end
+
+"Restores a checkpoint (`sam_state_load`); throws a `SamError` saying why a bad one is refused."
+load_state!(opt::SamOptimizer, bytes::Vector{UInt8}) =
+    (check(ccall((:sam_state_load, libsamopt), Int32, (Ptr{Cvoid}, Ptr{UInt8}, Csize_t), handle(opt), bytes, length(bytes))); nothing)
+
+"Writes a checkpoint to `path` (temporary file, then rename)."
+save_state_file(opt::SamOptimizer, path::AbstractString) =
+    (check(ccall((:sam_state_save_file, libsamopt), Int32, (Ptr{Cvoid}, Cstring), handle(opt), path)); nothing)
+
+"Restores a checkpoint from `path`."
+load_state_file!(opt::SamOptimizer, path::AbstractString) =
+    (check(ccall((:sam_state_load_file, libsamopt), Int32, (Ptr{Cvoid}, Cstring), handle(opt), path)); nothing)
+
+end # module

@@ -1,0 +1,147 @@
+# The Julia binding's tests: numbers against a Float64 reference computed here, errors, dtypes,
+# contiguity checks, the base optimizer, checkpoints, the finalizer.
+#   SAMOPT_LIB=target/release/libsamopt.so julia bindings/julia/test/runtests.jl
+using Test
+include(joinpath(@__DIR__, "..", "SamOpt.jl"))
+using .SamOpt
+
+@testset "SamOpt.jl" begin
+    @testset "first and second step against Float64" begin
+        W = Float32[sin(i) for i in 1:1000]
+        dW = Float32[0.01 * cos(0.7i) for i in 1:1000]
+        b = Float32[0.5, -0.5, 2.0]
+        db = Float32[0.0, 3.0, -4.0]
+        W0, b0 = copy(W), copy(b)
+        opt = SamOptimizer(rho = 0.1, backend = :cpu)
+        @test register!(opt, W, dW) == 0
+        @test register!(opt, b, db) == 1
+        @test tensor_count(opt) == 2
+        n = sqrt(sum(Float64.(dW) .^ 2) + sum(Float64.(db) .^ 2))
+        first_step!(opt)
+        @test isperturbed(opt)
+        @test isapprox(grad_norm(opt), n; rtol = 1e-12)
+        @test maximum(abs.(Float64.(W) .- (Float64.(W0) .+ 0.1 .* Float64.(dW) ./ n))) < 1e-6
+        @test isapprox(Float64(b[3]), 2.0 + 0.1 * -4.0 / n; atol = 1e-6)
+        @test second_step!(opt) == :done
+        @test W == W0 && b == b0
+        @test step_count(opt) == 1
+        close(opt)
+        close(opt) # idempotent
+    end
+
+    @testset "matrices, Float16, bf16 bits, contiguous views" begin
+        M = rand(Float32, 4, 5)
+        dM = fill(Float32(0.5), 4, 5)
+        H = Float16[1, 2, 3]
+        dH = Float16[0.5, 0, 0]
+        B = UInt16[0x3f80, 0x4000]          # bf16 1.0, 2.0
+        dB = UInt16[0x3f00, 0x0000]         # bf16 0.5, 0.0
+        V = zeros(Float32, 10)
+        dV = zeros(Float32, 10)
+        opt = SamOptimizer(rho = 0.5, backend = :cpu)
+        register!(opt, M, dM)
+        register!(opt, H, dH)
+        register!(opt, B, dB; dtype = :bf16)
+        register!(opt, view(V, 3:6), view(dV, 3:6))
+        @test_throws ArgumentError register!(opt, view(V, 1:2:9), view(dV, 1:2:9))
+        @test_throws ArgumentError register!(opt, zeros(Float64, 3), zeros(Float64, 3))
+        @test_throws ArgumentError register!(opt, zeros(UInt16, 3), zeros(UInt16, 3))
+        @test_throws ArgumentError register!(opt, zeros(Float32, 3), zeros(Float32, 4))
+        M0, H0, B0 = copy(M), copy(H), copy(B)
+        first_step!(opt)
+        n = sqrt(20 * 0.25 + 0.25 + 0.25)
+        @test isapprox(Float64(H[1]), 1 + 0.5 * 0.5 / n; atol = 1e-3)
+        @test second_step!(opt) == :done
+        @test M == M0 && H == H0 && B == B0
+    end
+
+    @testset "errors carry status and message" begin
+        err = try
+            SamOptimizer(rho = -1.0)
+        catch e
+            e
+        end
+        @test err isa SamError
+        @test err.status == -2
+        @test occursin("rho = -1", err.message)
+        @test occursin("invalid argument", sprint(showerror, err))
+        opt = SamOptimizer(backend = :cpu)
+        e2 = try
+            second_step!(opt)
+        catch e
+            e
+        end
+        @test e2 isa SamError && e2.status == -3
+        W = zeros(Float32, 3)
+        dW = Float32[0, NaN, 0]
+        register!(opt, W, dW)
+        e3 = try
+            first_step!(opt)
+        catch e
+            e
+        end
+        @test e3 isa SamError && e3.status == -4 && occursin("element 1", e3.message)
+        @test W == zeros(Float32, 3)
+        @test_throws ArgumentError SamOptimizer(backend = :tpu)
+    end
+
+    @testset "SGD fused, groups, lr, skipped step, checkpoints" begin
+        opt = SamOptimizer(base = :sgd, lr = 0.1, momentum = 0.9, backend = :cpu)
+        W = Float32[1, -1]
+        dW = zeros(Float32, 2)
+        bias = Float32[0.5]
+        dbias = zeros(Float32, 1)
+        register!(opt, W, dW)
+        id = register!(opt, bias, dbias)
+        g = add_group!(opt, 0.5; weight_decay = 0.0)
+        set_group!(opt, id, g)
+        ref = [1.0, -1.0, 0.5]
+        buf = zeros(3)
+        for step in 0:4
+            step == 3 && set_lr!(opt, 0.05)
+            rate = step >= 3 ? 0.05 : 0.1
+            g2 = [0.3 - 0.1step, 0.2, -0.4]
+            dW .= Float32[0.1, 0.2]
+            dbias .= Float32[0.3]
+            first_step!(opt)
+            dW .= Float32.(g2[1:2])
+            dbias .= Float32(g2[3])
+            @test second_step!(opt) == :done
+            for i in 1:3
+                buf[i] = step == 0 ? Float64(Float32(g2[i])) : 0.9buf[i] + Float64(Float32(g2[i]))
+                ref[i] -= (i == 3 ? 0.5rate : rate) * buf[i]
+            end
+        end
+        @test maximum(abs.(Float64.([W; bias]) .- ref)) < 1e-6
+        @test lr(opt) == 0.05
+        state = save_state(opt)
+        load_state!(opt, state)
+        bad = copy(state)
+        bad[div(length(bad), 2)] ⊻= 0x01
+        e = try
+            load_state!(opt, bad)
+        catch err
+            err
+        end
+        @test e isa SamError && occursin("corrupted", e.message)
+        path = tempname()
+        save_state_file(opt, path)
+        @test read(path) == state
+        load_state_file!(opt, path)
+        before = copy(W)
+        first_step!(opt)
+        dW[1] = Inf32
+        @test second_step!(opt) == :skipped
+        @test W == before
+        @test step_count(opt) == 5
+    end
+
+    @testset "finalizer frees the handle" begin
+        for _ in 1:20
+            opt = SamOptimizer(backend = :cpu)
+            register!(opt, zeros(Float32, 100), zeros(Float32, 100))
+        end
+        GC.gc()
+        @test true
+    end
+end
