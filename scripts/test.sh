@@ -41,6 +41,12 @@ cargo test --release --locked
 # `make install` into a temporary prefix; the examples built against it with CMake and pkg-config.
 bash scripts/package-test.sh
 
+# LibTorch: a training loop whose parameters samopt perturbs in place, checked against plain-LibTorch
+# reference SAM, with the full batch and with the ascent on a quarter of it (installs LibTorch from
+# PyPI's torch wheel into a private virtualenv the first time).
+bash scripts/libtorch-example.sh
+bash scripts/libtorch-example.sh --ascent-fraction 0.25 | tail -n 3
+
 # The Julia binding: its test suite and example (installs a private Julia the first time).
 bash scripts/julia-test.sh
 

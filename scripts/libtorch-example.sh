@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Builds and runs examples/cpp/libtorch against an installed samopt (make install into a build
+# prefix) and LibTorch from PyPI's wheel (scripts/install-libtorch.sh), with CMake.
+#
+#   bash scripts/libtorch-example.sh [--ascent-fraction F] [--steps N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+torch=$(bash scripts/install-libtorch.sh | tail -n 1)
+prefix="$PWD/target/libtorch-example/prefix"
+make --quiet install PREFIX="$prefix" >/dev/null
+cmake -S examples/cpp/libtorch -B target/libtorch-example/build -DCMAKE_BUILD_TYPE=Release \
+      -DTORCH_DIR="$torch" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_RPATH="$prefix/lib;$torch/lib" >/dev/null
+cmake --build target/libtorch-example/build >/dev/null
+exec target/libtorch-example/build/libtorch_train "$@"
