@@ -56,6 +56,24 @@ inline const char *version() noexcept { return sam_version(); }
 /// The loaded library's ABI version; equal to SAM_ABI_VERSION when it matches this header.
 inline uint32_t abi_version() noexcept { return sam_abi_version(); }
 
+/// The GPU adapters wgpu finds, best first (sam_gpu_adapter_count, sam_gpu_adapter_info).
+inline std::vector<SamAdapterInfo> gpu_adapters() {
+    size_t count = 0;
+    check(sam_gpu_adapter_count(&count));
+    std::vector<SamAdapterInfo> out(count);
+    for (size_t i = 0; i < count; i++) {
+        out[i] = SamAdapterInfo{};
+        out[i].struct_size = sizeof(SamAdapterInfo);
+        check(sam_gpu_adapter_info(i, &out[i]));
+    }
+    return out;
+}
+
+/// Sends samopt's log messages to `callback` (NULL stops them); see sam_set_log_callback.
+inline void set_log_callback(SamLogCallback callback, void *user = nullptr) {
+    check(sam_set_log_callback(callback, user));
+}
+
 /// A SamConfig that starts as sam_config_default(); set its fields directly.
 struct Config : SamConfig {
     Config() : SamConfig(sam_config_default()) {}

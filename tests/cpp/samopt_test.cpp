@@ -104,6 +104,8 @@ static void errors_and_raii() {
     other = std::move(moved);
     EXPECT(other.tensor_count() == 1);
     EXPECT(std::strlen(samopt::version()) > 0 && samopt::abi_version() == SAM_ABI_VERSION);
+    for (const SamAdapterInfo &a : samopt::gpu_adapters()) EXPECT(a.name[0] != 0);
+    samopt::set_log_callback(nullptr);
 }
 
 // SGD with momentum through the plugin against the same formulas in double.
