@@ -84,6 +84,11 @@ enum SamStatus
      * A bug in samopt (a caught panic); please report the message.
      */
     SAM_ERR_INTERNAL = -9,
+    /**
+     * A callback the host registered (the all-reduce of `sam_set_allreduce`) returned non-zero;
+     * nothing was changed.
+     */
+    SAM_ERR_CALLBACK = -10,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -209,6 +214,13 @@ typedef struct {
  * Element type of a parameter and its gradient: one of the `SAM_DTYPE_*` values.
  */
 typedef uint32_t SamDType;
+
+/**
+ * Sums `count` doubles at `values` in place across the workers of a data-parallel job (an
+ * all-reduce with the sum, e.g. `MPI_Allreduce(MPI_IN_PLACE, values, count, MPI_DOUBLE, MPI_SUM,
+ * comm)`); returns 0 on success. Every worker calls it at the same point of the same step.
+ */
+typedef int32_t (*SamAllreduce)(double *values, size_t count, void *user);
 
 /**
  * Which buffer of an optimizer-allocated tensor: one of the `SAM_PART_*` values.
@@ -409,6 +421,70 @@ SamStatus sam_first_step(SamOptimizer *opt);
  * `opt` must be NULL or a live handle whose registered buffers are valid.
  */
 SamStatus sam_second_step(SamOptimizer *opt);
+
+/**
+ * Global-norm SAM across workers, with the exchange inside `sam_first_step`: installs the host's
+ * all-reduce. From then on `sam_first_step` computes the local squared norm `sum (T_w g)^2`, sums
+ * it over the workers through `callback` (one double, no gradient copied), and perturbs with the
+ * square root, so every worker uses the norm over all workers' gradients (over the union of the
+ * shards when each worker holds its own part of the parameters). A callback returning non-zero
+ * makes `sam_first_step` fail with `SAM_ERR_CALLBACK`, nothing changed. NULL removes it.
+ *
+ * The same without a callback: `sam_grad_sq_norm_local`, the host's all-reduce, then
+ * `sam_first_step_with_norm`.
+ *
+ * Per-worker SAM (m-sharpness, as the original JAX code across accelerators) needs none of
+ * this: each worker calls plain `sam_first_step` on its own gradient, and the host all-reduces
+ * only the second gradient before `sam_second_step`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `callback`, when set, must be safe to call with `user`
+ * from any thread for as long as it is installed.
+ */
+SamStatus sam_set_allreduce(SamOptimizer *opt, SamAllreduce callback, void *user);
+
+/**
+ * Global-norm SAM across workers, step 1 of 2: stores in `*out` the local squared norm
+ * `sum (T_w g)^2` over this worker's tensors (one read of the gradients, nothing written). The
+ * host sums it over the workers and passes the square root to `sam_first_step_with_norm`.
+ * `SAM_ERR_NON_FINITE` when a local gradient holds NaN or infinity (a host that must keep its
+ * all-reduce in step can sum NaN then, so that every worker refuses the step).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_grad_sq_norm_local(SamOptimizer *opt, double *out);
+
+/**
+ * Global-norm SAM across workers, step 2 of 2: the ascent (as `sam_first_step`) with the given
+ * global norm, the square root of the all-reduced `sam_grad_sq_norm_local` values. A NaN or
+ * infinite `global_norm` (some worker's gradient was not finite) returns `SAM_ERR_NON_FINITE`
+ * with nothing changed; a negative one `SAM_ERR_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle whose registered buffers are valid.
+ */
+SamStatus sam_first_step_with_norm(SamOptimizer *opt, double global_norm);
+
+/**
+ * Per-shard SAM in one process (m-sharpness): a host that splits its batch into k shards calls,
+ * for each shard,
+ *
+ *     gradient of the shard at w  -> the gradient buffers
+ *     sam_first_step(opt)             w -> w + e_k(w), the shard's own perturbation
+ *     gradient of the shard at w + e_k -> the gradient buffers
+ *     sam_accumulate_step(opt)        w restored exactly, that gradient added to an accumulator
+ *
+ * and after the last shard `sam_second_step(opt)`, which writes the mean of the k perturbed
+ * gradients into the gradient buffers and, with a built-in base optimizer, steps with it (without
+ * one, the host's optimizer uses it). This is the one case samopt writes the gradient buffers:
+ * they must be writable. The CPU backend runs it; `SAM_ERR_UNSUPPORTED` on the GPU for now and
+ * with GSAM. `SAM_ERR_INVALID_STATE` without a preceding first step.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle whose registered buffers are valid.
+ */
+SamStatus sam_accumulate_step(SamOptimizer *opt);
 
 /**
  * Stores in `*out` the L2 norm `||T_w * g||_2` (plain `||g||_2` without ASAM) that the last

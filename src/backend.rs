@@ -90,6 +90,13 @@ pub(crate) trait Passes: Send {
     /// `tensors[k]` holds tensor k's scalars.
     fn update(&mut self, step: &UpdateStep, tensors: &[TensorStep]) -> Result<()>;
 
+    /// Per-shard SAM: writes back the bits saved by the last `perturb` and adds the (second)
+    /// gradient into an f32 accumulator, which `first` starts from zero.
+    fn accumulate(&mut self, first: bool) -> Result<()>;
+
+    /// Writes `scale` times the accumulator into every gradient buffer (rounded to its dtype).
+    fn write_mean(&mut self, scale: f32) -> Result<()>;
+
     /// Copies the base optimizer's state into `out`, tensor by tensor (the momentum buffer or
     /// Adam's first moment, then the second moment), `len` f32 each.
     fn export_state(&mut self, out: &mut [f32]) -> Result<()>;

@@ -51,9 +51,16 @@ struct Group {
 pub enum Phase {
     /// At `w`: ready for registration or a first step.
     Idle,
-    /// At `w + e(w)`: the host computes the gradient here, then calls the second step.
+    /// At `w + e(w)`: the host computes the gradient here, then calls the second step (or, per
+    /// shard, [`Optimizer::accumulate_step`]).
     Perturbed,
+    /// Per-shard SAM: at `w` again, with perturbed gradients accumulated; the next shard's first
+    /// step, or the second step that applies their mean, follows.
+    Accumulating,
 }
+
+/// An all-reduce over the workers of a data-parallel job: sums `values` in place across them.
+pub type AllReduce = Box<dyn FnMut(&mut [f64]) -> Result<()> + Send>;
 
 /// Metadata the engine keeps per tensor.
 #[derive(Clone, Copy, Debug)]
@@ -112,6 +119,13 @@ pub struct Optimizer {
     lr: f64,
     /// Per-tensor scalars of the update, reused every step.
     tensor_steps: Vec<TensorStep>,
+    /// The host's all-reduce of the squared gradient norm, for global-norm SAM across workers.
+    allreduce: Option<AllReduce>,
+    /// The local squared norm from [`local_sq_norm`](Self::local_sq_norm), for the next
+    /// [`first_step_with_norm`](Self::first_step_with_norm).
+    local_sum_sq: Option<f64>,
+    /// Shards accumulated by [`accumulate_step`](Self::accumulate_step) since the last second step.
+    shards: u32,
 }
 
 /// Whether AUTO has already said, once per process, that it fell back to the CPU.
@@ -157,6 +171,9 @@ impl Optimizer {
             groups: vec![Group { lr_scale: 1.0, weight_decay }],
             lr,
             tensor_steps: Vec::new(),
+            allreduce: None,
+            local_sum_sq: None,
+            shards: 0,
         })
     }
 
@@ -451,7 +468,30 @@ impl Optimizer {
     /// itself; the call then returns [`ErrorKind::NonFinite`] and no parameter is touched, so a
     /// loss-scaled loop can lower its scale and retry.
     pub fn first_step(&mut self) -> Result<()> {
-        self.expect_idle("take a first step")?;
+        let sum_sq = self.checked_local_norm("take a first step")?;
+        let sum_sq = match self.allreduce.as_mut() {
+            Some(allreduce) => {
+                let mut v = [sum_sq];
+                allreduce(&mut v)
+                    .map_err(|e| Error::new(ErrorKind::Callback, format!("the all-reduce failed: {e}")))?;
+                v[0]
+            }
+            None => sum_sq,
+        };
+        if !sum_sq.is_finite() {
+            return Err(Error::new(
+                ErrorKind::NonFinite,
+                "the global gradient norm is NaN or infinite: a gradient on another worker holds NaN or infinity; \
+                 no parameter was changed",
+            ));
+        }
+        self.perturb_with(sum_sq.sqrt())
+    }
+
+    /// The local squared norm `sum (T_w g)^2` over this optimizer's tensors: the norm pass, with
+    /// its non-finite check (whose error names the tensor and element).
+    fn checked_local_norm(&mut self, action: &str) -> Result<f64> {
+        self.expect_step_start(action)?;
         if self.tensors.is_empty() {
             return Err(Error::state("no tensor is registered: register the parameters before the first step"));
         }
@@ -469,11 +509,86 @@ impl Optimizer {
                 format!("{what} at {place} is NaN or infinite; no parameter was changed"),
             ));
         }
-        let n = norm.sum_sq.sqrt();
-        passes.perturb(&Perturbation::new(config, n))?;
-        self.last_norm = Some(n);
+        Ok(norm.sum_sq)
+    }
+
+    fn perturb_with(&mut self, norm: f64) -> Result<()> {
+        let (config, passes) = (&self.config, self.passes.as_mut().expect("a norm pass ran"));
+        passes.perturb(&Perturbation::new(config, norm))?;
+        self.last_norm = Some(norm);
+        self.local_sum_sq = None;
         self.phase = Phase::Perturbed;
         Ok(())
+    }
+
+    /// Global-norm SAM across workers, step 1 of 2: the local squared norm `sum (T_w g)^2` over
+    /// this optimizer's tensors (one read of the gradients, nothing written). The host sums it
+    /// over the workers with its own engine (MPI, NCCL, Gloo) and passes the square root to
+    /// [`first_step_with_norm`](Self::first_step_with_norm). A NaN or infinity in a local gradient
+    /// returns [`ErrorKind::NonFinite`]; so that every worker learns it, a host that cannot stop
+    /// the all-reduce can sum NaN instead.
+    pub fn local_sq_norm(&mut self) -> Result<f64> {
+        let v = self.checked_local_norm("compute the local norm")?;
+        self.local_sum_sq = Some(v);
+        Ok(v)
+    }
+
+    /// Global-norm SAM across workers, step 2 of 2: the ascent with the given global norm
+    /// (the square root of the all-reduced [`local_sq_norm`](Self::local_sq_norm)s). A NaN or
+    /// infinite `global_norm` means a worker's gradient was not finite: [`ErrorKind::NonFinite`],
+    /// nothing changed.
+    pub fn first_step_with_norm(&mut self, global_norm: f64) -> Result<()> {
+        self.expect_step_start("take a first step")?;
+        if !global_norm.is_finite() {
+            return Err(Error::new(
+                ErrorKind::NonFinite,
+                format!(
+                    "global_norm = {global_norm}: a worker's gradient holds NaN or infinity; no parameter was changed"
+                ),
+            ));
+        }
+        if global_norm < 0.0 {
+            return Err(Error::invalid(format!("global_norm = {global_norm}: a norm is >= 0")));
+        }
+        // The local gradients must be finite too: reuse the check of local_sq_norm, else run it.
+        match self.local_sum_sq.take() {
+            Some(v) if v.is_finite() => {}
+            _ => {
+                self.checked_local_norm("take a first step")?;
+            }
+        }
+        self.perturb_with(global_norm)
+    }
+
+    /// Installs the host's all-reduce: from then on [`first_step`](Self::first_step) sums the
+    /// local squared gradient norm across the workers with it and perturbs with the global norm
+    /// (one number exchanged, no gradient copied). `None` removes it.
+    pub fn set_allreduce(&mut self, allreduce: Option<AllReduce>) {
+        self.allreduce = allreduce;
+    }
+
+    /// Per-shard SAM (m-sharpness in one process): after the first step on shard k's gradient and
+    /// the host's backward pass at the perturbed weights, restores `w` exactly and adds that
+    /// perturbed gradient to an accumulator. The next shard's first step follows; after the last
+    /// shard, [`second_step`](Self::second_step) writes the mean of the accumulated gradients into
+    /// the gradient buffers (the one time samopt writes them) and, with a built-in base optimizer,
+    /// steps with it; without one, the host's optimizer uses it.
+    pub fn accumulate_step(&mut self) -> Result<()> {
+        if self.phase != Phase::Perturbed {
+            return Err(Error::state("accumulate_step without a first step: call first_step for the shard first"));
+        }
+        if self.config.gsam_alpha.is_some() {
+            return Err(Error::new(ErrorKind::Unsupported, "per-shard accumulation with GSAM is not supported"));
+        }
+        self.passes.as_mut().expect("a first step ran").accumulate(self.shards == 0)?;
+        self.shards += 1;
+        self.phase = Phase::Accumulating;
+        Ok(())
+    }
+
+    /// Shards accumulated since the last second step.
+    pub fn accumulated_shards(&self) -> u32 {
+        self.shards
     }
 
     /// The second step: restores every parameter to exactly the bits it had before the first step
@@ -485,13 +600,30 @@ impl Optimizer {
     /// makes the step [`SecondStep::Skipped`]: restored, no update, state untouched. Without one,
     /// the host runs its own optimizer afterwards.
     pub fn second_step(&mut self) -> Result<SecondStep> {
-        if self.phase != Phase::Perturbed {
-            return Err(Error::state("second step without a first step: call first_step before second_step"));
+        match self.phase {
+            Phase::Idle => {
+                return Err(Error::state("second step without a first step: call first_step before second_step"));
+            }
+            Phase::Perturbed if self.shards > 0 => {
+                return Err(Error::state(format!(
+                    "{} shards are accumulated: accumulate the last shard with accumulate_step before second_step",
+                    self.shards
+                )));
+            }
+            _ => {}
         }
+        let accumulated = self.phase == Phase::Accumulating;
         let config = &self.config;
         let passes = self.passes.as_mut().expect("a first step ran");
+        if accumulated {
+            // w is restored already; the mean of the shards' perturbed gradients takes g's place.
+            passes.write_mean(1.0 / self.shards as f32)?;
+            self.shards = 0;
+        }
         if config.base == BaseOptimizer::None {
-            passes.restore()?;
+            if !accumulated {
+                passes.restore()?;
+            }
             self.phase = Phase::Idle;
             self.steps += 1;
             return Ok(SecondStep::Restored);
@@ -739,6 +871,19 @@ impl Optimizer {
             Phase::Perturbed => {
                 Err(Error::state(format!("cannot {action} while the weights are perturbed: call second_step first")))
             }
+            Phase::Accumulating => Err(Error::state(format!(
+                "cannot {action} between shards: finish the accumulation with second_step first"
+            ))),
+        }
+    }
+
+    /// A first step (or its norm) may start at `w`: idle, or between shards.
+    fn expect_step_start(&self, action: &str) -> Result<()> {
+        match self.phase {
+            Phase::Perturbed => {
+                Err(Error::state(format!("cannot {action} while the weights are perturbed: call second_step first")))
+            }
+            Phase::Idle | Phase::Accumulating => Ok(()),
         }
     }
 

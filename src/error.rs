@@ -29,6 +29,8 @@ pub enum ErrorKind {
     OutOfMemory,
     /// A bug in samopt (a caught panic).
     Internal,
+    /// A callback the host registered (the all-reduce) reported failure.
+    Callback,
 }
 
 /// An error with its kind and a message that names the offending argument and value.

@@ -25,6 +25,7 @@ pub(crate) fn status_of(kind: ErrorKind) -> SamStatus {
         ErrorKind::Io => SamStatus::SAM_ERR_IO,
         ErrorKind::OutOfMemory => SamStatus::SAM_ERR_OUT_OF_MEMORY,
         ErrorKind::Internal => SamStatus::SAM_ERR_INTERNAL,
+        ErrorKind::Callback => SamStatus::SAM_ERR_CALLBACK,
     }
 }
 

@@ -37,6 +37,8 @@ struct Slot {
     /// Offset of the base optimizer's state in `CpuEngine::state`, in f32: the momentum buffer or
     /// Adam's first moment (`len`), then Adam's second moment (`len`).
     state: usize,
+    /// The tensor's first element in the index space of all tensors (and in the accumulator).
+    elem: usize,
 }
 
 /// A parameter/gradient pair the engine allocated (an owned tensor), 8-byte aligned. Only held
@@ -97,6 +99,11 @@ pub(crate) struct CpuEngine {
     state: Vec<f32>,
     /// Per-chunk partial sums of the second step's reduction: `(||g'||^2, g . g')`.
     partials2: Vec<[f64; 2]>,
+    /// Per-shard SAM: the sum of the shards' perturbed gradients, f32, all tensors end to end
+    /// (allocated at the first accumulation).
+    acc: Vec<f32>,
+    /// Elements over all tensors.
+    elements: usize,
     segments: Vec<Segment>,
     /// Each chunk's range in `segments`.
     chunks: Vec<Range<usize>>,
@@ -132,6 +139,8 @@ impl CpuEngine {
             state_per_elem,
             state: Vec::new(),
             partials2: Vec::new(),
+            acc: Vec::new(),
+            elements: 0,
             segments: Vec::new(),
             chunks: Vec::new(),
             last_chunk_fill: CHUNK,
@@ -202,7 +211,8 @@ impl Passes for CpuEngine {
         self.first_grads.resize(self.first_grads.len() + first_words, 0);
         let state = self.state.len();
         self.state.resize(state + state_len, 0.0);
-        self.slots.push(Slot { host, backup_word, state });
+        self.slots.push(Slot { host, backup_word, state, elem: self.elements });
+        self.elements += host.len;
         self.owned.push(None);
         self.append_segments(self.slots.len() - 1, host.len);
         self.partials.resize(self.chunks.len(), 0.0);
@@ -342,6 +352,44 @@ impl Passes for CpuEngine {
                     let job = UpdateJob { step, tensor: &tensors[seg.tensor], base, has_state };
                     // SAFETY: as in `perturb`: disjoint ranges of the tensor, backup and state.
                     unsafe { update_segment(isa, slot, seg, bufs, &job) };
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn accumulate(&mut self, first: bool) -> Result<()> {
+        if self.acc.len() < self.elements {
+            let more = self.elements - self.acc.len();
+            self.acc.try_reserve_exact(more).map_err(|_| {
+                Error::new(
+                    ErrorKind::OutOfMemory,
+                    format!("cannot allocate the accumulator of {} elements", self.elements),
+                )
+            })?;
+            self.acc.resize(self.elements, 0.0);
+        }
+        let (isa, bufs, acc) = (self.isa, self.buffers(), Shared(self.acc.as_mut_ptr()));
+        let this = &*self;
+        this.pool.install(|| {
+            this.chunks.par_iter().for_each(|chunk| {
+                for seg in this.chunk_segments(chunk) {
+                    // SAFETY: disjoint ranges of the tensor, its backup and the accumulator.
+                    unsafe { accumulate_segment(isa, &this.slots[seg.tensor], seg, bufs, acc, first) };
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn write_mean(&mut self, scale: f32) -> Result<()> {
+        let (isa, acc) = (self.isa, Shared(self.acc.as_mut_ptr()));
+        let this = &*self;
+        this.pool.install(|| {
+            this.chunks.par_iter().for_each(|chunk| {
+                for seg in this.chunk_segments(chunk) {
+                    // SAFETY: disjoint ranges of the gradient buffers and the accumulator.
+                    unsafe { mean_segment(isa, &this.slots[seg.tensor], seg, acc, scale) };
                 }
             })
         });
@@ -719,6 +767,82 @@ unsafe fn update_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, job: &Up
             DType::F32 => typed::<f32>(slot, seg, bufs, job),
             DType::F16 => typed::<f16>(slot, seg, bufs, job),
             DType::BF16 => typed::<bf16>(slot, seg, bufs, job),
+        }
+    }
+}
+
+dispatch! {
+    /// [`accumulate_segment_any`] for `isa`.
+    ///
+    /// # Safety
+    /// As [`accumulate_segment_any`]; `isa` must come from [`Isa::detect`].
+    unsafe fn accumulate_segment(slot: &Slot, seg: &Segment, bufs: Buffers, acc: Shared<f32>, first: bool) = accumulate_segment_any
+}
+
+dispatch! {
+    /// [`mean_segment_any`] for `isa`.
+    ///
+    /// # Safety
+    /// As [`mean_segment_any`]; `isa` must come from [`Isa::detect`].
+    unsafe fn mean_segment(slot: &Slot, seg: &Segment, acc: Shared<f32>, scale: f32) = mean_segment_any
+}
+
+/// Per-shard SAM over one segment: `w` back from the backup, the gradient added to the
+/// accumulator (which `first` starts from zero).
+///
+/// # Safety
+/// As [`segment_slices`]; the segment's backup and accumulator ranges are this caller's alone.
+#[inline(always)]
+unsafe fn accumulate_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, acc: Shared<f32>, first: bool) {
+    #[inline(always)]
+    unsafe fn typed<T: Element>(slot: &Slot, seg: &Segment, bufs: Buffers, acc: Shared<f32>, first: bool) {
+        let (w, g) = unsafe { segment_slices::<T>(&slot.host, seg) };
+        let (saved, _) = unsafe { engine_slices::<T>(slot, seg, bufs) };
+        let acc = unsafe { std::slice::from_raw_parts_mut(acc.at(slot.elem + seg.start), seg.len) };
+        w.copy_from_slice(saved);
+        let mut gf = [0f32; BLOCK];
+        for (gb, ab) in g.chunks(BLOCK).zip(acc.chunks_mut(BLOCK)) {
+            let n = gb.len();
+            T::widen(gb, &mut gf[..n]);
+            for (a, &g) in ab.iter_mut().zip(&gf[..n]) {
+                *a = if first { g } else { *a + g };
+            }
+        }
+    }
+    unsafe {
+        match slot.host.dtype {
+            DType::F32 => typed::<f32>(slot, seg, bufs, acc, first),
+            DType::F16 => typed::<f16>(slot, seg, bufs, acc, first),
+            DType::BF16 => typed::<bf16>(slot, seg, bufs, acc, first),
+        }
+    }
+}
+
+/// Writes `scale * accumulator` into the segment's gradient, rounded to its dtype.
+///
+/// # Safety
+/// The gradient buffer must be writable (per-shard SAM's contract) and the ranges this caller's.
+#[inline(always)]
+unsafe fn mean_segment_any(slot: &Slot, seg: &Segment, acc: Shared<f32>, scale: f32) {
+    #[inline(always)]
+    unsafe fn typed<T: Element>(slot: &Slot, seg: &Segment, acc: Shared<f32>, scale: f32) {
+        let g =
+            unsafe { std::slice::from_raw_parts_mut(slot.host.grad.cast_mut().cast::<T>().add(seg.start), seg.len) };
+        let acc = unsafe { std::slice::from_raw_parts(acc.at(slot.elem + seg.start), seg.len) };
+        let mut mf = [0f32; BLOCK];
+        for (gb, ab) in g.chunks_mut(BLOCK).zip(acc.chunks(BLOCK)) {
+            let n = gb.len();
+            for (m, &a) in mf[..n].iter_mut().zip(ab) {
+                *m = a * scale;
+            }
+            T::narrow(&mf[..n], gb);
+        }
+    }
+    unsafe {
+        match slot.host.dtype {
+            DType::F32 => typed::<f32>(slot, seg, acc, scale),
+            DType::F16 => typed::<f16>(slot, seg, acc, scale),
+            DType::BF16 => typed::<bf16>(slot, seg, acc, scale),
         }
     }
 }

@@ -1305,6 +1305,18 @@ impl Passes for GpuEngine {
         result
     }
 
+    fn accumulate(&mut self, _first: bool) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "per-shard accumulation runs on the CPU backend only in this version; the GPU engine has no \
+             accumulation pass yet",
+        ))
+    }
+
+    fn write_mean(&mut self, _scale: f32) -> Result<()> {
+        Err(Error::new(ErrorKind::Unsupported, "per-shard accumulation runs on the CPU backend only"))
+    }
+
     fn export_state(&mut self, out: &mut [f32]) -> Result<()> {
         let per_tensor = self.state_per_elem();
         if per_tensor == 0 {
