@@ -18,6 +18,7 @@ command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v make >/dev/null 2>&1 || need+=(make)
+command -v mpicc >/dev/null 2>&1 || need+=(openmpi-bin libopenmpi-dev)
 # Julia's standard libraries load OpenBLAS, which needs the Fortran runtime.
 if ! ldconfig -p | grep -q 'libgfortran\.so\.5'; then need+=(libgfortran5); fi
 if ((${#need[@]})); then
@@ -49,6 +50,10 @@ bash scripts/libtorch-example.sh --ascent-fraction 0.25 | tail -n 3
 
 # The Julia binding: its test suite and example (installs a private Julia the first time).
 bash scripts/julia-test.sh
+
+# Data-parallel SAM over MPI on 2 ranks, per-worker and global-norm: bit-identical weights on every
+# rank, and the same result as a single-process per-shard run.
+bash scripts/mpi-example.sh 2
 
 # The C programs under valgrind's memcheck: zero errors, nothing definitely or indirectly lost.
 bash scripts/memcheck.sh

@@ -151,6 +151,26 @@ public:
     /// sam_second_step: restore (and update, with a built-in base optimizer).
     Step second_step() { return check(sam_second_step(handle_)) == SAM_STEP_SKIPPED ? Step::Skipped : Step::Done; }
 
+    /// Global-norm SAM across workers, step 1 of 2: this worker's squared gradient norm.
+    double grad_sq_norm_local() {
+        double v = 0;
+        check(sam_grad_sq_norm_local(handle_, &v));
+        return v;
+    }
+
+    /// Global-norm SAM across workers, step 2 of 2: the ascent with the all-reduced norm.
+    void first_step_with_norm(double global_norm) { check(sam_first_step_with_norm(handle_, global_norm)); }
+
+    /// Installs the host's all-reduce (sum over workers) so that first_step() uses the global
+    /// norm; nullptr removes it. See sam_set_allreduce.
+    void set_allreduce(SamAllreduce callback, void *user = nullptr) {
+        check(sam_set_allreduce(handle_, callback, user));
+    }
+
+    /// Per-shard SAM: restore w and accumulate the shard's perturbed gradient; second_step()
+    /// then applies the mean (written into the gradient buffers). See sam_accumulate_step.
+    void accumulate_step() { check(sam_accumulate_step(handle_)); }
+
     /// The gradient norm the last first step used.
     double grad_norm() const {
         double n = 0;

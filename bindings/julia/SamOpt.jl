@@ -19,7 +19,8 @@ module SamOpt
 
 export SamOptimizer, SamError, register!, first_step!, second_step!, grad_norm, tensor_count,
        step_count, isperturbed, set_lr!, lr, add_group!, set_group!, save_state, load_state!,
-       save_state_file, load_state_file!
+       save_state_file, load_state_file!, grad_sq_norm_local, first_step_with_norm!,
+       set_allreduce!, accumulate_step!
 
 const libsamopt = get(ENV, "SAMOPT_LIB", "libsamopt")
 
@@ -93,6 +94,8 @@ mutable struct SamOptimizer
     handle::Ptr{Cvoid}
     # The registered arrays: kept here so the garbage collector cannot free them under samopt.
     arrays::Vector{Any}
+    # The all-reduce function of set_allreduce!, kept alive while samopt holds a pointer to it.
+    allreduce::Any
 
     function SamOptimizer(; rho = 0.05, adaptive = false, eta = 0.0, norm_p = 2.0, backend = :auto,
                           threads = 0, base = :none, lr = 1e-3, momentum = 0.0, dampening = 0.0,
@@ -108,7 +111,7 @@ mutable struct SamOptimizer
                            weight_decay, beta1, beta2, adam_eps, max_grad_norm, gsam_alpha)
         out = Ref{Ptr{Cvoid}}(C_NULL)
         check(ccall((:sam_create, libsamopt), Int32, (Ref{SamConfig}, Ref{Ptr{Cvoid}}), config, out))
-        opt = new(out[], Any[])
+        opt = new(out[], Any[], nothing)
         finalizer(close, opt)
         return opt
     end
@@ -255,5 +258,62 @@ save_state_file(opt::SamOptimizer, path::AbstractString) =
 "Restores a checkpoint from `path`."
 load_state_file!(opt::SamOptimizer, path::AbstractString) =
     (check(ccall((:sam_state_load_file, libsamopt), Int32, (Ptr{Cvoid}, Cstring), handle(opt), path)); nothing)
+
+"""
+    grad_sq_norm_local(opt) -> Float64
+
+Global-norm SAM across workers, step 1 of 2: this worker's squared gradient norm
+(`sam_grad_sq_norm_local`). Sum it over the workers, then `first_step_with_norm!(opt, sqrt(sum))`.
+"""
+function grad_sq_norm_local(opt::SamOptimizer)
+    out = Ref{Cdouble}(0)
+    check(ccall((:sam_grad_sq_norm_local, libsamopt), Int32, (Ptr{Cvoid}, Ref{Cdouble}), handle(opt), out))
+    return out[]
+end
+
+"Global-norm SAM across workers, step 2 of 2: the ascent with the all-reduced norm."
+first_step_with_norm!(opt::SamOptimizer, global_norm::Real) =
+    (check(ccall((:sam_first_step_with_norm, libsamopt), Int32, (Ptr{Cvoid}, Cdouble), handle(opt), global_norm)); nothing)
+
+"""
+    accumulate_step!(opt)
+
+Per-shard SAM (`sam_accumulate_step`): after `first_step!` on a shard's gradient and the gradient
+at the perturbed weights, restores the weights and accumulates that gradient; after the last shard
+`second_step!` writes the mean into the gradient arrays (and steps, with a built-in base).
+"""
+accumulate_step!(opt::SamOptimizer) =
+    (check(ccall((:sam_accumulate_step, libsamopt), Int32, (Ptr{Cvoid},), handle(opt))); nothing)
+
+# The C callback: `user` is the Julia function, which sums `values` across workers in place.
+function allreduce_trampoline(values::Ptr{Cdouble}, count::Csize_t, user::Ptr{Cvoid})::Int32
+    f = unsafe_pointer_to_objref(user)
+    try
+        f(unsafe_wrap(Array, values, Int(count)))
+        return Int32(0)
+    catch
+        return Int32(1)
+    end
+end
+
+const TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
+__init__() = (TRAMPOLINE[] = @cfunction(allreduce_trampoline, Int32, (Ptr{Cdouble}, Csize_t, Ptr{Cvoid})))
+
+"""
+    set_allreduce!(opt, f)
+
+Installs `f(values::Vector{Float64})`, which sums `values` in place across the workers (e.g. with
+MPI.jl's `MPI.Allreduce!(values, +, comm)`): from then on `first_step!` perturbs with the norm over
+every worker's gradient. `nothing` removes it. An exception in `f` fails the step (status -10).
+"""
+function set_allreduce!(opt::SamOptimizer, f)
+    if f === nothing
+        check(ccall((:sam_set_allreduce, libsamopt), Int32, (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}), handle(opt), C_NULL, C_NULL))
+    else
+        check(ccall((:sam_set_allreduce, libsamopt), Int32, (Ptr{Cvoid}, Ptr{Cvoid}, Any), handle(opt), TRAMPOLINE[], f))
+    end
+    opt.allreduce = f
+    return nothing
+end
 
 end # module

@@ -151,10 +151,45 @@ static void base_optimizer_groups_and_checkpoint() {
     EXPECT(std::fabs(w[0] - ref[0]) < 1e-6);
 }
 
+// Per-shard accumulation and the global-norm calls.
+static int32_t doubling(double *values, size_t count, void *user) {
+    for (size_t i = 0; i < count; i++) values[i] *= 2;  // two identical workers
+    ++*static_cast<int *>(user);
+    return 0;
+}
+
+static void distributed_calls() {
+    samopt::Config config;
+    config.backend = SAM_BACKEND_CPU;
+    samopt::Optimizer sam(config);
+    std::vector<float> w{3.0f, 4.0f}, g{3.0f, 4.0f};
+    sam.register_host(w, g);
+    EXPECT(sam.grad_sq_norm_local() == 25.0);
+    sam.first_step_with_norm(10.0);
+    EXPECT(sam.grad_norm() == 10.0);
+    g = {1.0f, 3.0f};
+    sam.accumulate_step();
+    EXPECT(w[0] == 3.0f && w[1] == 4.0f);
+    g = {3.0f, 4.0f};
+    sam.first_step();
+    g = {3.0f, 5.0f};
+    sam.accumulate_step();
+    sam.second_step();
+    EXPECT(g[0] == 2.0f && g[1] == 4.0f);  // the mean of the shards' perturbed gradients
+    int calls = 0;
+    sam.set_allreduce(doubling, &calls);
+    g = {3.0f, 4.0f};
+    sam.first_step();
+    EXPECT(calls == 1 && std::fabs(sam.grad_norm() - std::sqrt(50.0)) < 1e-12);
+    sam.second_step();
+    sam.set_allreduce(nullptr);
+}
+
 int main() {
     first_and_second_step();
     errors_and_raii();
     base_optimizer_groups_and_checkpoint();
+    distributed_calls();
     std::printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }

@@ -136,6 +136,41 @@ using .SamOpt
         @test step_count(opt) == 5
     end
 
+    @testset "per-shard accumulation and the global norm" begin
+        opt = SamOptimizer(backend = :cpu)
+        W = Float32[3, 4]
+        dW = Float32[3, 4]
+        register!(opt, W, dW)
+        @test grad_sq_norm_local(opt) == 25.0
+        first_step_with_norm!(opt, 10.0)
+        @test grad_norm(opt) == 10.0
+        dW .= Float32[1, 3]
+        accumulate_step!(opt)
+        @test W == Float32[3, 4]
+        dW .= Float32[3, 4]
+        first_step!(opt)
+        dW .= Float32[3, 5]
+        accumulate_step!(opt)
+        @test second_step!(opt) == :done
+        @test dW == Float32[2, 4]
+        calls = Ref(0)
+        set_allreduce!(opt, v -> (v .*= 2; calls[] += 1))
+        dW .= Float32[3, 4]
+        first_step!(opt)
+        @test calls[] == 1 && grad_norm(opt) ≈ sqrt(50)
+        second_step!(opt)
+        set_allreduce!(opt, v -> error("link down"))
+        e = try
+            first_step!(opt)
+        catch err
+            err
+        end
+        @test e isa SamError && e.status == -10
+        set_allreduce!(opt, nothing)
+        first_step!(opt)
+        second_step!(opt)
+    end
+
     @testset "finalizer frees the handle" begin
         for _ in 1:20
             opt = SamOptimizer(backend = :cpu)
