@@ -470,10 +470,12 @@ SamStatus sam_first_step_with_norm(SamOptimizer *opt, double global_norm);
  * Per-shard SAM in one process (m-sharpness): a host that splits its batch into k shards calls,
  * for each shard,
  *
- *     gradient of the shard at w  -> the gradient buffers
- *     sam_first_step(opt)             w -> w + e_k(w), the shard's own perturbation
- *     gradient of the shard at w + e_k -> the gradient buffers
- *     sam_accumulate_step(opt)        w restored exactly, that gradient added to an accumulator
+ * ```text
+ * gradient of the shard at w       -> the gradient buffers
+ * sam_first_step(opt)                 w -> w + e_k(w), the shard's own perturbation
+ * gradient of the shard at w + e_k -> the gradient buffers
+ * sam_accumulate_step(opt)            w restored exactly, that gradient added to an accumulator
+ * ```
  *
  * and after the last shard `sam_second_step(opt)`, which writes the mean of the k perturbed
  * gradients into the gradient buffers and, with a built-in base optimizer, steps with it (without
