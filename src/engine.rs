@@ -468,24 +468,31 @@ impl Optimizer {
     /// itself; the call then returns [`ErrorKind::NonFinite`] and no parameter is touched, so a
     /// loss-scaled loop can lower its scale and retry.
     pub fn first_step(&mut self) -> Result<()> {
-        let sum_sq = self.checked_local_norm("take a first step")?;
-        let sum_sq = match self.allreduce.as_mut() {
-            Some(allreduce) => {
-                let mut v = [sum_sq];
-                allreduce(&mut v)
-                    .map_err(|e| Error::new(ErrorKind::Callback, format!("the all-reduce failed: {e}")))?;
-                v[0]
-            }
-            None => sum_sq,
+        if self.allreduce.is_none() {
+            let sum_sq = self.checked_local_norm("take a first step")?;
+            return self.perturb_with(sum_sq.sqrt());
+        }
+        // Every worker must reach the exchange, a worker with a bad local gradient too: it sends
+        // NaN, so that all of them refuse the step together instead of waiting for it.
+        let (local, local_error) = match self.checked_local_norm("take a first step") {
+            Ok(v) => (v, None),
+            Err(e) if e.kind() == ErrorKind::NonFinite => (f64::NAN, Some(e)),
+            Err(e) => return Err(e),
         };
-        if !sum_sq.is_finite() {
+        let mut sum_sq = [local];
+        let allreduce = self.allreduce.as_mut().expect("checked above");
+        allreduce(&mut sum_sq).map_err(|e| Error::new(ErrorKind::Callback, format!("the all-reduce failed: {e}")))?;
+        if let Some(e) = local_error {
+            return Err(e);
+        }
+        if !sum_sq[0].is_finite() {
             return Err(Error::new(
                 ErrorKind::NonFinite,
                 "the global gradient norm is NaN or infinite: a gradient on another worker holds NaN or infinity; \
                  no parameter was changed",
             ));
         }
-        self.perturb_with(sum_sq.sqrt())
+        self.perturb_with(sum_sq[0].sqrt())
     }
 
     /// The local squared norm `sum (T_w g)^2` over this optimizer's tensors: the norm pass, with
@@ -536,7 +543,8 @@ impl Optimizer {
     /// Global-norm SAM across workers, step 2 of 2: the ascent with the given global norm
     /// (the square root of the all-reduced [`local_sq_norm`](Self::local_sq_norm)s). A NaN or
     /// infinite `global_norm` means a worker's gradient was not finite: [`ErrorKind::NonFinite`],
-    /// nothing changed.
+    /// nothing changed. The gradients must not change between the two calls: the local check of
+    /// the first is reused, so the gradients are read once.
     pub fn first_step_with_norm(&mut self, global_norm: f64) -> Result<()> {
         self.expect_step_start("take a first step")?;
         if !global_norm.is_finite() {

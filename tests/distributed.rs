@@ -240,6 +240,19 @@ fn call_order_and_errors() {
         Ok(())
     })));
     assert_eq!(opt.first_step().unwrap_err().kind(), ErrorKind::NonFinite);
+    // A worker whose own gradient is bad still joins the exchange, sending NaN.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    opt.set_allreduce(Some(Box::new(move |v: &mut [f64]| {
+        s2.lock().unwrap().push(v[0]);
+        Ok(())
+    })));
+    opt.write_grad(id, &[f32::NAN, 0.5]).unwrap();
+    let e = opt.first_step().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NonFinite);
+    assert!(e.message().contains("tensor 0, element 0"), "{}", e.message());
+    assert!(seen.lock().unwrap()[0].is_nan(), "the all-reduce was not called with NaN");
+    opt.write_grad(id, &[0.5f32, 0.5]).unwrap();
     opt.set_allreduce(None);
     opt.first_step().unwrap();
 }

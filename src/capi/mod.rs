@@ -441,7 +441,9 @@ unsafe impl Send for UserPtr {}
 /// it over the workers through `callback` (one double, no gradient copied), and perturbs with the
 /// square root, so every worker uses the norm over all workers' gradients (over the union of the
 /// shards when each worker holds its own part of the parameters). A callback returning non-zero
-/// makes `sam_first_step` fail with `SAM_ERR_CALLBACK`, nothing changed. NULL removes it.
+/// makes `sam_first_step` fail with `SAM_ERR_CALLBACK`, nothing changed. A worker whose own
+/// gradient holds NaN or infinity still calls the all-reduce (with NaN), so every worker returns
+/// `SAM_ERR_NON_FINITE` for that step and none waits for it. NULL removes it.
 ///
 /// The same without a callback: `sam_grad_sq_norm_local`, the host's all-reduce, then
 /// `sam_first_step_with_norm`.
@@ -501,7 +503,9 @@ pub unsafe extern "C" fn sam_grad_sq_norm_local(opt: *mut SamOptimizer, out: *mu
 /// Global-norm SAM across workers, step 2 of 2: the ascent (as `sam_first_step`) with the given
 /// global norm, the square root of the all-reduced `sam_grad_sq_norm_local` values. A NaN or
 /// infinite `global_norm` (some worker's gradient was not finite) returns `SAM_ERR_NON_FINITE`
-/// with nothing changed; a negative one `SAM_ERR_INVALID_ARGUMENT`.
+/// with nothing changed; a negative one `SAM_ERR_INVALID_ARGUMENT`. The gradients must not change
+/// between `sam_grad_sq_norm_local` and this call: its finiteness check is reused, so the
+/// gradients are read once.
 ///
 /// # Safety
 /// `opt` must be NULL or a live handle whose registered buffers are valid.
