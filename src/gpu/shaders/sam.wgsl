@@ -72,6 +72,7 @@ struct Step {
 @group(0) @binding(9) var<storage, read_write> state_v: array<vec4<f32>>;
 
 var<workgroup> scratch: array<f32, WORKGROUP>;
+var<workgroup> scratch_dot: array<f32, WORKGROUP>;
 var<workgroup> scratch_flag: array<u32, WORKGROUP>;
 
 // ---- half precision as integer code ----
@@ -217,18 +218,27 @@ fn ascent_norm(
         sum += a.x + b.x;
         bad = max(bad, max(a.y, b.y));
     }
+    finish_reduction(lid, wid.x, sum, 0.0, u32(bad > 0.0));
+}
+
+// The fixed tree of a workgroup's reduction: this invocation's sums in, the workgroup's partial
+// (sum of squares, dot product, flag) out to its slot. Called from uniform control flow.
+fn finish_reduction(lid: u32, group: u32, sum: f32, dot_sum: f32, bad: u32) {
     scratch[lid] = sum;
-    scratch_flag[lid] = u32(bad > 0.0);
+    scratch_dot[lid] = dot_sum;
+    scratch_flag[lid] = bad;
     workgroupBarrier();
     for (var width = WORKGROUP / 2u; width > 0u; width >>= 1u) {
         if (lid < width) {
             scratch[lid] += scratch[lid + width];
+            scratch_dot[lid] += scratch_dot[lid + width];
             scratch_flag[lid] |= scratch_flag[lid + width];
         }
         workgroupBarrier();
     }
     if (lid == 0u) {
-        partials[window.slot + wid.x] = vec4<u32>(bitcast<u32>(scratch[0]), 0u, scratch_flag[0], 0u);
+        partials[window.slot + group] =
+            vec4<u32>(bitcast<u32>(scratch[0]), bitcast<u32>(scratch_dot[0]), scratch_flag[0], 0u);
     }
 }
 
@@ -279,8 +289,6 @@ fn locate_non_finite(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 
 // ---- the second step with a base optimizer ----
 
-var<workgroup> scratch_dot: array<f32, WORKGROUP>;
-
 // ||g'||^2 and g.g' (GSAM) per workgroup, with the non-finite flag of g'.
 @compute @workgroup_size(256)
 fn second_reduce(
@@ -309,22 +317,7 @@ fn second_reduce(
             }
         }
     }
-    scratch[lid] = sum;
-    scratch_dot[lid] = dot_sum;
-    scratch_flag[lid] = bad;
-    workgroupBarrier();
-    for (var width = WORKGROUP / 2u; width > 0u; width >>= 1u) {
-        if (lid < width) {
-            scratch[lid] += scratch[lid + width];
-            scratch_dot[lid] += scratch_dot[lid + width];
-            scratch_flag[lid] |= scratch_flag[lid + width];
-        }
-        workgroupBarrier();
-    }
-    if (lid == 0u) {
-        partials[window.slot + wid.x] =
-            vec4<u32>(bitcast<u32>(scratch[0]), bitcast<u32>(scratch_dot[0]), scratch_flag[0], 0u);
-    }
+    finish_reduction(lid, wid.x, sum, dot_sum, bad);
 }
 
 fn direction(g2: f32, g1: f32) -> f32 {
