@@ -104,6 +104,15 @@ pub(crate) trait Passes: Send {
     /// Replaces the base optimizer's state with `data`, laid out as [`Passes::export_state`].
     fn import_state(&mut self, data: &[f32]) -> Result<()>;
 
+    /// Adds a tensor that lives in the host's own device buffers (GPU only): the passes run on
+    /// them in place.
+    fn add_external(&mut self, _external: crate::gpu::External, _len: usize, _dtype: DType) -> Result<()> {
+        Err(crate::error::Error::new(
+            crate::error::ErrorKind::Unsupported,
+            "device buffers need a GPU backend on the same device: create the optimizer with Optimizer::on_wgpu_device",
+        ))
+    }
+
     /// Tensors of one cohort (group, and the number of updates applied before it was registered)
     /// share every per-tensor scalar of every step; the GPU packs each cohort on its own.
     fn set_cohort(&mut self, _tensor: usize, _cohort: (u32, u64)) {}

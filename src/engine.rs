@@ -177,6 +177,56 @@ impl Optimizer {
         })
     }
 
+    /// An optimizer whose GPU engine runs on the host's own wgpu device and queue, for Rust
+    /// engines built on wgpu: register their buffers with [`register_wgpu`](Self::register_wgpu)
+    /// and the passes run on them in place. `adapter_info` names the device in messages.
+    /// `config.backend` is ignored (the backend is this device). samopt installs no callbacks on
+    /// the device; it submits to `queue` inside its calls and waits for its work before returning.
+    pub fn on_wgpu_device(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        adapter_info: Option<wgpu::AdapterInfo>,
+        config: Config,
+    ) -> Result<Optimizer> {
+        let config = Config { backend: Backend::Gpu, ..config };
+        config.validate()?;
+        let engine = GpuEngine::on_device(device, queue, adapter_info, &config)?;
+        // AUTO creates no engine yet; this device's engine takes its place.
+        let mut opt = Optimizer::new(Config { backend: Backend::Auto, ..config.clone() })?;
+        opt.passes = Some(Box::new(engine));
+        opt.backend = Backend::Gpu;
+        opt.config = config;
+        Ok(opt)
+    }
+
+    /// Registers a tensor that lives in the host's wgpu buffers (on the device given to
+    /// [`on_wgpu_device`](Self::on_wgpu_device)): `len` elements of `dtype` at byte `param_offset`
+    /// of `param` and `grad_offset` of `grad`. The passes read and write them in place; samopt
+    /// keeps its backup and state in buffers of its own. Both buffers need the `STORAGE` usage,
+    /// offsets a multiple of the device's `min_storage_buffer_offset_alignment`, and the tensor a
+    /// multiple of 16 bytes; each is checked, and a failure changes nothing.
+    pub fn register_wgpu(
+        &mut self,
+        param: &wgpu::Buffer,
+        param_offset: u64,
+        grad: &wgpu::Buffer,
+        grad_offset: u64,
+        len: usize,
+        dtype: DType,
+    ) -> Result<TensorId> {
+        self.expect_idle("register a tensor")?;
+        if len == 0 {
+            return Err(Error::invalid("len = 0: a tensor needs at least one element"));
+        }
+        let external = crate::gpu::External { param: param.clone(), param_offset, grad: grad.clone(), grad_offset };
+        self.passes
+            .as_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Unsupported, "register_wgpu needs an optimizer from on_wgpu_device"))?
+            .add_external(external, len, dtype)?;
+        self.push_tensor(len, dtype, false);
+        Ok((self.tensors.len() - 1) as TensorId)
+    }
+
     /// The backend, created on first use under AUTO: the GPU for owned tensors when an adapter
     /// exists, else the CPU.
     fn passes_for(&mut self, owned: bool) -> Result<&mut Box<dyn Passes>> {

@@ -175,6 +175,24 @@ impl GpuContext {
         Ok(GpuContext { device, queue, summary, limits, lost })
     }
 
+    /// The host's own device and queue (a Rust engine on wgpu). samopt installs no callbacks on
+    /// them (the host keeps its own); its errors come back through error scopes.
+    fn existing(device: wgpu::Device, queue: wgpu::Queue, info: Option<wgpu::AdapterInfo>) -> GpuContext {
+        let limits = device.limits();
+        let summary = AdapterSummary {
+            name: info.as_ref().map_or_else(|| "the host's wgpu device".to_owned(), |i| i.name.clone()),
+            backend: info.as_ref().map_or_else(|| "?".to_owned(), |i| i.backend.to_str().to_owned()),
+            device_type: info.as_ref().map_or("other", |i| device_type_name(i.device_type)).to_owned(),
+            driver: info
+                .as_ref()
+                .map_or_else(String::new, |i| format!("{} {}", i.driver, i.driver_info).trim().to_owned()),
+            max_binding_bytes: limits.max_storage_buffer_binding_size,
+            max_buffer_bytes: limits.max_buffer_size,
+            timestamps: device.features().contains(wgpu::Features::TIMESTAMP_QUERY),
+        };
+        GpuContext { device, queue, summary, limits, lost: Arc::new(AtomicBool::new(false)) }
+    }
+
     fn check_alive(&self) -> Result<()> {
         if self.lost.load(Ordering::SeqCst) {
             return Err(Error::new(ErrorKind::Device, format!("the GPU device ({}) was lost", self.summary.name)));
@@ -230,6 +248,20 @@ enum Home {
     Packed { arena: usize, offset: u64 },
 }
 
+/// A tensor in the host's own device buffers, registered with
+/// [`Optimizer::register_wgpu`](crate::Optimizer::register_wgpu): the passes run on them in place.
+#[derive(Clone, Debug)]
+pub struct External {
+    /// The parameter's buffer.
+    pub param: wgpu::Buffer,
+    /// Bytes from the start of `param` to the tensor.
+    pub param_offset: u64,
+    /// The gradient's buffer.
+    pub grad: wgpu::Buffer,
+    /// Bytes from the start of `grad` to the tensor.
+    pub grad_offset: u64,
+}
+
 struct GpuTensor {
     len: usize,
     dtype: DType,
@@ -239,6 +271,8 @@ struct GpuTensor {
     staged: Option<Staged>,
     /// Tensors of one cohort share every per-tensor scalar; an arena holds one cohort.
     cohort: (u32, u64),
+    /// The host's buffers, for a tensor registered in place: it gets an arena of its own.
+    external: Option<External>,
 }
 
 impl GpuTensor {
@@ -251,7 +285,10 @@ impl GpuTensor {
 struct Arena {
     dtype: DType,
     param: wgpu::Buffer,
+    /// Bytes before the arena's first word in `param` (non-zero for a host buffer).
+    param_offset: u64,
     grad: wgpu::Buffer,
+    grad_offset: u64,
     backup: wgpu::Buffer,
     /// GSAM: the first gradient, saved by the perturbation pass.
     first_grad: Option<wgpu::Buffer>,
@@ -406,7 +443,20 @@ pub(crate) struct GpuEngine {
 impl GpuEngine {
     /// Opens the adapter `config.adapter` (see [`pick_adapter`]) and prepares the shader.
     pub fn new(config: &Config) -> Result<GpuEngine> {
-        let ctx = GpuContext::open(config.adapter.as_deref())?;
+        GpuEngine::with_context(GpuContext::open(config.adapter.as_deref())?, config)
+    }
+
+    /// An engine on the host's own wgpu device and queue.
+    pub fn on_device(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: Option<wgpu::AdapterInfo>,
+        config: &Config,
+    ) -> Result<GpuEngine> {
+        GpuEngine::with_context(GpuContext::existing(device, queue, info), config)
+    }
+
+    fn with_context(ctx: GpuContext, config: &Config) -> Result<GpuEngine> {
         let device = &ctx.device;
         let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
             binding,
@@ -614,7 +664,63 @@ impl GpuEngine {
                 Ok(Home::Own { param: make("samopt param"), grad: make("samopt grad") })
             })?
         };
-        self.tensors.push(GpuTensor { len, dtype, words, home, staged, cohort: (0, 0) });
+        self.tensors.push(GpuTensor { len, dtype, words, home, staged, cohort: (0, 0), external: None });
+        self.prepared = None;
+        Ok(())
+    }
+
+    /// Registers a tensor in the host's own device buffers; the passes run on them in place.
+    /// Checked here: usage, alignment, sizes; the device is the caller's promise.
+    pub fn add_external(&mut self, e: External, len: usize, dtype: DType) -> Result<()> {
+        let bytes = len as u64 * dtype.size() as u64;
+        let align = self.ctx.limits.min_storage_buffer_offset_alignment as u64;
+        if !bytes.is_multiple_of(16) {
+            return Err(Error::invalid(format!(
+                "len = {len}: in-place device tensors need a multiple of 16 bytes ({} {} elements)",
+                16 / dtype.size(),
+                dtype.name()
+            )));
+        }
+        for (name, buffer, offset) in [("param", &e.param, e.param_offset), ("grad", &e.grad, e.grad_offset)] {
+            if !offset.is_multiple_of(align) {
+                return Err(Error::invalid(format!(
+                    "{name}_offset = {offset}: must be a multiple of {align} bytes (the device's storage offset alignment)"
+                )));
+            }
+            if offset.checked_add(bytes).is_none_or(|end| end > buffer.size()) {
+                return Err(Error::invalid(format!(
+                    "{name}: offset {offset} + {bytes} bytes passes the end of the {}-byte buffer",
+                    buffer.size()
+                )));
+            }
+            if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+                return Err(Error::invalid(format!("{name}: the buffer lacks the STORAGE usage")));
+            }
+        }
+        if e.param == e.grad && e.param_offset < e.grad_offset + bytes && e.grad_offset < e.param_offset + bytes {
+            return Err(Error::invalid("param and grad overlap in the same buffer"));
+        }
+        for (k, t) in self.tensors.iter().enumerate() {
+            if let Some(o) = &t.external {
+                let o_bytes = t.len as u64 * t.dtype.size() as u64;
+                for (b, off) in [(&e.param, e.param_offset), (&e.grad, e.grad_offset)] {
+                    for (ob, ooff) in [(&o.param, o.param_offset), (&o.grad, o.grad_offset)] {
+                        if b == ob && off < ooff + o_bytes && ooff < off + bytes {
+                            return Err(Error::invalid(format!("a buffer range overlaps one of tensor {k}")));
+                        }
+                    }
+                }
+            }
+        }
+        self.tensors.push(GpuTensor {
+            len,
+            dtype,
+            words: bytes / 4,
+            home: Home::Unplaced,
+            staged: None,
+            cohort: (0, 0),
+            external: Some(e),
+        });
         self.prepared = None;
         Ok(())
     }
@@ -625,7 +731,10 @@ impl GpuEngine {
             Home::Own { param, grad } => (if part == Part::Param { param } else { grad }, 0),
             Home::Packed { arena, offset } => {
                 let a = &self.arenas[*arena];
-                (if part == Part::Param { &a.param } else { &a.grad }, offset * 4)
+                match part {
+                    Part::Param => (&a.param, a.param_offset + offset * 4),
+                    Part::Grad => (&a.grad, a.grad_offset + offset * 4),
+                }
             }
             Home::Unplaced => unreachable!("staged tensors are not read or written through the device"),
         }
@@ -641,18 +750,36 @@ impl GpuEngine {
             cohort: (u32, u64),
             words: u64,
             members: Vec<(u64, usize)>,
+            /// A tensor in the host's buffers: an arena of its own, around them.
+            external: Option<External>,
         }
         let mut order: Vec<usize> = (0..self.tensors.len()).collect();
         order.sort_by_key(|&k| (dtype_index(self.tensors[k].dtype), self.tensors[k].cohort, k));
         let mut plan: Vec<Plan> = Vec::new();
         for k in order {
             let t = &self.tensors[k];
+            if let Some(external) = &t.external {
+                let (dtype, cohort, words) = (t.dtype, t.cohort, t.words);
+                plan.push(Plan { dtype, cohort, words, members: vec![(0, k)], external: Some(external.clone()) });
+                continue;
+            }
             match plan.last_mut() {
-                Some(p) if p.dtype == t.dtype && p.cohort == t.cohort && p.words + t.words <= self.arena_words => {
+                Some(p)
+                    if p.external.is_none()
+                        && p.dtype == t.dtype
+                        && p.cohort == t.cohort
+                        && p.words + t.words <= self.arena_words =>
+                {
                     p.members.push((p.words, k));
                     p.words += t.words;
                 }
-                _ => plan.push(Plan { dtype: t.dtype, cohort: t.cohort, words: t.words, members: vec![(0, k)] }),
+                _ => plan.push(Plan {
+                    dtype: t.dtype,
+                    cohort: t.cohort,
+                    words: t.words,
+                    members: vec![(0, k)],
+                    external: None,
+                }),
             }
         }
         let per_word = |d: DType| if d == DType::F32 { 1 } else { 2 };
@@ -661,7 +788,7 @@ impl GpuEngine {
             use wgpu::BufferUsages as U;
             let mut arenas = Vec::with_capacity(plan.len());
             let mut enc = d.create_command_encoder(&Default::default());
-            for Plan { dtype, words, members, .. } in &plan {
+            for Plan { dtype, words, members, external, .. } in &plan {
                 let make = |label, usage| {
                     d.create_buffer(&wgpu::BufferDescriptor {
                         label: Some(label),
@@ -679,10 +806,22 @@ impl GpuEngine {
                         mapped_at_creation: false,
                     })
                 };
+                let (param, param_offset, grad, grad_offset) = match external {
+                    // The host's buffers, in place: nothing to copy.
+                    Some(e) => (e.param.clone(), e.param_offset, e.grad.clone(), e.grad_offset),
+                    None => (
+                        make("samopt params", U::STORAGE | U::COPY_SRC | U::COPY_DST),
+                        0,
+                        make("samopt grads", U::STORAGE | U::COPY_SRC | U::COPY_DST),
+                        0,
+                    ),
+                };
                 let arena = Arena {
                     dtype: *dtype,
-                    param: make("samopt params", U::STORAGE | U::COPY_SRC | U::COPY_DST),
-                    grad: make("samopt grads", U::STORAGE | U::COPY_SRC | U::COPY_DST),
+                    param,
+                    param_offset,
+                    grad,
+                    grad_offset,
                     backup: make("samopt backups", U::STORAGE | U::COPY_SRC),
                     first_grad: self.gsam.then(|| make("samopt first grads", U::STORAGE)),
                     state_m: has_m.then(|| state("samopt state m")),
@@ -691,7 +830,7 @@ impl GpuEngine {
                 };
                 for &(offset, k) in members {
                     let t = &self.tensors[k];
-                    if t.staged.is_none() {
+                    if t.staged.is_none() && t.external.is_none() {
                         for (part, dst) in [(Part::Param, &arena.param), (Part::Grad, &arena.grad)] {
                             let (src, src_offset) = self.location(t, part);
                             enc.copy_buffer_to_buffer(src, src_offset, dst, offset * 4, t.words * 4);
@@ -854,19 +993,20 @@ impl GpuEngine {
                         None => dummy.as_entire_binding(),
                     }
                 }
-                let range = |buffer| {
+                let range_at = |buffer, base: u64| {
                     wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer,
-                        offset: first * 4,
+                        offset: base + first * 4,
                         size: wgpu::BufferSize::new(n * 4),
                     })
                 };
+                let range = |buffer| range_at(buffer, 0);
                 let bind_group = d.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some("samopt window"),
                     layout: &self.layout,
                     entries: &[
-                        wgpu::BindGroupEntry { binding: 0, resource: range(&arena.param) },
-                        wgpu::BindGroupEntry { binding: 1, resource: range(&arena.grad) },
+                        wgpu::BindGroupEntry { binding: 0, resource: range_at(&arena.param, arena.param_offset) },
+                        wgpu::BindGroupEntry { binding: 1, resource: range_at(&arena.grad, arena.grad_offset) },
                         wgpu::BindGroupEntry { binding: 2, resource: range(&arena.backup) },
                         wgpu::BindGroupEntry { binding: 3, resource: partials.as_entire_binding() },
                         wgpu::BindGroupEntry {
@@ -1363,6 +1503,10 @@ impl Passes for GpuEngine {
             self.ctx.queue.submit([]);
             self.ctx.wait()
         })
+    }
+
+    fn add_external(&mut self, external: External, len: usize, dtype: DType) -> Result<()> {
+        GpuEngine::add_external(self, external, len, dtype)
     }
 
     fn set_cohort(&mut self, tensor: usize, cohort: (u32, u64)) {

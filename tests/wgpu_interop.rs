@@ -1,0 +1,164 @@
+//! A Rust engine on wgpu hands the optimizer its own device, queue and buffers: the passes run on
+//! those buffers in place. Checked against the CPU engine over several steps with a built-in base
+//! optimizer, read back through the host's own staging buffer; bad registrations refused.
+
+mod common;
+
+use common::Rng;
+use samopt::{Backend, BaseOptimizer, Config, DType, ErrorKind, Optimizer};
+
+struct Host {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+}
+
+/// The host's own device, as a wgpu engine would have it (None, with a notice, without one).
+fn host() -> Option<Host> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = match pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default())) {
+        Ok(a) => a,
+        Err(e) if std::env::var("SAMOPT_REQUIRE_GPU").as_deref() != Ok("1") => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "NOTICE: wgpu interop test skipped, no adapter ({e})");
+            return None;
+        }
+        Err(e) => panic!("no adapter: {e}"),
+    };
+    let info = adapter.get_info();
+    let (device, queue) = pollster::block_on(
+        adapter.request_device(&wgpu::DeviceDescriptor { required_limits: adapter.limits(), ..Default::default() }),
+    )
+    .unwrap();
+    Some(Host { device, queue, info })
+}
+
+fn read(host: &Host, buffer: &wgpu::Buffer, offset: u64, n: usize) -> Vec<f32> {
+    let staging = host.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("host readback"),
+        size: (n * 4) as u64,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = host.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, (n * 4) as u64);
+    host.queue.submit([enc.finish()]);
+    staging.map_async(wgpu::MapMode::Read, .., |r| r.unwrap());
+    host.device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    let out = bytemuck_f32(&staging.get_mapped_range(..).unwrap());
+    staging.unmap();
+    out
+}
+
+fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[test]
+fn passes_run_in_the_hosts_buffers() {
+    let Some(host) = host() else { return };
+    let align = host.device.limits().min_storage_buffer_offset_alignment as u64;
+    let config = Config { base: BaseOptimizer::Sgd, lr: 0.1, momentum: 0.9, rho: 0.1, ..Config::default() };
+    let mut sam =
+        Optimizer::on_wgpu_device(host.device.clone(), host.queue.clone(), Some(host.info.clone()), config.clone())
+            .unwrap();
+    let mut cpu = Optimizer::new(Config { backend: Backend::Cpu, ..config }).unwrap();
+
+    // Two tensors in one parameter buffer (the second at an aligned offset), gradients in another.
+    let lens = [1024usize, 4096];
+    let offsets = [0u64, (1024 * 4u64).div_ceil(align) * align];
+    let size = offsets[1] + 4096 * 4 + 64;
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let make = |label| {
+        host.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let (params, grads) = (make("host params"), make("host grads"));
+    // A sentinel just past the second tensor: samopt must never write it.
+    host.queue.write_buffer(&params, offsets[1] + 4096 * 4, &bytes(&[7.0; 16]));
+    let mut rng = Rng::new(3);
+    for (k, &n) in lens.iter().enumerate() {
+        let w: Vec<f32> = (0..n).map(|_| rng.sym(1.0) as f32).collect();
+        host.queue.write_buffer(&params, offsets[k], &bytes(&w));
+        sam.register_wgpu(&params, offsets[k], &grads, offsets[k], n, DType::F32).unwrap();
+        cpu.add_tensor(&w).unwrap();
+    }
+    assert_eq!(sam.backend(), Backend::Gpu);
+    for step in 0..5 {
+        for pass in 0..2 {
+            for (k, &n) in lens.iter().enumerate() {
+                let g: Vec<f32> =
+                    (0..n).map(|i| ((i + 31 * k + 7 * step + 3 * pass) as f32 * 0.37).sin() * 0.1).collect();
+                host.queue.write_buffer(&grads, offsets[k], &bytes(&g));
+                cpu.write_grad(k as u32, &g).unwrap();
+            }
+            if pass == 0 {
+                sam.first_step().unwrap();
+                cpu.first_step().unwrap();
+                // Between the steps the host's own buffer holds w + e(w).
+                let perturbed = read(&host, &params, offsets[0], lens[0]);
+                let mut want = vec![0f32; lens[0]];
+                cpu.read_param(0, &mut want).unwrap();
+                for (a, b) in perturbed.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "step {step}: perturbed {a} vs {b}");
+                }
+            } else {
+                sam.second_step().unwrap();
+                cpu.second_step().unwrap();
+            }
+        }
+    }
+    for (k, &n) in lens.iter().enumerate() {
+        let got = read(&host, &params, offsets[k], n);
+        let mut want = vec![0f32; n];
+        cpu.read_param(k as u32, &mut want).unwrap();
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-2), "tensor {k}[{i}]: device {a} vs cpu {b}");
+        }
+    }
+    assert_eq!(read(&host, &params, offsets[1] + 4096 * 4, 16), vec![7.0; 16], "samopt wrote past a tensor");
+    // The host's objects outlive the optimizer.
+    drop(sam);
+    assert_eq!(read(&host, &params, offsets[1] + 4096 * 4, 1), vec![7.0]);
+}
+
+#[test]
+fn bad_registrations_are_refused() {
+    let Some(host) = host() else { return };
+    let align = host.device.limits().min_storage_buffer_offset_alignment as u64;
+    let mut sam = Optimizer::on_wgpu_device(host.device.clone(), host.queue.clone(), None, Config::default()).unwrap();
+    let make = |size, usage| {
+        host.device.create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false })
+    };
+    let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+    let (a, b) = (make(4096, storage), make(4096, storage));
+    let no_storage = make(4096, wgpu::BufferUsages::COPY_DST);
+    for (result, needle) in [
+        (sam.register_wgpu(&a, 4, &b, 0, 16, DType::F32), "param_offset = 4"),
+        (sam.register_wgpu(&a, 0, &b, 0, 2048, DType::F32), "passes the end"),
+        (sam.register_wgpu(&a, 0, &b, 0, 5, DType::F32), "multiple of 16 bytes"),
+        (sam.register_wgpu(&a, 0, &no_storage, 0, 16, DType::F32), "STORAGE"),
+        (sam.register_wgpu(&a, 0, &a, 0, 16, DType::F32), "overlap"),
+        (sam.register_wgpu(&a, 0, &b, 0, 0, DType::F32), "len = 0"),
+    ] {
+        let e = result.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains(needle), "{:?} should say {needle:?}", e.message());
+    }
+    assert_eq!(sam.tensor_count(), 0);
+    sam.register_wgpu(&a, 0, &b, 0, 16, DType::F32).unwrap();
+    let e = sam.register_wgpu(&a, 0, &b, align, 16, DType::F32).unwrap_err();
+    assert!(e.message().contains("tensor 0"), "{}", e.message());
+    // A plain optimizer has no device for them.
+    let mut plain = Optimizer::new(Config { backend: Backend::Cpu, ..Config::default() }).unwrap();
+    plain.add_tensor(&[0f32]).unwrap();
+    assert_eq!(plain.register_wgpu(&a, 0, &b, 0, 16, DType::F32).unwrap_err().kind(), ErrorKind::Unsupported);
+}
