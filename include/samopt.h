@@ -223,6 +223,62 @@ typedef uint32_t SamDType;
 typedef int32_t (*SamAllreduce)(double *values, size_t count, void *user);
 
 /**
+ * The host's Vulkan objects, for `sam_create_vulkan` (all of them) and
+ * `sam_vulkan_required_extensions` (the instance and physical device). Set `struct_size` to
+ * `sizeof(SamVulkanDevice)`.
+ */
+typedef struct {
+    /**
+     * `sizeof(SamVulkanDevice)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * The loader's `vkGetInstanceProcAddr` (a `PFN_vkGetInstanceProcAddr`).
+     */
+    const void *get_instance_proc_addr;
+    /**
+     * The host's `VkInstance`, Vulkan 1.1 or later.
+     */
+    void *instance;
+    /**
+     * The `apiVersion` the instance was created with.
+     */
+    uint32_t api_version;
+    /**
+     * How many instance extensions the host enabled.
+     */
+    uint32_t instance_extension_count;
+    /**
+     * Their names.
+     */
+    const char *const *instance_extensions;
+    /**
+     * The `VkPhysicalDevice` the device was created from.
+     */
+    void *physical_device;
+    /**
+     * The host's `VkDevice` (ignored by `sam_vulkan_required_extensions`).
+     */
+    void *device;
+    /**
+     * How many device extensions the host enabled.
+     */
+    uint32_t device_extension_count;
+    /**
+     * Their names: a superset of what `sam_vulkan_required_extensions` lists.
+     */
+    const char *const *device_extensions;
+    /**
+     * The queue family samopt submits to (it must support compute).
+     */
+    uint32_t queue_family_index;
+    /**
+     * The queue within that family.
+     */
+    uint32_t queue_index;
+} SamVulkanDevice;
+
+/**
  * Which buffer of an optimizer-allocated tensor: one of the `SAM_PART_*` values.
  */
 typedef uint32_t SamTensorPart;
@@ -594,6 +650,72 @@ SamStatus sam_state_save_file(SamOptimizer *opt, const char *path);
  * `opt` must be NULL or a live handle; `path` NULL or a NUL-terminated string.
  */
 SamStatus sam_state_load_file(SamOptimizer *opt, const char *path);
+
+/**
+ * The device extensions the host must enable when it creates the `VkDevice` it hands to
+ * `sam_create_vulkan` (from `device->instance` and `device->physical_device`; the device itself
+ * may not exist yet). Stores the number in `*out_count` and the first `capacity` names (static
+ * strings) in `out_names`, which may be NULL to ask for the count. No instance extension is
+ * required beyond Vulkan 1.1; no device feature beyond Vulkan 1.1's is used.
+ *
+ * # Safety
+ * `device` must be NULL or valid (see `SamVulkanDevice`); `out_names` NULL or writable for
+ * `capacity` pointers; `out_count` NULL or writable.
+ */
+SamStatus sam_vulkan_required_extensions(const SamVulkanDevice *device,
+                                         const char **out_names,
+                                         size_t capacity,
+                                         size_t *out_count);
+
+/**
+ * Creates an optimizer whose GPU engine runs on the host's own Vulkan device and queue, so that
+ * `sam_register_vulkan` can register the host's `VkBuffer`s and the passes run on them in place.
+ * samopt never destroys the host's instance, device, queue or buffers.
+ *
+ * The synchronisation contract:
+ * - before a step (`sam_first_step`, `sam_second_step`, ...) the host's writes to the registered
+ *   buffers (its gradients, its weights) must be complete on the GPU (e.g. its fence waited);
+ * - when a samopt call returns, all the GPU work it submitted is complete, so the host may read
+ *   and write the buffers at once;
+ * - samopt submits to the given queue only inside its own calls; Vulkan requires the host not
+ *   to submit to the same `VkQueue` concurrently (give samopt a queue of its own, or do not use
+ *   that queue from another thread while a samopt call runs).
+ *
+ * Fails with `SAM_ERR_NULL_POINTER`, `SAM_ERR_INVALID_ARGUMENT` (wrong `struct_size`, a required
+ * device extension missing from `device->device_extensions`), `SAM_ERR_UNSUPPORTED`,
+ * `SAM_ERR_DEVICE`.
+ *
+ * # Safety
+ * `device` must describe live Vulkan objects created as documented there; `config` and `out` as
+ * in `sam_create`.
+ */
+SamStatus sam_create_vulkan(const SamVulkanDevice *device,
+                            const SamConfig *config,
+                            SamOptimizer **out);
+
+/**
+ * Registers a tensor in the host's `VkBuffer`s (for an optimizer from `sam_create_vulkan`):
+ * `len` elements of `dtype` at byte `param_offset` of `param_buffer` and `grad_offset` of
+ * `grad_buffer`. The passes read and write them in place; the host keeps owning them (samopt
+ * never frees them) and keeps them alive for the optimizer's lifetime. Both buffers need the
+ * `VK_BUFFER_USAGE_STORAGE_BUFFER_BIT` usage, offsets a multiple of the device's
+ * `minStorageBufferOffsetAlignment`, and the tensor a multiple of 16 bytes.
+ *
+ * Fails, registering nothing, with `SAM_ERR_NULL_POINTER` (a `VK_NULL_HANDLE` or `out_id` NULL),
+ * `SAM_ERR_INVALID_ARGUMENT` (`len` 0, an unknown dtype, a buffer smaller than `offset + len *
+ * size`, a misaligned offset, overlapping ranges), `SAM_ERR_UNSUPPORTED` (not a Vulkan optimizer).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; the buffers must be live `VkBuffer`s of its device.
+ */
+SamStatus sam_register_vulkan(SamOptimizer *opt,
+                              uint64_t param_buffer,
+                              uint64_t param_offset,
+                              uint64_t grad_buffer,
+                              uint64_t grad_offset,
+                              size_t len,
+                              SamDType dtype,
+                              uint32_t *out_id);
 
 /**
  * Stores the number of registered tensors in `*out`.

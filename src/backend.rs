@@ -113,6 +113,17 @@ pub(crate) trait Passes: Send {
         ))
     }
 
+    /// Adds a tensor in the host's `VkBuffer`s (a GPU engine on the host's `VkDevice`).
+    ///
+    /// # Safety
+    /// As `GpuEngine::add_vulkan`.
+    unsafe fn add_vulkan(&mut self, _param: (u64, u64), _grad: (u64, u64), _len: usize, _dtype: DType) -> Result<()> {
+        Err(crate::error::Error::new(
+            crate::error::ErrorKind::Unsupported,
+            "Vulkan buffers need an optimizer from sam_create_vulkan",
+        ))
+    }
+
     /// Tensors of one cohort (group, and the number of updates applied before it was registered)
     /// share every per-tensor scalar of every step; the GPU packs each cohort on its own.
     fn set_cohort(&mut self, _tensor: usize, _cohort: (u32, u64)) {}

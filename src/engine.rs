@@ -227,6 +227,44 @@ impl Optimizer {
         Ok((self.tensors.len() - 1) as TensorId)
     }
 
+    /// An optimizer whose GPU engine runs on the host's own Vulkan device (see
+    /// `sam_create_vulkan` for the contract).
+    pub(crate) fn on_vulkan(handles: &crate::gpu::vulkan::VulkanHandles, config: Config) -> Result<Optimizer> {
+        let config = Config { backend: Backend::Gpu, ..config };
+        config.validate()?;
+        let engine = crate::gpu::vulkan::open(handles, &config)?;
+        let mut opt = Optimizer::new(Config { backend: Backend::Auto, ..config.clone() })?;
+        opt.passes = Some(Box::new(engine));
+        opt.backend = Backend::Gpu;
+        opt.config = config;
+        Ok(opt)
+    }
+
+    /// Registers a tensor in the host's `VkBuffer`s (handles and byte offsets).
+    ///
+    /// # Safety
+    /// Both buffers must be live buffers of the optimizer's `VkDevice` with the STORAGE_BUFFER
+    /// usage, unused by the host during samopt's calls, for the optimizer's lifetime.
+    pub(crate) unsafe fn register_vulkan(
+        &mut self,
+        param: (u64, u64),
+        grad: (u64, u64),
+        len: usize,
+        dtype: DType,
+    ) -> Result<TensorId> {
+        self.expect_idle("register a tensor")?;
+        if len == 0 {
+            return Err(Error::invalid("len = 0: a tensor needs at least one element"));
+        }
+        let passes = self.passes.as_mut().ok_or_else(|| {
+            Error::new(ErrorKind::Unsupported, "Vulkan buffers need an optimizer from sam_create_vulkan")
+        })?;
+        // SAFETY: the caller's contract, passed on.
+        unsafe { passes.add_vulkan(param, grad, len, dtype) }?;
+        self.push_tensor(len, dtype, false);
+        Ok((self.tensors.len() - 1) as TensorId)
+    }
+
     /// The backend, created on first use under AUTO: the GPU for owned tensors when an adapter
     /// exists, else the CPU.
     fn passes_for(&mut self, owned: bool) -> Result<&mut Box<dyn Passes>> {

@@ -29,6 +29,8 @@ use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
 use crate::math::{Perturbation, TensorStep, UpdateStep};
 
+pub mod vulkan;
+
 const WORKGROUP: u64 = 256;
 /// Bytes of the reusable download staging buffer (downloads larger than this go in pieces).
 const READBACK_BYTES: u64 = 32 << 20;
@@ -437,6 +439,8 @@ pub(crate) struct GpuEngine {
     bad_windows: Vec<usize>,
     /// The window uniforms of the last update, reused every step.
     window_uniforms: Vec<WindowUniform>,
+    /// The wgpu instance and adapter around a host's Vulkan device, kept as long as the device.
+    keep_alive: Option<(wgpu::Instance, wgpu::Adapter)>,
     timing: Option<Timing>,
 }
 
@@ -539,6 +543,7 @@ impl GpuEngine {
             step: bytemuck::Zeroable::zeroed(),
             dummy,
             window_uniforms: Vec::new(),
+            keep_alive: None,
             module,
             layout,
             pipeline_layout,
@@ -1507,6 +1512,11 @@ impl Passes for GpuEngine {
 
     fn add_external(&mut self, external: External, len: usize, dtype: DType) -> Result<()> {
         GpuEngine::add_external(self, external, len, dtype)
+    }
+
+    unsafe fn add_vulkan(&mut self, param: (u64, u64), grad: (u64, u64), len: usize, dtype: DType) -> Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { GpuEngine::add_vulkan(self, param, grad, len, dtype) }
     }
 
     fn set_cohort(&mut self, tensor: usize, cohort: (u32, u64)) {
