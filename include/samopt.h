@@ -223,6 +223,12 @@ typedef uint32_t SamDType;
 typedef int32_t (*SamAllreduce)(double *values, size_t count, void *user);
 
 /**
+ * The loader's `vkGetInstanceProcAddr`, cast to this type: `(SamVkGetInstanceProcAddr)vkGetInstanceProcAddr`
+ * (the same function; its result is declared as a plain pointer here).
+ */
+typedef const void *(*SamVkGetInstanceProcAddr)(void *instance, const char *name);
+
+/**
  * The host's Vulkan objects, for `sam_create_vulkan` (all of them) and
  * `sam_vulkan_required_extensions` (the instance and physical device). Set `struct_size` to
  * `sizeof(SamVulkanDevice)`.
@@ -233,9 +239,9 @@ typedef struct {
      */
     size_t struct_size;
     /**
-     * The loader's `vkGetInstanceProcAddr` (a `PFN_vkGetInstanceProcAddr`).
+     * The loader's `vkGetInstanceProcAddr`, cast to `SamVkGetInstanceProcAddr`.
      */
-    const void *get_instance_proc_addr;
+    SamVkGetInstanceProcAddr get_instance_proc_addr;
     /**
      * The host's `VkInstance`, Vulkan 1.1 or later.
      */

@@ -14,6 +14,9 @@ command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 if ! ldconfig -p | grep -q 'libvulkan\.so\.1'; then need+=(libvulkan1); fi
 if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then need+=(mesa-vulkan-drivers); fi
+# Vulkan's headers for the C Vulkan example, and the Khronos validation layer its tests run under.
+[ -f /usr/include/vulkan/vulkan.h ] || need+=(libvulkan-dev)
+ls /usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json >/dev/null 2>&1 || need+=(vulkan-validationlayers)
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
@@ -28,8 +31,9 @@ if ((${#need[@]})); then
     apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
-# The GPU tests fail, rather than skip, when no adapter is found.
-export SAMOPT_REQUIRE_GPU=1
+# The GPU tests fail, rather than skip, when no adapter is found; the Vulkan interop test when the
+# validation layer is missing.
+export SAMOPT_REQUIRE_GPU=1 SAMOPT_REQUIRE_VALIDATION=1
 # Mesa warns on every start unless XDG_RUNTIME_DIR names a private directory.
 if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
     export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/samopt-xdg-$(id -u)"
@@ -47,6 +51,9 @@ bash scripts/package-test.sh
 # PyPI's torch wheel into a private virtualenv the first time).
 bash scripts/libtorch-example.sh
 bash scripts/libtorch-example.sh --ascent-fraction 0.25 | tail -n 3
+
+# A C engine's own Vulkan device and buffers under samopt, with the validation layer.
+bash scripts/vulkan-example.sh
 
 # The Julia binding: its test suite and example (installs a private Julia the first time).
 bash scripts/julia-test.sh

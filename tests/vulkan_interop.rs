@@ -108,7 +108,11 @@ fn host_vulkan_buffers_in_place() {
         let inst_ext_ptrs: Vec<*const i8> = inst_ext_names.iter().map(|c| c.as_ptr()).collect();
         let mut desc = SamVulkanDevice {
             struct_size: size_of::<SamVulkanDevice>(),
-            get_instance_proc_addr: entry.static_fn().get_instance_proc_addr as *const c_void,
+            // SAFETY: the same function, its result declared as a plain pointer.
+            get_instance_proc_addr: Some(std::mem::transmute::<
+                vk::PFN_vkGetInstanceProcAddr,
+                unsafe extern "system" fn(*mut c_void, *const std::ffi::c_char) -> *const c_void,
+            >(entry.static_fn().get_instance_proc_addr)),
             instance: instance.handle().as_raw() as *mut c_void,
             api_version,
             instance_extension_count: inst_ext_ptrs.len() as u32,

@@ -743,6 +743,11 @@ pub unsafe extern "C" fn sam_state_load_file(opt: *mut SamOptimizer, path: *cons
     })
 }
 
+/// The loader's `vkGetInstanceProcAddr`, cast to this type: `(SamVkGetInstanceProcAddr)vkGetInstanceProcAddr`
+/// (the same function; its result is declared as a plain pointer here).
+pub type SamVkGetInstanceProcAddr =
+    Option<unsafe extern "system" fn(instance: *mut c_void, name: *const c_char) -> *const c_void>;
+
 /// The host's Vulkan objects, for `sam_create_vulkan` (all of them) and
 /// `sam_vulkan_required_extensions` (the instance and physical device). Set `struct_size` to
 /// `sizeof(SamVulkanDevice)`.
@@ -751,8 +756,8 @@ pub unsafe extern "C" fn sam_state_load_file(opt: *mut SamOptimizer, path: *cons
 pub struct SamVulkanDevice {
     /// `sizeof(SamVulkanDevice)` as the caller compiled it.
     pub struct_size: usize,
-    /// The loader's `vkGetInstanceProcAddr` (a `PFN_vkGetInstanceProcAddr`).
-    pub get_instance_proc_addr: *const c_void,
+    /// The loader's `vkGetInstanceProcAddr`, cast to `SamVkGetInstanceProcAddr`.
+    pub get_instance_proc_addr: SamVkGetInstanceProcAddr,
     /// The host's `VkInstance`, Vulkan 1.1 or later.
     pub instance: *mut c_void,
     /// The `apiVersion` the instance was created with.
@@ -790,14 +795,17 @@ unsafe fn vulkan_handles(d: *const SamVulkanDevice, need_device: bool) -> Result
             size_of::<SamVulkanDevice>()
         )));
     }
-    non_null(d.get_instance_proc_addr, "device->get_instance_proc_addr")?;
+    let gipa = d
+        .get_instance_proc_addr
+        .ok_or_else(|| Error::new(ErrorKind::NullPointer, "device->get_instance_proc_addr is NULL"))?;
     non_null(d.instance, "device->instance")?;
     non_null(d.physical_device, "device->physical_device")?;
     if need_device {
         non_null(d.device, "device->device")?;
     }
-    // SAFETY: a non-null function pointer from the host's loader.
-    let gipa: ash::vk::PFN_vkGetInstanceProcAddr = unsafe { std::mem::transmute(d.get_instance_proc_addr) };
+    // SAFETY: the loader's vkGetInstanceProcAddr: the same signature, its result a function
+    // pointer where this type says a plain one.
+    let gipa: ash::vk::PFN_vkGetInstanceProcAddr = unsafe { std::mem::transmute(gipa) };
     Ok(crate::gpu::vulkan::VulkanHandles {
         get_instance_proc_addr: gipa,
         instance: ash::vk::Instance::from_raw(d.instance as u64),
