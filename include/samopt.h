@@ -688,7 +688,8 @@ SamStatus sam_vulkan_required_extensions(const SamVulkanDevice *device,
  *   that queue from another thread while a samopt call runs).
  *
  * Fails with `SAM_ERR_NULL_POINTER`, `SAM_ERR_INVALID_ARGUMENT` (wrong `struct_size`, a required
- * device extension missing from `device->device_extensions`), `SAM_ERR_UNSUPPORTED`,
+ * device extension missing from `device->device_extensions`, a queue family that does not exist
+ * or lacks compute, a queue index past the family's count), `SAM_ERR_UNSUPPORTED`,
  * `SAM_ERR_DEVICE`.
  *
  * # Safety

@@ -184,6 +184,45 @@ fn host_vulkan_buffers_in_place() {
         desc.device_extensions = ext_ptrs.as_ptr();
         let config = SamConfig { base: SAM_BASE_SGD, lr: 0.1, momentum: 0.9, rho: 0.1, ..sam_config_default() };
         let mut opt = std::ptr::null_mut();
+        // Bad descriptions: each refused with a message naming the field, no optimizer made.
+        let too_few: Vec<*const i8> = ext_ptrs[..ext_ptrs.len().saturating_sub(1)].to_vec();
+        let mut refused = vec![
+            (SamVulkanDevice { struct_size: 8, ..desc }, SamStatus::SAM_ERR_INVALID_ARGUMENT, "struct_size = 8"),
+            (
+                SamVulkanDevice { get_instance_proc_addr: None, ..desc },
+                SamStatus::SAM_ERR_NULL_POINTER,
+                "get_instance_proc_addr",
+            ),
+            (
+                SamVulkanDevice { instance: std::ptr::null_mut(), ..desc },
+                SamStatus::SAM_ERR_NULL_POINTER,
+                "device->instance",
+            ),
+            (
+                SamVulkanDevice { device: std::ptr::null_mut(), ..desc },
+                SamStatus::SAM_ERR_NULL_POINTER,
+                "device->device",
+            ),
+            (
+                SamVulkanDevice { queue_family_index: 99, ..desc },
+                SamStatus::SAM_ERR_INVALID_ARGUMENT,
+                "queue_family_index = 99",
+            ),
+            (SamVulkanDevice { queue_index: 1000, ..desc }, SamStatus::SAM_ERR_INVALID_ARGUMENT, "queue_index = 1000"),
+        ];
+        if !ext_ptrs.is_empty() {
+            let mut missing = desc;
+            missing.device_extension_count = too_few.len() as u32;
+            missing.device_extensions = too_few.as_ptr();
+            refused.push((missing, SamStatus::SAM_ERR_INVALID_ARGUMENT, "device_extensions lacks"));
+        }
+        eprintln!("samopt asks for {} device extensions; {} bad descriptions refused", ext_ptrs.len(), refused.len());
+        for (bad, status, needle) in &refused {
+            assert_eq!(sam_create_vulkan(bad, &config, &mut opt), *status, "{needle}: {}", common::last_error());
+            assert!(common::last_error().contains(needle), "{:?} should say {needle:?}", common::last_error());
+            assert!(opt.is_null());
+        }
+        assert_eq!(sam_create_vulkan(std::ptr::null(), &config, &mut opt), SamStatus::SAM_ERR_NULL_POINTER);
         assert_eq!(sam_create_vulkan(&desc, &config, &mut opt), SamStatus::SAM_OK, "{}", common::last_error());
         let mut cpu = Optimizer::new(Config {
             backend: Backend::Cpu,

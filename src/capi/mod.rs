@@ -871,7 +871,8 @@ pub unsafe extern "C" fn sam_vulkan_required_extensions(
 ///   that queue from another thread while a samopt call runs).
 ///
 /// Fails with `SAM_ERR_NULL_POINTER`, `SAM_ERR_INVALID_ARGUMENT` (wrong `struct_size`, a required
-/// device extension missing from `device->device_extensions`), `SAM_ERR_UNSUPPORTED`,
+/// device extension missing from `device->device_extensions`, a queue family that does not exist
+/// or lacks compute, a queue index past the family's count), `SAM_ERR_UNSUPPORTED`,
 /// `SAM_ERR_DEVICE`.
 ///
 /// # Safety

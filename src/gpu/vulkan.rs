@@ -104,6 +104,33 @@ pub(crate) fn open(h: &VulkanHandles, config: &Config) -> Result<GpuEngine> {
             missing.to_string_lossy()
         )));
     }
+    // The queue must exist and run compute: wgpu fetches it with vkGetDeviceQueue, where a bad
+    // index is undefined behaviour rather than an error.
+    {
+        // SAFETY: a physical device of this instance (the host's contract).
+        let families = unsafe {
+            hal.shared_instance().raw_instance().get_physical_device_queue_family_properties(h.physical_device)
+        };
+        let Some(family) = families.get(h.queue_family as usize) else {
+            return Err(Error::invalid(format!(
+                "device->queue_family_index = {}, but the physical device has {} queue families",
+                h.queue_family,
+                families.len()
+            )));
+        };
+        if !family.queue_flags.contains(ash::vk::QueueFlags::COMPUTE) {
+            return Err(Error::invalid(format!(
+                "device->queue_family_index = {}: that family does not support compute",
+                h.queue_family
+            )));
+        }
+        if h.queue_index >= family.queue_count {
+            return Err(Error::invalid(format!(
+                "device->queue_index = {}, but queue family {} has {} queues",
+                h.queue_index, h.queue_family, family.queue_count
+            )));
+        }
+    }
     let limits = exposed.capabilities.limits.clone();
     let raw_device = {
         let instance = hal.shared_instance().raw_instance();
