@@ -118,6 +118,23 @@ public:
     /// The C handle, for calls this wrapper does not cover.
     SamOptimizer *get() const noexcept { return handle_; }
 
+    /// sam_create_vulkan: an optimizer on the host's own Vulkan device and queue (see
+    /// SamVulkanDevice and the synchronisation contract in samopt.h).
+    static Optimizer on_vulkan(const SamVulkanDevice &device, const SamConfig &config = Config()) {
+        SamOptimizer *handle = nullptr;
+        check(sam_create_vulkan(&device, &config, &handle));
+        return Optimizer(handle);
+    }
+
+    /// sam_register_vulkan: a tensor in the host's VkBuffers (passed as uint64_t, e.g.
+    /// `(uint64_t)buffer`), used in place and never freed. Returns the tensor's id.
+    uint32_t register_vulkan(uint64_t param_buffer, uint64_t param_offset, uint64_t grad_buffer,
+                             uint64_t grad_offset, size_t len, SamDType dtype = SAM_DTYPE_F32) {
+        uint32_t id = 0;
+        check(sam_register_vulkan(handle_, param_buffer, param_offset, grad_buffer, grad_offset, len, dtype, &id));
+        return id;
+    }
+
     /// sam_register_host: a parameter buffer and its gradient buffer, both owned by the caller
     /// and kept in place for the optimizer's lifetime. Returns the tensor's id.
     uint32_t register_host(void *param, const void *grad, size_t len, SamDType dtype) {
@@ -261,8 +278,20 @@ public:
     }
 
 private:
+    explicit Optimizer(SamOptimizer *handle) noexcept : handle_(handle) {}
     SamOptimizer *handle_ = nullptr;
 };
+
+/// sam_vulkan_required_extensions: the device extensions to enable when creating the VkDevice
+/// handed to Optimizer::on_vulkan (static strings; `device.device` may still be null).
+inline std::vector<const char *> vulkan_required_extensions(const SamVulkanDevice &device) {
+    size_t count = 0;
+    check(sam_vulkan_required_extensions(&device, nullptr, 0, &count));
+    std::vector<const char *> names(count);
+    check(sam_vulkan_required_extensions(&device, names.data(), names.size(), &count));
+    names.resize(count);
+    return names;
+}
 
 }  // namespace samopt
 

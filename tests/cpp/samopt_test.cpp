@@ -106,6 +106,14 @@ static void errors_and_raii() {
     EXPECT(std::strlen(samopt::version()) > 0 && samopt::abi_version() == SAM_ABI_VERSION);
     for (const SamAdapterInfo &a : samopt::gpu_adapters()) EXPECT(a.name[0] != 0);
     samopt::set_log_callback(nullptr);
+    // The Vulkan entry points translate errors the same way (tests/vulkan_interop.rs runs them on
+    // a real device): a stale struct size, a missing instance, a CPU optimizer's registration.
+    SamVulkanDevice vd{};
+    vd.struct_size = 8;
+    expect_error([&] { samopt::vulkan_required_extensions(vd); }, SAM_ERR_INVALID_ARGUMENT, "struct_size = 8");
+    vd.struct_size = sizeof vd;
+    expect_error([&] { samopt::Optimizer::on_vulkan(vd); }, SAM_ERR_NULL_POINTER, "get_instance_proc_addr");
+    expect_error([&] { other.register_vulkan(1, 0, 2, 0, 16); }, SAM_ERR_UNSUPPORTED, "sam_create_vulkan");
 }
 
 // SGD with momentum through the plugin against the same formulas in double.
