@@ -908,6 +908,9 @@ pub unsafe extern "C" fn sam_create_vulkan(
 /// Fails, registering nothing, with `SAM_ERR_NULL_POINTER` (a `VK_NULL_HANDLE` or `out_id` NULL),
 /// `SAM_ERR_INVALID_ARGUMENT` (`len` 0, an unknown dtype, a buffer smaller than `offset + len *
 /// size`, a misaligned offset, overlapping ranges), `SAM_ERR_UNSUPPORTED` (not a Vulkan optimizer).
+/// Vulkan has no query for a buffer's size, so samopt bounds the range by the buffer's memory
+/// requirements (`vkGetBufferMemoryRequirements`): a range that ends inside the alignment padding
+/// past the size the host created the buffer with is not caught, and stays the host's to avoid.
 ///
 /// # Safety
 /// `opt` must be NULL or a live handle; the buffers must be live `VkBuffer`s of its device.

@@ -197,7 +197,8 @@ impl GpuEngine {
                 return Err(Error::new(ErrorKind::NullPointer, format!("{name}_buffer is VK_NULL_HANDLE")));
             }
             let buffer = vk::Buffer::from_raw(handle);
-            // The host's buffer must hold the range: its memory requirements bound its size.
+            // The host's buffer must hold the range. Vulkan cannot tell a buffer's creation size;
+            // its memory requirements are the tightest bound samopt can check (documented in the header).
             // SAFETY: a live buffer of this device (the caller's contract).
             let size = unsafe {
                 self.ctx.device.as_hal::<Vulkan>().map(|d| d.raw_device().get_buffer_memory_requirements(buffer).size)
