@@ -35,24 +35,7 @@ fn host() -> Option<Host> {
 }
 
 fn read(host: &Host, buffer: &wgpu::Buffer, offset: u64, n: usize) -> Vec<f32> {
-    let staging = host.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("host readback"),
-        size: (n * 4) as u64,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut enc = host.device.create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, (n * 4) as u64);
-    host.queue.submit([enc.finish()]);
-    staging.map_async(wgpu::MapMode::Read, .., |r| r.unwrap());
-    host.device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-    let out = bytemuck_f32(&staging.get_mapped_range(..).unwrap());
-    staging.unmap();
-    out
-}
-
-fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    read_as(host, buffer, offset, n)
 }
 
 fn bytes(v: &[f32]) -> Vec<u8> {
@@ -165,7 +148,7 @@ fn bad_registrations_are_refused() {
 }
 
 /// The host's buffer read back through its own staging buffer, as `T`s.
-fn read_as<T: samopt::Element>(host: &Host, buffer: &wgpu::Buffer, n: usize) -> Vec<T> {
+fn read_as<T: samopt::Element>(host: &Host, buffer: &wgpu::Buffer, offset: u64, n: usize) -> Vec<T> {
     let size = (n * std::mem::size_of::<T>()) as u64;
     let staging = host.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("host readback"),
@@ -174,7 +157,7 @@ fn read_as<T: samopt::Element>(host: &Host, buffer: &wgpu::Buffer, n: usize) -> 
         mapped_at_creation: false,
     });
     let mut enc = host.device.create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+    enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
     host.queue.submit([enc.finish()]);
     staging.map_async(wgpu::MapMode::Read, .., |r| r.unwrap());
     host.device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
@@ -233,7 +216,7 @@ fn variant_on_imported_buffers<T: samopt::Element>(host: &Host, config: &Config)
             let g = narrow((0..n).map(|i| ((i * 7 + 13 * step + 5 * pass) as f32 * 0.11).sin() * 0.2).collect());
             host.queue.write_buffer(&grads, 0, bytemuck::cast_slice(&g));
             cpu.write_grad(0, &g).unwrap();
-            let before = widen(&read_as::<T>(host, &params, n));
+            let before = widen(&read_as::<T>(host, &params, 0, n));
             if pass == 0 {
                 sam.first_step().unwrap();
                 cpu.first_step().unwrap();
@@ -241,7 +224,7 @@ fn variant_on_imported_buffers<T: samopt::Element>(host: &Host, config: &Config)
                 sam.second_step().unwrap();
                 cpu.second_step().unwrap();
             }
-            let got = widen(&read_as::<T>(host, &params, n));
+            let got = widen(&read_as::<T>(host, &params, 0, n));
             cpu.read_param(0, &mut want).unwrap();
             worst = worst.max(roundings(&got, &widen(&want)));
             if pass == 0 {
