@@ -188,15 +188,51 @@ impl Optimizer {
         adapter_info: Option<wgpu::AdapterInfo>,
         config: Config,
     ) -> Result<Optimizer> {
+        Optimizer::on_host_device(config, |config| GpuEngine::on_device(device, queue, adapter_info, config))
+    }
+
+    /// An optimizer on a GPU engine that `open` builds on the host's own device, from the
+    /// validated config.
+    fn on_host_device(config: Config, open: impl FnOnce(&Config) -> Result<GpuEngine>) -> Result<Optimizer> {
         let config = Config { backend: Backend::Gpu, ..config };
         config.validate()?;
-        let engine = GpuEngine::on_device(device, queue, adapter_info, &config)?;
+        let engine = open(&config)?;
         // AUTO creates no engine yet; this device's engine takes its place.
         let mut opt = Optimizer::new(Config { backend: Backend::Auto, ..config.clone() })?;
         opt.passes = Some(Box::new(engine));
         opt.backend = Backend::Gpu;
         opt.config = config;
         Ok(opt)
+    }
+
+    /// What every new tensor must pass, however it is registered: the optimizer idle, at least
+    /// one element, room for another id, a byte size inside the address space (returned).
+    fn check_new_tensor(&self, what: &str, len: usize, dtype: DType) -> Result<usize> {
+        self.expect_idle(what)?;
+        if len == 0 {
+            return Err(Error::invalid("len = 0: a tensor needs at least one element"));
+        }
+        if self.tensors.len() >= TensorId::MAX as usize {
+            return Err(Error::invalid(format!("too many tensors: {}", self.tensors.len())));
+        }
+        len.checked_mul(dtype.size()).filter(|&b| b <= isize::MAX as usize).ok_or_else(|| {
+            Error::invalid(format!("len = {len}: {len} elements of {} overflow the address space", dtype.name()))
+        })
+    }
+
+    /// Registers a tensor in host device buffers: `add` hands them to the backend, which refuses
+    /// (`unsupported`) when there is none.
+    fn register_in_place(
+        &mut self,
+        len: usize,
+        dtype: DType,
+        unsupported: &str,
+        add: impl FnOnce(&mut Box<dyn Passes>) -> Result<()>,
+    ) -> Result<TensorId> {
+        self.check_new_tensor("register a tensor", len, dtype)?;
+        add(self.passes.as_mut().ok_or_else(|| Error::new(ErrorKind::Unsupported, unsupported))?)?;
+        self.push_tensor(len, dtype, false);
+        Ok((self.tensors.len() - 1) as TensorId)
     }
 
     /// Registers a tensor that lives in the host's wgpu buffers (on the device given to
@@ -214,30 +250,16 @@ impl Optimizer {
         len: usize,
         dtype: DType,
     ) -> Result<TensorId> {
-        self.expect_idle("register a tensor")?;
-        if len == 0 {
-            return Err(Error::invalid("len = 0: a tensor needs at least one element"));
-        }
         let external = crate::gpu::External { param: param.clone(), param_offset, grad: grad.clone(), grad_offset };
-        self.passes
-            .as_mut()
-            .ok_or_else(|| Error::new(ErrorKind::Unsupported, "register_wgpu needs an optimizer from on_wgpu_device"))?
-            .add_external(external, len, dtype)?;
-        self.push_tensor(len, dtype, false);
-        Ok((self.tensors.len() - 1) as TensorId)
+        self.register_in_place(len, dtype, "register_wgpu needs an optimizer from on_wgpu_device", |passes| {
+            passes.add_external(external, len, dtype)
+        })
     }
 
     /// An optimizer whose GPU engine runs on the host's own Vulkan device (see
     /// `sam_create_vulkan` for the contract).
     pub(crate) fn on_vulkan(handles: &crate::gpu::vulkan::VulkanHandles, config: Config) -> Result<Optimizer> {
-        let config = Config { backend: Backend::Gpu, ..config };
-        config.validate()?;
-        let engine = crate::gpu::vulkan::open(handles, &config)?;
-        let mut opt = Optimizer::new(Config { backend: Backend::Auto, ..config.clone() })?;
-        opt.passes = Some(Box::new(engine));
-        opt.backend = Backend::Gpu;
-        opt.config = config;
-        Ok(opt)
+        Optimizer::on_host_device(config, |config| crate::gpu::vulkan::open(handles, config))
     }
 
     /// Registers a tensor in the host's `VkBuffer`s (handles and byte offsets).
@@ -252,17 +274,10 @@ impl Optimizer {
         len: usize,
         dtype: DType,
     ) -> Result<TensorId> {
-        self.expect_idle("register a tensor")?;
-        if len == 0 {
-            return Err(Error::invalid("len = 0: a tensor needs at least one element"));
-        }
-        let passes = self.passes.as_mut().ok_or_else(|| {
-            Error::new(ErrorKind::Unsupported, "Vulkan buffers need an optimizer from sam_create_vulkan")
-        })?;
-        // SAFETY: the caller's contract, passed on.
-        unsafe { passes.add_vulkan(param, grad, len, dtype) }?;
-        self.push_tensor(len, dtype, false);
-        Ok((self.tensors.len() - 1) as TensorId)
+        self.register_in_place(len, dtype, "Vulkan buffers need an optimizer from sam_create_vulkan", |passes| {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { passes.add_vulkan(param, grad, len, dtype) }
+        })
     }
 
     /// The backend, created on first use under AUTO: the GPU for owned tensors when an adapter
@@ -364,16 +379,7 @@ impl Optimizer {
         len: usize,
         dtype: DType,
     ) -> Result<TensorId> {
-        self.expect_idle("register a tensor")?;
-        if self.tensors.len() >= TensorId::MAX as usize {
-            return Err(Error::invalid(format!("too many tensors: {}", self.tensors.len())));
-        }
-        if len == 0 {
-            return Err(Error::invalid("len = 0: a tensor needs at least one element"));
-        }
-        let bytes = len.checked_mul(dtype.size()).filter(|&b| b <= isize::MAX as usize).ok_or_else(|| {
-            Error::invalid(format!("len = {len}: {len} elements of {} overflow the address space", dtype.name()))
-        })?;
+        let bytes = self.check_new_tensor("register a tensor", len, dtype)?;
         let p = Self::check_range("param", param as usize, bytes, dtype)?;
         let g = Self::check_range("grad", grad as usize, bytes, dtype)?;
         if p.start < g.end && g.start < p.end {
@@ -411,16 +417,7 @@ impl Optimizer {
     /// [`write_grad`](Self::write_grad), [`read_param`](Self::read_param); on the CPU also
     /// through slices ([`param`](Self::param), [`grad_mut`](Self::grad_mut)).
     pub fn add_zeroed_tensor(&mut self, len: usize, dtype: DType) -> Result<TensorId> {
-        self.expect_idle("add a tensor")?;
-        if len == 0 {
-            return Err(Error::invalid("len = 0: a tensor needs at least one element"));
-        }
-        if self.tensors.len() >= TensorId::MAX as usize {
-            return Err(Error::invalid(format!("too many tensors: {}", self.tensors.len())));
-        }
-        len.checked_mul(dtype.size()).filter(|&b| b <= isize::MAX as usize).ok_or_else(|| {
-            Error::invalid(format!("len = {len}: {len} elements of {} overflow the address space", dtype.name()))
-        })?;
+        self.check_new_tensor("add a tensor", len, dtype)?;
         self.passes_for(true)?.add_owned(len, dtype)?;
         self.push_tensor(len, dtype, true);
         Ok((self.tensors.len() - 1) as TensorId)
