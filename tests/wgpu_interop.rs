@@ -38,6 +38,20 @@ fn read(host: &Host, buffer: &wgpu::Buffer, offset: u64, n: usize) -> Vec<f32> {
     read_as(host, buffer, offset, n)
 }
 
+/// The host's parameter and gradient buffers of `size` bytes, usable by samopt and copyable.
+fn param_and_grad_buffers(host: &Host, size: u64) -> (wgpu::Buffer, wgpu::Buffer) {
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let make = |label| {
+        host.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    (make("host params"), make("host grads"))
+}
+
 fn bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -56,16 +70,7 @@ fn passes_run_in_the_hosts_buffers() {
     let lens = [1024usize, 4096];
     let offsets = [0u64, (1024 * 4u64).div_ceil(align) * align];
     let size = offsets[1] + 4096 * 4 + 64;
-    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    let make = |label| {
-        host.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size,
-            usage,
-            mapped_at_creation: false,
-        })
-    };
-    let (params, grads) = (make("host params"), make("host grads"));
+    let (params, grads) = param_and_grad_buffers(&host, size);
     // A sentinel just past the second tensor: samopt must never write it.
     host.queue.write_buffer(&params, offsets[1] + 4096 * 4, &bytes(&[7.0; 16]));
     let mut rng = Rng::new(3);
@@ -175,17 +180,8 @@ fn variant_on_imported_buffers<T: samopt::Element>(host: &Host, config: &Config)
     let n = 3000; // 12000 or 6000 bytes: a multiple of 16 in every dtype
     let mut sam = Optimizer::on_wgpu_device(host.device.clone(), host.queue.clone(), None, config.clone()).unwrap();
     let mut cpu = Optimizer::new(Config { backend: Backend::Cpu, ..config.clone() }).unwrap();
-    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
     let size = (n * std::mem::size_of::<T>()) as u64;
-    let make = |label| {
-        host.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size,
-            usage,
-            mapped_at_creation: false,
-        })
-    };
-    let (params, grads) = (make("host params"), make("host grads"));
+    let (params, grads) = param_and_grad_buffers(host, size);
     let narrow = |v: Vec<f32>| {
         let mut out = vec![T::zeroed(); v.len()];
         T::narrow(&v, &mut out);
