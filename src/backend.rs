@@ -54,6 +54,50 @@ pub enum Part {
     Grad,
 }
 
+/// The adapter a GPU engine runs on, as `samopt info` and `sam_get_adapter_info` report it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterSummary {
+    /// The adapter's name, e.g. `llvmpipe (LLVM 15.0.6, 256 bits)`.
+    pub name: String,
+    /// The graphics API: `vulkan`, `metal`, `dx12` or `gl`.
+    pub backend: String,
+    /// `discrete`, `integrated`, `virtual`, `cpu` or `other`.
+    pub device_type: String,
+    /// The driver's name and version, where the driver reports them.
+    pub driver: String,
+    /// The largest storage binding, in bytes: tensors larger than this run in windows.
+    pub max_binding_bytes: u64,
+    /// The largest buffer, in bytes: the largest tensor the engine can hold.
+    pub max_buffer_bytes: u64,
+    /// Whether the adapter can time passes with timestamp queries.
+    pub timestamps: bool,
+}
+
+/// A tensor in the host's own device buffers, registered with
+/// [`Optimizer::register_wgpu`](crate::Optimizer::register_wgpu): the passes run on them in place.
+#[derive(Clone, Debug)]
+pub struct External {
+    /// The parameter's buffer.
+    pub param: wgpu::Buffer,
+    /// Bytes from the start of `param` to the tensor.
+    pub param_offset: u64,
+    /// The gradient's buffer.
+    pub grad: wgpu::Buffer,
+    /// Bytes from the start of `grad` to the tensor.
+    pub grad_offset: u64,
+}
+
+/// The GPU time of each pass of the last step, in nanoseconds, from timestamp queries.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PassTimes {
+    /// The norm pass.
+    pub norm_ns: f64,
+    /// The perturbation pass.
+    pub perturb_ns: f64,
+    /// The restore pass.
+    pub restore_ns: f64,
+}
+
 /// The passes of one SAM step.
 pub(crate) trait Passes: Send {
     /// Adds a host tensor; it takes part in every later pass. Allocates its backup.
@@ -106,7 +150,7 @@ pub(crate) trait Passes: Send {
 
     /// Adds a tensor that lives in the host's own device buffers (GPU only): the passes run on
     /// them in place.
-    fn add_external(&mut self, _external: crate::gpu::External, _len: usize, _dtype: DType) -> Result<()> {
+    fn add_external(&mut self, _external: External, _len: usize, _dtype: DType) -> Result<()> {
         Err(crate::error::Error::new(
             crate::error::ErrorKind::Unsupported,
             "device buffers need a GPU backend on the same device: create the optimizer with Optimizer::on_wgpu_device",
@@ -136,7 +180,7 @@ pub(crate) trait Passes: Send {
     fn describe(&self) -> String;
 
     /// The GPU adapter, for a GPU backend.
-    fn adapter(&self) -> Option<crate::gpu::AdapterSummary> {
+    fn adapter(&self) -> Option<AdapterSummary> {
         None
     }
 
@@ -146,7 +190,7 @@ pub(crate) trait Passes: Send {
     }
 
     /// The pass times of the last step, when timing is enabled.
-    fn pass_times(&mut self) -> Option<crate::gpu::PassTimes> {
+    fn pass_times(&mut self) -> Option<PassTimes> {
         None
     }
 

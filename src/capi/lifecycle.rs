@@ -1,0 +1,249 @@
+//! A handle's life: the configuration, `sam_create`, `sam_destroy`, and registering host buffers.
+
+use std::ffi::{CStr, c_char, c_void};
+use std::sync::Mutex;
+
+use super::ffi::{arg_ref, boundary, non_null, write_out};
+use super::logging;
+use super::types::{
+    SAM_BACKEND_AUTO, SAM_BACKEND_CPU, SAM_BACKEND_GPU, SAM_BASE_ADAMW, SAM_BASE_NONE, SAM_BASE_SGD, SamBackend,
+    SamBase, SamDType, SamOptimizer, SamStatus, dtype_from_c,
+};
+use crate::config::{Backend, BaseOptimizer, Config, Norm};
+use crate::engine::Optimizer;
+use crate::error::{Error, Result};
+
+/// Configuration of an optimizer. Always start from `sam_config_default()`, which also sets
+/// `struct_size`, then change the fields you need.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamConfig {
+    /// `sizeof(SamConfig)` as the caller compiled it; lets the struct grow in later versions
+    /// without breaking programs built against older headers.
+    pub struct_size: usize,
+    /// Radius of the perturbation ball; finite and > 0. Default 0.05 (ASAM: about 2.0).
+    pub rho: f64,
+    /// Added to the gradient norm before dividing by it; finite and >= 0. Default 1e-12.
+    pub eps: f64,
+    /// ASAM's offset in `T_w = |w| + eta`; finite and >= 0. Default 0.0.
+    pub eta: f64,
+    /// The norm of the ball: 2.0 (default) or `INFINITY` (the sign perturbation).
+    pub norm_p: f64,
+    /// Adaptive SAM (ASAM): scale the ascent elementwise by `T_w`. Default false.
+    pub adaptive: bool,
+    /// A `SAM_BACKEND_*` value. Default `SAM_BACKEND_AUTO`.
+    pub backend: SamBackend,
+    /// Worker threads of the CPU engine; 0 (default) uses every available core.
+    pub num_threads: u32,
+    /// The GPU adapter: its index in the list `samopt info` prints, or a case-insensitive part of
+    /// its name. NULL (default): the `SAMOPT_ADAPTER` environment variable, else the best adapter
+    /// (discrete, integrated, virtual, CPU). `WGPU_BACKEND=vulkan|gl|...` limits the APIs searched.
+    /// Read during `sam_create` only.
+    pub adapter: *const c_char,
+    /// A `SAM_BASE_*` value. Default `SAM_BASE_NONE`.
+    pub base: SamBase,
+    /// Learning rate, >= 0 (1e-3). Change it between steps with `sam_set_lr`.
+    pub lr: f64,
+    /// SGD momentum, >= 0 (0).
+    pub momentum: f64,
+    /// SGD dampening (0).
+    pub dampening: f64,
+    /// SGD Nesterov momentum (false); needs momentum > 0 and dampening 0.
+    pub nesterov: bool,
+    /// Weight decay of group 0, >= 0. `NAN` (default): PyTorch's default for the base optimizer,
+    /// 0 for SGD and 1e-2 for AdamW.
+    pub weight_decay: f64,
+    /// AdamW's beta1, in [0, 1) (0.9).
+    pub beta1: f64,
+    /// AdamW's beta2, in [0, 1) (0.999).
+    pub beta2: f64,
+    /// AdamW's epsilon, >= 0 (1e-8).
+    pub adam_eps: f64,
+    /// Clip the second (perturbed) gradient to this global L2 norm before the base update, as
+    /// `torch.nn.utils.clip_grad_norm_` does; 0 (default) turns clipping off. Needs a built-in base
+    /// optimizer. (Clipping the first gradient would change nothing: the perturbation divides by
+    /// its norm.)
+    pub max_grad_norm: f64,
+    /// GSAM's alpha: step with `g' - alpha * g_perp`, `g_perp = g - (g.g' / ||g'||^2) g'`, with `g`
+    /// the first gradient (the first step keeps a copy) and `g'` the second; 0 (default) is plain
+    /// SAM. Needs a built-in base optimizer.
+    pub gsam_alpha: f64,
+}
+
+pub(super) const CONFIG_SIZES: [usize; 1] = [size_of::<SamConfig>()];
+
+/// Reads a caller's config, honouring its `struct_size`.
+///
+/// # Safety
+/// A non-null `ptr` must point to at least `struct_size` readable bytes.
+pub(super) unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
+    non_null(ptr, "config")?;
+    // Read the size first: an older caller's struct may be shorter than ours.
+    // SAFETY: every version of the struct starts with `struct_size`.
+    let size = unsafe { ptr.cast::<usize>().read_unaligned() };
+    if !CONFIG_SIZES.contains(&size) {
+        return Err(Error::invalid(format!(
+            "config->struct_size = {size}, but this library knows SamConfig of {} bytes: start from sam_config_default()",
+            CONFIG_SIZES[0]
+        )));
+    }
+    let mut c = sam_config_default();
+    // SAFETY: `size` bytes are readable (the caller's contract) and fit in `c`.
+    unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&raw mut c).cast::<u8>(), size) };
+    let backend = match c.backend {
+        SAM_BACKEND_AUTO => Backend::Auto,
+        SAM_BACKEND_CPU => Backend::Cpu,
+        SAM_BACKEND_GPU => Backend::Gpu,
+        other => {
+            return Err(Error::invalid(format!("config->backend = {other}: not a SamBackend (0 AUTO, 1 CPU, 2 GPU)")));
+        }
+    };
+    let norm = Norm::from_p(c.norm_p).map_err(|e| Error::new(e.kind(), format!("config->{}", e.message())))?;
+    let adapter = if c.adapter.is_null() {
+        None
+    } else {
+        // SAFETY: a non-NULL adapter is a NUL-terminated string (the caller's contract).
+        let name = unsafe { CStr::from_ptr(c.adapter) };
+        Some(name.to_str().map_err(|_| Error::invalid("config->adapter is not UTF-8"))?.to_owned())
+    };
+    let base = match c.base {
+        SAM_BASE_NONE => BaseOptimizer::None,
+        SAM_BASE_SGD => BaseOptimizer::Sgd,
+        SAM_BASE_ADAMW => BaseOptimizer::AdamW,
+        other => {
+            return Err(Error::invalid(format!("config->base = {other}: not a SamBase (0 NONE, 1 SGD, 2 ADAMW)")));
+        }
+    };
+    let config = Config {
+        base,
+        lr: c.lr,
+        momentum: c.momentum,
+        dampening: c.dampening,
+        nesterov: c.nesterov,
+        weight_decay: (!c.weight_decay.is_nan()).then_some(c.weight_decay),
+        beta1: c.beta1,
+        beta2: c.beta2,
+        adam_eps: c.adam_eps,
+        max_grad_norm: (c.max_grad_norm != 0.0).then_some(c.max_grad_norm),
+        gsam_alpha: (c.gsam_alpha != 0.0).then_some(c.gsam_alpha),
+        adapter,
+        rho: c.rho,
+        eps: c.eps,
+        adaptive: c.adaptive,
+        eta: c.eta,
+        norm,
+        backend,
+        threads: c.num_threads as usize,
+    };
+    config.validate().map_err(|e| Error::new(e.kind(), format!("config->{}", e.message())))?;
+    Ok(config)
+}
+
+/// The default configuration: rho 0.05, eps 1e-12, no ASAM (eta 0), p = 2, backend AUTO, all
+/// cores, and `struct_size = sizeof(SamConfig)`.
+#[unsafe(no_mangle)]
+pub extern "C" fn sam_config_default() -> SamConfig {
+    let d = Config::default();
+    SamConfig {
+        struct_size: size_of::<SamConfig>(),
+        rho: d.rho,
+        eps: d.eps,
+        eta: d.eta,
+        norm_p: d.norm.p(),
+        adaptive: d.adaptive,
+        backend: SAM_BACKEND_AUTO,
+        num_threads: 0,
+        adapter: std::ptr::null(),
+        base: SAM_BASE_NONE,
+        lr: d.lr,
+        momentum: d.momentum,
+        dampening: d.dampening,
+        nesterov: d.nesterov,
+        weight_decay: f64::NAN,
+        beta1: d.beta1,
+        beta2: d.beta2,
+        adam_eps: d.adam_eps,
+        max_grad_norm: 0.0,
+        gsam_alpha: 0.0,
+    }
+}
+
+/// Creates an optimizer from `config` and stores its handle in `*out`.
+///
+/// Fails with `SAM_ERR_NULL_POINTER` (config or out NULL), `SAM_ERR_INVALID_ARGUMENT` (a wrong
+/// `struct_size`, `rho <= 0` or NaN, `eps < 0`, `eta < 0`, an unknown backend, `norm_p < 1`),
+/// `SAM_ERR_UNSUPPORTED` (a `norm_p` other than 2 or infinity, or a backend this build lacks).
+/// On failure `*out` is left as it was.
+///
+/// # Safety
+/// `config` must be NULL or point to a `SamConfig` of at least `config->struct_size` bytes; `out`
+/// must be NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_create(config: *const SamConfig, out: *mut *mut SamOptimizer) -> SamStatus {
+    boundary("sam_create", || {
+        logging::install();
+        non_null(out, "out")?;
+        // SAFETY: the caller's contract.
+        let config = unsafe { read_config(config) }?;
+        let opt = Optimizer::new(config)?;
+        let handle = Box::into_raw(Box::new(SamOptimizer { inner: Mutex::new(opt) }));
+        // SAFETY: checked non-null above.
+        unsafe { write_out(out, "out", handle) }
+    })
+}
+
+/// Frees an optimizer. The host's buffers are not touched (between the two steps they keep the
+/// perturbed weights). NULL is a no-op.
+///
+/// # Safety
+/// `opt` must be NULL or a handle from `sam_create` not yet destroyed, with no call on it running.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_destroy(opt: *mut SamOptimizer) {
+    if opt.is_null() {
+        return;
+    }
+    boundary("sam_destroy", || {
+        // SAFETY: the caller's contract: a live handle from `sam_create`, freed once.
+        drop(unsafe { Box::from_raw(opt) });
+        Ok(())
+    });
+}
+
+/// Registers a parameter buffer and its gradient buffer, both owned by the host, and stores the
+/// tensor's id (0, 1, 2, ... in registration order) in `*out_id`.
+///
+/// At every step the plugin reads `grad` and rewrites `param` in place; the host keeps both alive
+/// and in place for the optimizer's lifetime, writes the gradient between calls, and does not
+/// touch either while a call runs.
+///
+/// Fails, registering nothing, with `SAM_ERR_NULL_POINTER` (any pointer NULL),
+/// `SAM_ERR_INVALID_ARGUMENT` (`len` 0, an unknown `dtype`, a pointer not aligned to the element
+/// size, a byte size that overflows, `param` and `grad` overlapping, either overlapping a buffer
+/// registered before) or `SAM_ERR_INVALID_STATE` (between a first and a second step).
+///
+/// # Safety
+/// `param` must be valid for reads and writes, and `grad` for reads, of `len` elements of `dtype`
+/// for the optimizer's lifetime; `opt` must be NULL or a live handle; `out_id` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_register_host(
+    opt: *mut SamOptimizer,
+    param: *mut c_void,
+    grad: *const c_void,
+    len: usize,
+    dtype: SamDType,
+    out_id: *mut u32,
+) -> SamStatus {
+    boundary("sam_register_host", || {
+        // SAFETY: the caller's contract.
+        let opt = unsafe { arg_ref(opt, "opt") }?;
+        non_null(param, "param")?;
+        non_null(grad, "grad")?;
+        non_null(out_id, "out_id")?;
+        let dtype = dtype_from_c(dtype)?;
+        let mut inner = opt.lock()?;
+        // SAFETY: the host's promise about the buffers, passed on.
+        let id = unsafe { inner.register_host_raw(param.cast(), grad.cast(), len, dtype) }?;
+        // SAFETY: checked non-null above.
+        unsafe { write_out(out_id, "out_id", id) }
+    })
+}

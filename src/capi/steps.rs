@@ -1,0 +1,45 @@
+//! The two steps of SAM: the ascent (first) step and the restore (second) step.
+
+use super::ffi::{arg_ref, boundary, boundary_status};
+use super::types::{SamOptimizer, SamStatus};
+use crate::engine::SecondStep;
+
+/// The ascent (first) step: computes one L2 norm over the gradients of every registered tensor,
+/// then moves every parameter to `w + e(w)` and keeps `w` for the restore.
+///
+/// Returns `SAM_ERR_NON_FINITE`, with no parameter touched, when any gradient (under ASAM, any
+/// weight) holds NaN or infinity; `SAM_ERR_INVALID_STATE` when called twice without a second step
+/// in between, or with no tensor registered.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle whose registered buffers are valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_first_step(opt: *mut SamOptimizer) -> SamStatus {
+    boundary("sam_first_step", || {
+        // SAFETY: the caller's contract.
+        unsafe { arg_ref(opt, "opt") }?.lock()?.first_step()
+    })
+}
+
+/// The second step: restores every parameter to exactly the bits it had before the first step.
+/// With `SAM_BASE_NONE` the host then runs its own optimizer with the gradient it computed at
+/// `w + e(w)`; with `SAM_BASE_SGD` or `SAM_BASE_ADAMW` the restore and the base update run as one
+/// pass (after one reduction over the second gradient: its norm for `max_grad_norm`, its dot
+/// product with the first gradient for GSAM, and a finiteness check).
+///
+/// Returns `SAM_OK`; `SAM_STEP_SKIPPED` (positive, not an error) when a built-in base optimizer
+/// finds NaN or infinity in the second gradient: weights restored, no update, state untouched;
+/// `SAM_ERR_INVALID_STATE` without a preceding first step.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle whose registered buffers are valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_second_step(opt: *mut SamOptimizer) -> SamStatus {
+    boundary_status("sam_second_step", || {
+        // SAFETY: the caller's contract.
+        Ok(match unsafe { arg_ref(opt, "opt") }?.lock()?.second_step()? {
+            SecondStep::Skipped => SamStatus::SAM_STEP_SKIPPED,
+            SecondStep::Restored | SecondStep::Updated => SamStatus::SAM_OK,
+        })
+    })
+}

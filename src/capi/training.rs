@@ -1,0 +1,89 @@
+//! What a training loop reads and sets between steps: the gradient norm, the learning rate, groups.
+
+use super::ffi::{arg_ref, boundary, non_null, write_out};
+use super::types::{SamOptimizer, SamStatus};
+use crate::error::Error;
+
+/// Stores in `*out` the L2 norm `||T_w * g||_2` (plain `||g||_2` without ASAM) that the last
+/// successful first step computed, over every registered tensor. Also computed for
+/// `norm_p = INFINITY`, where the perturbation does not use it. `SAM_ERR_INVALID_STATE` before the
+/// first successful first step.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_grad_norm(opt: *const SamOptimizer, out: *mut f64) -> SamStatus {
+    boundary("sam_grad_norm", || {
+        // SAFETY: the caller's contract.
+        let opt = unsafe { arg_ref(opt, "opt") }?;
+        non_null(out, "out")?;
+        let norm = opt.lock()?.grad_norm().ok_or_else(|| Error::state("no first step has succeeded yet"))?;
+        // SAFETY: checked non-null above.
+        unsafe { write_out(out, "out", norm) }
+    })
+}
+
+/// Sets the learning rate of the built-in base optimizer from the next second step on: the hook
+/// for a learning-rate schedule, called between steps. Groups scale it. `lr` must be finite and
+/// >= 0.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_set_lr(opt: *mut SamOptimizer, lr: f64) -> SamStatus {
+    boundary("sam_set_lr", || {
+        // SAFETY: the caller's contract.
+        unsafe { arg_ref(opt, "opt") }?.lock()?.set_lr(lr)
+    })
+}
+
+/// Stores the current learning rate in `*out`.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_get_lr(opt: *const SamOptimizer, out: *mut f64) -> SamStatus {
+    boundary("sam_get_lr", || {
+        // SAFETY: the caller's contract.
+        let lr = unsafe { arg_ref(opt, "opt") }?.lock()?.lr();
+        // SAFETY: the caller's contract.
+        unsafe { write_out(out, "out", lr) }
+    })
+}
+
+/// Adds a parameter group, as PyTorch's `param_groups`, and stores its id in `*out_group`: its
+/// tensors step with learning rate `lr * lr_scale` and weight decay `weight_decay` (`NAN`: group
+/// 0's, the config's). Group 0 exists from the start and holds every tensor until
+/// `sam_set_tensor_group` moves it. The gradient norm stays one norm over all groups. The common
+/// use: a group with weight decay 0 for biases and normalisation weights.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out_group` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_add_group(
+    opt: *mut SamOptimizer,
+    lr_scale: f64,
+    weight_decay: f64,
+    out_group: *mut u32,
+) -> SamStatus {
+    boundary("sam_add_group", || {
+        // SAFETY: the caller's contract.
+        let opt = unsafe { arg_ref(opt, "opt") }?;
+        non_null(out_group, "out_group")?;
+        let group = opt.lock()?.add_group(lr_scale, (!weight_decay.is_nan()).then_some(weight_decay))?;
+        // SAFETY: checked non-null.
+        unsafe { write_out(out_group, "out_group", group) }
+    })
+}
+
+/// Moves tensor `id` into `group` (refused between the two steps).
+///
+/// # Safety
+/// `opt` must be NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_set_tensor_group(opt: *mut SamOptimizer, id: u32, group: u32) -> SamStatus {
+    boundary("sam_set_tensor_group", || {
+        // SAFETY: the caller's contract.
+        unsafe { arg_ref(opt, "opt") }?.lock()?.set_group(id, group)
+    })
+}

@@ -1,0 +1,118 @@
+//! The C vocabulary: the ABI version, statuses, the enums read as integers, and the handle.
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::dtype::DType;
+use crate::engine::Optimizer;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Version of the C ABI: bumped on any incompatible change to a signature or struct layout.
+/// Compare `sam_abi_version()` with `SAM_ABI_VERSION` from the header you compiled against.
+pub const SAM_ABI_VERSION: u32 = 1;
+
+/// The result of every fallible call. `SAM_OK` is 0, errors are negative, non-fatal outcomes are
+/// positive, and a number never changes meaning (retired numbers are not reused).
+#[repr(i32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum SamStatus {
+    /// Success.
+    SAM_OK = 0,
+    /// Not an error: `sam_second_step` found NaN or infinity in the second gradient, restored the
+    /// weights exactly, and skipped the base update (its state and step count untouched). A
+    /// loss-scaled loop lowers its scale and goes on.
+    SAM_STEP_SKIPPED = 1,
+    /// A required pointer argument was NULL.
+    SAM_ERR_NULL_POINTER = -1,
+    /// An argument had a value the call cannot accept; the message names it.
+    SAM_ERR_INVALID_ARGUMENT = -2,
+    /// The call is not allowed now: a second step before a first step, a first step twice,
+    /// registering while the weights are perturbed.
+    SAM_ERR_INVALID_STATE = -3,
+    /// A gradient held NaN or infinity: no parameter was changed. A loss-scaled loop lowers its
+    /// scale and retries.
+    SAM_ERR_NON_FINITE = -4,
+    /// Valid, but not supported by this build or backend.
+    SAM_ERR_UNSUPPORTED = -5,
+    /// The GPU device or driver failed.
+    SAM_ERR_DEVICE = -6,
+    /// Reading or writing a file or a serialized state failed.
+    SAM_ERR_IO = -7,
+    /// The optimizer's state could not be allocated.
+    SAM_ERR_OUT_OF_MEMORY = -8,
+    /// A bug in samopt (a caught panic); please report the message.
+    SAM_ERR_INTERNAL = -9,
+    /// A callback the host registered (the all-reduce of `sam_set_allreduce`) returned non-zero;
+    /// nothing was changed.
+    SAM_ERR_CALLBACK = -10,
+}
+
+/// Which engine runs the passes: one of the `SAM_BACKEND_*` values.
+pub type SamBackend = u32;
+
+/// Decided at the first registration: the CPU for host buffers (`sam_register_host`), the GPU
+/// for tensors the optimizer allocates (`sam_tensor_create`), or the CPU when no GPU adapter
+/// exists (logged once).
+pub const SAM_BACKEND_AUTO: SamBackend = 0;
+
+/// The fused multithreaded CPU engine.
+pub const SAM_BACKEND_CPU: SamBackend = 1;
+
+/// The wgpu compute engine.
+pub const SAM_BACKEND_GPU: SamBackend = 2;
+
+/// Element type of a parameter and its gradient: one of the `SAM_DTYPE_*` values.
+pub type SamDType = u32;
+
+/// IEEE 754 binary32.
+pub const SAM_DTYPE_F32: SamDType = 0;
+
+/// IEEE 754 binary16.
+pub const SAM_DTYPE_F16: SamDType = 1;
+
+/// bfloat16.
+pub const SAM_DTYPE_BF16: SamDType = 2;
+
+/// The base optimizer of the second step: one of the `SAM_BASE_*` values.
+pub type SamBase = u32;
+
+/// No base optimizer: `sam_second_step` only restores `w`, and the host runs its own optimizer on
+/// the gradient it computed at `w + e(w)`, as the PyTorch reference does.
+pub const SAM_BASE_NONE: SamBase = 0;
+
+/// PyTorch's SGD (lr, momentum, dampening, nesterov, weight_decay), fused with the restore.
+pub const SAM_BASE_SGD: SamBase = 1;
+
+/// PyTorch's AdamW (lr, beta1, beta2, adam_eps, weight_decay), fused with the restore.
+pub const SAM_BASE_ADAMW: SamBase = 2;
+
+/// Which buffer of an optimizer-allocated tensor: one of the `SAM_PART_*` values.
+pub type SamTensorPart = u32;
+
+/// The parameter `w`.
+pub const SAM_PART_PARAM: SamTensorPart = 0;
+
+/// The gradient `g`.
+pub const SAM_PART_GRAD: SamTensorPart = 1;
+
+/// An optimizer handle: create with `sam_create`, free with `sam_destroy`.
+pub struct SamOptimizer {
+    pub(super) inner: Mutex<Optimizer>,
+}
+
+impl SamOptimizer {
+    pub(super) fn lock(&self) -> Result<MutexGuard<'_, Optimizer>> {
+        self.inner
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Internal, "the optimizer is unusable after an earlier internal error"))
+    }
+}
+
+pub(super) fn dtype_from_c(dtype: SamDType) -> Result<DType> {
+    match dtype {
+        SAM_DTYPE_F32 => Ok(DType::F32),
+        SAM_DTYPE_F16 => Ok(DType::F16),
+        SAM_DTYPE_BF16 => Ok(DType::BF16),
+        other => Err(Error::invalid(format!("dtype = {other}: not a SamDType (0 F32, 1 F16, 2 BF16)"))),
+    }
+}

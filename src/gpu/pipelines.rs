@@ -1,0 +1,300 @@
+//! Pipelines and bind groups: the shader's entry points per dtype, the uniforms, and the windows
+//! each pass dispatches over.
+
+use super::GpuEngine;
+use crate::config::BaseOptimizer;
+use crate::dtype::DType;
+use crate::error::Result;
+
+/// Invocations per workgroup (the shader's `@workgroup_size`).
+pub(super) const WORKGROUP: u64 = 256;
+
+/// One window's GPU resources.
+pub(super) struct WindowRes {
+    pub(super) arena: usize,
+    pub(super) first_word: u64,
+    pub(super) quads: u32,
+    pub(super) groups: u32,
+    pub(super) slot: u32,
+    pub(super) bind_group: wgpu::BindGroup,
+}
+
+/// What the windows need, rebuilt when the registrations change.
+pub(super) struct Prepared {
+    /// Bytes between two windows' uniforms.
+    pub(super) stride: u64,
+    pub(super) windows: Vec<WindowRes>,
+    pub(super) partials: wgpu::Buffer,
+    pub(super) partials_readback: wgpu::Buffer,
+    pub(super) first_bad: wgpu::Buffer,
+    pub(super) first_bad_readback: wgpu::Buffer,
+    pub(super) slots: u32,
+    pub(super) window_uniforms: wgpu::Buffer,
+}
+
+/// The `Step` uniform of the shader.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(super) struct StepUniform {
+    pub(super) scale: f32,
+    pub(super) eta: f32,
+    pub(super) a: f32,
+    pub(super) b: f32,
+    pub(super) nd: f32,
+    pub(super) nb: f32,
+    pub(super) beta1: f32,
+    pub(super) one_minus_beta1: f32,
+    pub(super) beta2: f32,
+    pub(super) one_minus_beta2: f32,
+    pub(super) adam_eps: f32,
+    pub(super) pad: u32,
+}
+
+/// The `Window` uniform of the shader.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(super) struct WindowUniform {
+    pub(super) quads: u32,
+    pub(super) slot: u32,
+    pub(super) index: u32,
+    pub(super) pad0: u32,
+    pub(super) lr: f32,
+    pub(super) weight_decay: f32,
+    pub(super) keep: f32,
+    pub(super) take: f32,
+    pub(super) decay: f32,
+    pub(super) step_size: f32,
+    pub(super) bias2_sqrt: f32,
+    pub(super) pad1: u32,
+}
+/// The shader's entry points, each specialised per dtype (`restore` moves words, whatever they
+/// hold).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Entry {
+    Norm = 0,
+    Perturb = 1,
+    Restore = 2,
+    Locate = 3,
+    SecondReduce = 4,
+    Update = 5,
+}
+
+pub(super) const ENTRIES: [Entry; 6] =
+    [Entry::Norm, Entry::Perturb, Entry::Restore, Entry::Locate, Entry::SecondReduce, Entry::Update];
+pub(super) const ENTRY_NAMES: [&str; 6] =
+    ["ascent_norm", "perturb", "restore", "locate_non_finite", "second_reduce", "update"];
+
+pub(super) fn dtype_index(d: DType) -> usize {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
+
+impl GpuEngine {
+    pub(super) fn pipeline(&self, entry: Entry, dtype: DType) -> &wgpu::ComputePipeline {
+        let d = if entry == Entry::Restore { 0 } else { dtype_index(dtype) };
+        self.pipelines[entry as usize][d].as_ref().expect("compiled in prepare")
+    }
+
+    /// Compiles the pipelines a dtype needs, once.
+    pub(super) fn compile(&mut self, dtype: DType) -> Result<()> {
+        let d = dtype_index(dtype);
+        for entry in ENTRIES {
+            if self.base == BaseOptimizer::None && matches!(entry, Entry::SecondReduce | Entry::Update) {
+                continue;
+            }
+            let slot = if entry == Entry::Restore { 0 } else { d };
+            if self.pipelines[entry as usize][slot].is_some() {
+                continue;
+            }
+            let base = match self.base {
+                BaseOptimizer::None => 0.0,
+                BaseOptimizer::Sgd => 1.0,
+                BaseOptimizer::AdamW => 2.0,
+            };
+            let flag = |b: bool| b as u8 as f64;
+            let constants = [
+                ("DTYPE", slot as f64),
+                ("ADAPTIVE", flag(self.adaptive)),
+                ("SIGN", flag(self.sign)),
+                ("BASE", base),
+                ("MOMENTUM", flag(self.momentum)),
+                ("GSAM", flag(self.gsam)),
+            ];
+            let pipeline = self.ctx.checked("compiling a SAM pipeline", || {
+                Ok(self.ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(ENTRY_NAMES[entry as usize]),
+                    layout: Some(&self.pipeline_layout),
+                    module: &self.module,
+                    entry_point: Some(ENTRY_NAMES[entry as usize]),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &constants,
+                        ..Default::default()
+                    },
+                    cache: None,
+                }))
+            })?;
+            self.pipelines[entry as usize][slot] = Some(pipeline);
+        }
+        Ok(())
+    }
+
+    /// After the registrations change: packs the tensors, compiles what a new dtype needs, cuts
+    /// the arenas into windows and builds their bind groups and the partial-sum buffers.
+    pub(super) fn prepare(&mut self) -> Result<()> {
+        if self.prepared.is_some() {
+            return Ok(());
+        }
+        self.pack()?;
+        for dtype in self.arenas.iter().map(|a| a.dtype).collect::<Vec<_>>() {
+            self.compile(dtype)?;
+        }
+        let d = &self.ctx.device;
+        let uniform_align = self.ctx.limits.min_uniform_buffer_offset_alignment as u64;
+        let stride = (size_of::<WindowUniform>() as u64).div_ceil(uniform_align) * uniform_align;
+        // (arena, first word, words, groups, slot)
+        let mut plan = Vec::new();
+        let mut slots = 0u32;
+        for (a, arena) in self.arenas.iter().enumerate() {
+            let words = arena.members.last().map_or(0, |&(o, k)| o + self.tensors[k].words);
+            let mut first = 0;
+            let window_words = self.window_words_for(arena.dtype);
+            while first < words {
+                let n = window_words.min(words - first);
+                let groups = (n / 4).div_ceil(WORKGROUP).clamp(1, self.max_groups as u64) as u32;
+                plan.push((a, first, n, groups, slots));
+                slots += groups;
+                first += n;
+            }
+        }
+        let prepared = self.ctx.checked("preparing the windows", || {
+            let buffer = |label, size: u64, usage| {
+                d.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+            };
+            use wgpu::BufferUsages as U;
+            let uniforms = buffer("samopt windows", stride * plan.len().max(1) as u64, U::UNIFORM | U::COPY_DST);
+            let partial_bytes = 16 * slots.max(1) as u64;
+            let partials = buffer("samopt partials", partial_bytes, U::STORAGE | U::COPY_SRC);
+            let partials_readback = buffer("samopt partials readback", partial_bytes, U::MAP_READ | U::COPY_DST);
+            let bad_bytes = (4 * plan.len().max(1) as u64).div_ceil(8) * 8;
+            let first_bad = buffer("samopt first bad", bad_bytes, U::STORAGE | U::COPY_SRC | U::COPY_DST);
+            let first_bad_readback = buffer("samopt first bad readback", bad_bytes, U::MAP_READ | U::COPY_DST);
+            let mut windows = Vec::with_capacity(plan.len());
+            for (i, &(a, first, n, groups, slot)) in plan.iter().enumerate() {
+                let arena = &self.arenas[a];
+                let u = WindowUniform { quads: (n / 4) as u32, slot, index: i as u32, ..bytemuck::Zeroable::zeroed() };
+                self.ctx.queue.write_buffer(&uniforms, i as u64 * stride, bytemuck::bytes_of(&u));
+                let pw = arena.per_word();
+                // f32 state: `pw` elements of 4 bytes per word.
+                fn state_range<'a>(
+                    buffer: &'a Option<wgpu::Buffer>,
+                    dummy: &'a wgpu::Buffer,
+                    (first, n, pw): (u64, u64, u64),
+                ) -> wgpu::BindingResource<'a> {
+                    match buffer {
+                        Some(buffer) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer,
+                            offset: first * 4 * pw,
+                            size: wgpu::BufferSize::new(n * 4 * pw),
+                        }),
+                        None => dummy.as_entire_binding(),
+                    }
+                }
+                let range_at = |buffer, base: u64| {
+                    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer,
+                        offset: base + first * 4,
+                        size: wgpu::BufferSize::new(n * 4),
+                    })
+                };
+                let range = |buffer| range_at(buffer, 0);
+                let bind_group = d.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("samopt window"),
+                    layout: &self.layout,
+                    entries: &[
+                        wgpu::BindGroupEntry { binding: 0, resource: range_at(&arena.param, arena.param_offset) },
+                        wgpu::BindGroupEntry { binding: 1, resource: range_at(&arena.grad, arena.grad_offset) },
+                        wgpu::BindGroupEntry { binding: 2, resource: range(&arena.backup) },
+                        wgpu::BindGroupEntry { binding: 3, resource: partials.as_entire_binding() },
+                        wgpu::BindGroupEntry {
+                            binding: 4,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: &uniforms,
+                                offset: i as u64 * stride,
+                                size: wgpu::BufferSize::new(size_of::<WindowUniform>() as u64),
+                            }),
+                        },
+                        wgpu::BindGroupEntry { binding: 5, resource: self.step_uniform.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 6, resource: first_bad.as_entire_binding() },
+                        wgpu::BindGroupEntry {
+                            binding: 7,
+                            resource: match &arena.first_grad {
+                                Some(b) => range(b),
+                                None => self.dummy.as_entire_binding(),
+                            },
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 8,
+                            resource: state_range(&arena.state_m, &self.dummy, (first, n, pw)),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 9,
+                            resource: state_range(&arena.state_v, &self.dummy, (first, n, pw)),
+                        },
+                    ],
+                });
+                windows.push(WindowRes {
+                    arena: a,
+                    first_word: first,
+                    quads: (n / 4) as u32,
+                    groups,
+                    slot,
+                    bind_group,
+                });
+            }
+            Ok(Prepared {
+                stride,
+                windows,
+                partials,
+                partials_readback,
+                first_bad,
+                first_bad_readback,
+                slots,
+                window_uniforms: uniforms,
+            })
+        })?;
+        self.prepared = Some(prepared);
+        Ok(())
+    }
+
+    /// Records one compute pass of `entry` over `windows` (indices), timestamped as pass `index`.
+    pub(super) fn record_pass(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        entry: Entry,
+        windows: impl IntoIterator<Item = usize>,
+        index: Option<u32>,
+    ) {
+        let prepared = self.prepared.as_ref().expect("prepared before recording");
+        let timestamp_writes = index.and_then(|index| {
+            self.timing.as_ref().map(|t| wgpu::ComputePassTimestampWrites {
+                query_set: &t.queries,
+                beginning_of_pass_write_index: Some(2 * index),
+                end_of_pass_write_index: Some(2 * index + 1),
+            })
+        });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
+        for i in windows {
+            let w = &prepared.windows[i];
+            pass.set_pipeline(self.pipeline(entry, self.arenas[w.arena].dtype));
+            pass.set_bind_group(0, &w.bind_group, &[]);
+            pass.dispatch_workgroups(w.groups, 1, 1);
+        }
+    }
+
+    pub(super) fn all_windows(&self) -> std::ops::Range<usize> {
+        0..self.prepared.as_ref().map_or(0, |p| p.windows.len())
+    }
+}
