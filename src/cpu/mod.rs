@@ -427,8 +427,11 @@ impl Passes for CpuEngine {
 
 #[cfg(test)]
 mod tests {
+    use half::{bf16, f16};
+
     use super::*;
     use crate::config::Norm;
+    use crate::dtype::Element;
 
     /// The AVX2 and baseline builds of the kernels give the same bits, for the norm and for every
     /// perturbed weight, in every dtype and variant.
