@@ -1,4 +1,5 @@
-//! What every backend implements: the same few passes over the registered tensors.
+//! What every backend implements: the same few passes over the registered tensors, and the types
+//! the engine and the backends share (so that `backend` imports no backend).
 //!
 //! The engine owns the state machine and decides which pass runs when; a backend only moves
 //! bytes. Each pass either completes for every tensor or, on error, has written nothing the host

@@ -9,6 +9,9 @@
 //! Inside a chunk, work goes in blocks of [`BLOCK`] elements that stay in L1: the perturbation pass
 //! copies a block of weights to the backup and then updates the same block, so each weight and
 //! gradient crosses the memory bus once per pass.
+//!
+//! This file is the chunked multithreaded driver (registration, chunks, the `Passes` implementation);
+//! `kernels` holds the per-dtype work on one segment, compiled per instruction set.
 
 use std::ops::Range;
 

@@ -6,6 +6,9 @@
 //!
 //! Registration happens while idle. Every call checks everything it needs before the first write,
 //! so a call that fails leaves the optimizer and the host's buffers as they were.
+//!
+//! This file holds the types, construction and the choice of backend; `registry` the tensors and
+//! groups, `steps` the state machine's steps, `snapshot` the optimizer's side of checkpoints.
 
 use std::collections::BTreeMap;
 
