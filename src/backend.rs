@@ -139,8 +139,11 @@ pub(crate) trait Passes: Send {
     /// gradient into an f32 accumulator, which `first` starts from zero.
     fn accumulate(&mut self, first: bool) -> Result<()>;
 
-    /// Writes `scale` times the accumulator into every gradient buffer (rounded to its dtype).
-    fn write_mean(&mut self, scale: f32) -> Result<()>;
+    /// `scale` times the accumulator, rounded to each tensor's dtype: into every gradient buffer
+    /// (`into_grads`, for the host's own optimizer; the engine has checked that the host allowed
+    /// it), or into a buffer of the backend's that the next `second_reduce` and `update` read in
+    /// the gradients' place, so the host's gradient buffers are only read.
+    fn write_mean(&mut self, scale: f32, into_grads: bool) -> Result<()>;
 
     /// Copies the base optimizer's state into `out`, tensor by tensor (the momentum buffer or
     /// Adam's first moment, then the second moment), `len` f32 each.

@@ -42,9 +42,20 @@ pub(crate) struct Perturbation {
 
 impl Perturbation {
     /// The perturbation for a configuration and the global ascent norm `n`.
+    ///
+    /// A zero norm means every (scaled) gradient element is zero: the perturbation is zero for
+    /// every `eps`, where `rho / (0 + 0) * 0` would be NaN. The scale is capped at f32's largest
+    /// value, so that a norm below `rho / f32::MAX` (gradients of subnormal size, `eps = 0`) gives
+    /// a finite perturbation instead of `0 * inf`.
     pub fn new(config: &Config, norm: f64) -> Perturbation {
         let sign = config.norm == Norm::LInf;
-        let scale = if sign { config.rho } else { config.rho / (norm + config.eps) };
+        let scale = if sign {
+            config.rho
+        } else if norm == 0.0 {
+            0.0
+        } else {
+            (config.rho / (norm + config.eps)).min(f32::MAX as f64)
+        };
         Perturbation { adaptive: config.adaptive, eta: config.eta as f32, sign, scale: scale as f32 }
     }
 }
@@ -190,5 +201,8 @@ pub(crate) fn adamw(w: f32, d: f32, m: &mut f32, v: &mut f32, s: &UpdateStep, t:
     *m = s.beta1 * *m + s.one_minus_beta1 * d;
     *v = s.beta2 * *v + s.one_minus_beta2 * (d * d);
     let denom = v.sqrt() / t.bias2_sqrt + s.adam_eps;
-    w - t.step_size * (*m / denom)
+    // With adam_eps = 0, denom is 0 only where every gradient so far was 0, so m is 0 too: the
+    // step is 0 there, not 0/0. Elsewhere this selects m/denom, bit for bit.
+    let ratio = if denom > 0.0 { *m / denom } else { 0.0 };
+    w - t.step_size * ratio
 }

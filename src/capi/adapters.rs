@@ -2,7 +2,7 @@
 
 use std::ffi::c_char;
 
-use super::ffi::{arg_ref, boundary, non_null, write_out};
+use super::ffi::{arg_ref, boundary, non_null, write_out, write_versioned};
 use super::types::{SamOptimizer, SamStatus};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -44,16 +44,8 @@ pub(super) fn copy_c_string(dst: &mut [c_char], s: &str) {
 /// A non-null `out` must be writable for `out->struct_size` bytes.
 pub(super) unsafe fn write_adapter_info(out: *mut SamAdapterInfo, a: &crate::gpu::AdapterSummary) -> Result<()> {
     non_null(out, "out")?;
-    // SAFETY: every version of the struct starts with `struct_size`.
-    let size = unsafe { out.cast::<usize>().read_unaligned() };
-    if size != size_of::<SamAdapterInfo>() {
-        return Err(Error::invalid(format!(
-            "out->struct_size = {size}, but this library knows SamAdapterInfo of {} bytes",
-            size_of::<SamAdapterInfo>()
-        )));
-    }
     let mut info = SamAdapterInfo {
-        struct_size: size,
+        struct_size: size_of::<SamAdapterInfo>(),
         name: [0; 256],
         backend: [0; 16],
         device_type: [0; 16],
@@ -66,9 +58,8 @@ pub(super) unsafe fn write_adapter_info(out: *mut SamAdapterInfo, a: &crate::gpu
     copy_c_string(&mut info.backend, &a.backend);
     copy_c_string(&mut info.device_type, &a.device_type);
     copy_c_string(&mut info.driver, &a.driver);
-    // SAFETY: checked non-null and of our size.
-    unsafe { out.write(info) };
-    Ok(())
+    // SAFETY: the caller's contract.
+    unsafe { write_versioned(out, "out", &[size_of::<SamAdapterInfo>()], info) }
 }
 
 /// Stores in `*out` how many GPU adapters wgpu finds (honouring `WGPU_BACKEND`). Creating the

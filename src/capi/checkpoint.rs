@@ -2,9 +2,9 @@
 
 use std::ffi::{CStr, c_char, c_void};
 
-use super::ffi::{arg_ref, boundary, non_null, write_out};
+use super::ffi::{arg_ref, boundary, byte_slice, non_null, write_out};
 use super::types::{SamOptimizer, SamStatus};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Stores in `*out` the bytes `sam_state_save` writes now (it grows with registrations).
 ///
@@ -40,9 +40,16 @@ pub unsafe extern "C" fn sam_state_save(
         // SAFETY: the caller's contract.
         let opt = unsafe { arg_ref(opt, "opt") }?;
         non_null(buf, "buf")?;
-        // SAFETY: non-null, and writable for `len` bytes by the caller's contract.
-        let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
-        let written = opt.lock()?.save_state(out)?;
+        let mut inner = opt.lock()?;
+        // Only the bytes the checkpoint needs are taken as a slice, never a `len` the buffer may
+        // not really have (SIZE_MAX from a confused caller).
+        let need = inner.state_size();
+        if len < need {
+            return Err(Error::invalid(format!("len = {len}: the checkpoint needs {need} bytes (sam_state_size)")));
+        }
+        // SAFETY: non-null, and writable for `len >= need` bytes by the caller's contract.
+        let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), need) };
+        let written = inner.save_state(out)?;
         if !out_written.is_null() {
             // SAFETY: checked non-null.
             unsafe { out_written.write(written) };
@@ -65,9 +72,8 @@ pub unsafe extern "C" fn sam_state_load(opt: *mut SamOptimizer, buf: *const c_vo
     boundary("sam_state_load", || {
         // SAFETY: the caller's contract.
         let opt = unsafe { arg_ref(opt, "opt") }?;
-        non_null(buf, "buf")?;
-        // SAFETY: non-null, and readable for `len` bytes by the caller's contract.
-        let bytes = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len) };
+        // SAFETY: readable for `len` bytes by the caller's contract.
+        let bytes = unsafe { byte_slice(buf.cast::<u8>(), len, "buf") }?;
         opt.lock()?.load_state(bytes)
     })
 }

@@ -17,21 +17,35 @@ pub(super) struct UserPtr(*mut c_void);
 // SAFETY: sam_set_allreduce's contract: the callback may be called from any thread with `user`.
 unsafe impl Send for UserPtr {}
 
-/// Global-norm SAM across workers, with the exchange inside `sam_first_step`: installs the host's
-/// all-reduce. From then on `sam_first_step` computes the local squared norm `sum (T_w g)^2`, sums
-/// it over the workers through `callback` (one double, no gradient copied), and perturbs with the
-/// square root, so every worker uses the norm over all workers' gradients (over the union of the
-/// shards when each worker holds its own part of the parameters). A callback returning non-zero
-/// makes `sam_first_step` fail with `SAM_ERR_CALLBACK`, nothing changed. A worker whose own
-/// gradient holds NaN or infinity still calls the all-reduce (with NaN), so every worker returns
-/// `SAM_ERR_NON_FINITE` for that step and none waits for it. NULL removes it.
+/// SAM over parameters sharded across workers (ZeRO, FSDP, tensor parallel: each worker
+/// registers only its own part of the parameters), with the exchange inside `sam_first_step`:
+/// installs the host's all-reduce. From then on `sam_first_step` computes the local squared norm
+/// `sum (T_w g)^2` over this worker's tensors, sums it over the workers through `callback` (one
+/// double, no gradient copied), and perturbs with the square root: the norm over the whole
+/// parameter vector, so the workers together take exactly the single-process SAM step. NULL
+/// removes it.
 ///
-/// The same without a callback: `sam_grad_sq_norm_local`, the host's all-reduce, then
-/// `sam_first_step_with_norm`.
+/// The three data-parallel cases:
+/// - replicated parameters (plain data parallelism): the host all-reduces (averages) the
+///   gradients before `sam_first_step`, so every worker perturbs identically: exact SAM over the
+///   global batch. No all-reduce is installed here; samopt exchanges nothing.
+/// - per-worker perturbation (m-sharpness, as the original JAX code across accelerators): each
+///   worker calls plain `sam_first_step` on its own local gradient, and the host all-reduces only
+///   the second gradient before `sam_second_step`. No all-reduce is installed here either.
+/// - sharded parameters: this function (or, without a callback, `sam_grad_sq_norm_local`, the
+///   host's all-reduce, then `sam_first_step_with_norm`).
 ///
-/// Per-worker SAM (m-sharpness, as the original JAX code across accelerators) needs none of
-/// this: each worker calls plain `sam_first_step` on its own gradient, and the host all-reduces
-/// only the second gradient before `sam_second_step`.
+/// With an all-reduce installed, every `sam_first_step` call joins the exchange exactly once,
+/// whatever fails locally (a non-finite gradient, no tensor, a call between the two steps, a
+/// device error): that worker contributes NaN and returns its own error, and every other worker
+/// returns `SAM_ERR_NON_FINITE`, nothing changed, so none is left waiting in the collective. The
+/// only calls that return before the exchange are caller errors no worker can recover from: a NULL
+/// handle, and a call made from inside a callback of the same handle. A callback returning
+/// non-zero makes `sam_first_step` fail with `SAM_ERR_CALLBACK`, nothing changed.
+///
+/// The callback runs on the calling thread while samopt works on `opt`: it may call `sam_*` on
+/// other handles and `sam_last_error`, but a call on `opt` itself is refused with
+/// `SAM_ERR_INVALID_STATE` (it would otherwise wait for itself).
 ///
 /// # Safety
 /// `opt` must be NULL or a live handle; `callback`, when set, must be safe to call with `user`
@@ -61,7 +75,7 @@ pub unsafe extern "C" fn sam_set_allreduce(
     })
 }
 
-/// Global-norm SAM across workers, step 1 of 2: stores in `*out` the local squared norm
+/// Sharded-parameter SAM across workers, step 1 of 2: stores in `*out` the local squared norm
 /// `sum (T_w g)^2` over this worker's tensors (one read of the gradients, nothing written). The
 /// host sums it over the workers and passes the square root to `sam_first_step_with_norm`.
 /// `SAM_ERR_NON_FINITE` when a local gradient holds NaN or infinity (a host that must keep its
@@ -81,12 +95,14 @@ pub unsafe extern "C" fn sam_grad_sq_norm_local(opt: *mut SamOptimizer, out: *mu
     })
 }
 
-/// Global-norm SAM across workers, step 2 of 2: the ascent (as `sam_first_step`) with the given
-/// global norm, the square root of the all-reduced `sam_grad_sq_norm_local` values. A NaN or
+/// Sharded-parameter SAM across workers, step 2 of 2: the ascent (as `sam_first_step`) with the
+/// given global norm, the square root of the all-reduced `sam_grad_sq_norm_local` values. A NaN or
 /// infinite `global_norm` (some worker's gradient was not finite) returns `SAM_ERR_NON_FINITE`
-/// with nothing changed; a negative one `SAM_ERR_INVALID_ARGUMENT`. The gradients must not change
-/// between `sam_grad_sq_norm_local` and this call: its finiteness check is reused, so the
-/// gradients are read once.
+/// with nothing changed; a negative one, or one whose square is below this worker's own squared
+/// norm (the sum includes it; 1e-6 relative allowance for an f32 sum), `SAM_ERR_INVALID_ARGUMENT`.
+/// The gradients must not change between `sam_grad_sq_norm_local` and this call: its local norm
+/// is reused, so the gradients are read once; without it (or after a registration since), this
+/// call runs the local norm pass itself.
 ///
 /// # Safety
 /// `opt` must be NULL or a live handle whose registered buffers are valid.
@@ -108,11 +124,14 @@ pub unsafe extern "C" fn sam_first_step_with_norm(opt: *mut SamOptimizer, global
 /// sam_accumulate_step(opt)            w restored exactly, that gradient added to an accumulator
 /// ```
 ///
-/// and after the last shard `sam_second_step(opt)`, which writes the mean of the k perturbed
-/// gradients into the gradient buffers and, with a built-in base optimizer, steps with it (without
-/// one, the host's optimizer uses it). This is the one case samopt writes the gradient buffers:
-/// they must be writable. The CPU backend runs it; `SAM_ERR_UNSUPPORTED` on the GPU for now and
-/// with GSAM. `SAM_ERR_INVALID_STATE` without a preceding first step.
+/// and after the last shard `sam_second_step(opt)`, which applies the mean of the k perturbed
+/// gradients. With a built-in base optimizer the mean stays in samopt's memory and the gradient
+/// buffers are only read. Without one (`SAM_BASE_NONE`), the second step writes the mean into the
+/// gradient buffers for the host's optimizer: every tensor must then be registered with
+/// `sam_register_host_ex(..., SAM_REGISTER_GRAD_WRITABLE, ...)` (or allocated by samopt), which
+/// the first `sam_accumulate_step` checks, refusing with `SAM_ERR_INVALID_STATE` and changing
+/// nothing otherwise. The CPU backend runs it; `SAM_ERR_UNSUPPORTED` on the GPU for now and with
+/// GSAM. `SAM_ERR_INVALID_STATE` without a preceding first step.
 ///
 /// # Safety
 /// `opt` must be NULL or a live handle whose registered buffers are valid.

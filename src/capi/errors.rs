@@ -16,6 +16,10 @@ pub type SamLogCallback = Option<unsafe extern "C" fn(level: SamLogLevel, messag
 /// Sends samopt's log messages (errors, warnings such as AUTO's fallback to the CPU) to
 /// `callback` with `user`, from any thread; NULL stops them. Without a callback, messages go to
 /// standard error when the environment sets `SAMOPT_LOG` (to `error`, `warn`, `info` or `debug`).
+///
+/// The callback runs without samopt's logging lock, on the thread of the call that logs: it may
+/// call `sam_set_log_callback`, `sam_last_error` and `sam_*` on other handles; a call on the
+/// handle whose call is logging is refused with `SAM_ERR_INVALID_STATE`.
 #[unsafe(no_mangle)]
 pub extern "C" fn sam_set_log_callback(callback: SamLogCallback, user: *mut c_void) -> SamStatus {
     boundary("sam_set_log_callback", || {

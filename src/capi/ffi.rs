@@ -94,3 +94,117 @@ pub(crate) unsafe fn write_out<T>(ptr: *mut T, name: &str, value: T) -> Result<(
 pub(crate) fn non_null<T>(ptr: *const T, name: &str) -> Result<()> {
     if ptr.is_null() { Err(Error::new(ErrorKind::NullPointer, format!("{name} is NULL"))) } else { Ok(()) }
 }
+
+/// No versioned struct will grow past this many bytes; a larger `struct_size` is garbage.
+const MAX_STRUCT_SIZE: usize = 1 << 16;
+
+/// Reads a caller's versioned input struct (`SamConfig`, `SamVulkanDevice`), whose first field is
+/// `struct_size`, the way Linux's `copy_struct_from_user` reads one:
+///
+/// - a size of one of the released layouts (`sizes`, oldest first, ending with ours): the caller's
+///   bytes, and `default`'s fields past them (a program built against an older header);
+/// - a larger size (a program built against a newer header than this library): accepted when
+///   every byte this library does not know is zero, refused otherwise (it asked for something
+///   this library cannot do);
+/// - anything else is refused. Nothing is read past `struct_size`.
+///
+/// `bools` names the `bool` fields by offset: their bytes must be 0 or 1 (any other value would be
+/// undefined behaviour as a Rust `bool`), checked before the struct is typed.
+///
+/// # Safety
+/// A non-null `ptr` must point to at least `struct_size` readable bytes.
+pub(crate) unsafe fn read_versioned<T: Copy>(
+    ptr: *const T,
+    name: &str,
+    sizes: &[usize],
+    default: T,
+    bools: &[(&str, usize)],
+) -> Result<T> {
+    non_null(ptr, name)?;
+    let ours = size_of::<T>();
+    let type_name = std::any::type_name::<T>().rsplit("::").next().unwrap_or("struct");
+    // SAFETY: every layout starts with `struct_size` (the caller's contract).
+    let size = unsafe { ptr.cast::<usize>().read_unaligned() };
+    if size > MAX_STRUCT_SIZE {
+        return Err(Error::invalid(format!("{name}->struct_size = {size}: larger than any {type_name} can grow")));
+    }
+    if size > ours {
+        // SAFETY: `size` bytes are readable (the caller's contract).
+        let tail = unsafe { std::slice::from_raw_parts(ptr.cast::<u8>().add(ours), size - ours) };
+        if let Some(k) = tail.iter().position(|&b| b != 0) {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{name}->struct_size = {size}: this library (samopt {}) knows {type_name} of {ours} bytes, and \
+                     byte {} of the newer fields is set: a newer samopt is needed for it",
+                    crate::VERSION,
+                    ours + k
+                ),
+            ));
+        }
+    } else if !sizes.contains(&size) {
+        return Err(Error::invalid(format!(
+            "{name}->struct_size = {size}: not the size of any released {type_name} layout ({sizes:?} bytes)"
+        )));
+    }
+    let known = size.min(ours);
+    let mut value = std::mem::MaybeUninit::new(default);
+    // SAFETY: `known` bytes are readable (the caller's contract) and fit in `value`.
+    unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), value.as_mut_ptr().cast::<u8>(), known) };
+    for &(field, offset) in bools {
+        // SAFETY: the offset of a one-byte field inside `value`, every byte of which is initialised
+        // (the default's, or the caller's).
+        let byte = unsafe { value.as_ptr().cast::<u8>().add(offset).read() };
+        if byte > 1 {
+            return Err(Error::invalid(format!("{name}->{field} = {byte}: a bool is 0 (false) or 1 (true)")));
+        }
+    }
+    // SAFETY: a valid `default` overwritten by the caller's bytes of the same layout, whose bool
+    // fields were checked above; the other fields take any bits.
+    Ok(unsafe { value.assume_init() })
+}
+
+/// Writes a caller's versioned output struct (`SamAdapterInfo`) of `struct_size` bytes: the
+/// first `struct_size` bytes of `value` for an older layout, all of `value` and zeros after it
+/// for a newer one. `value.struct_size` is set to the caller's size.
+///
+/// # Safety
+/// A non-null `out` must be writable for `out->struct_size` bytes.
+pub(crate) unsafe fn write_versioned<T: Copy>(out: *mut T, name: &str, sizes: &[usize], value: T) -> Result<()> {
+    non_null(out, name)?;
+    let ours = size_of::<T>();
+    let type_name = std::any::type_name::<T>().rsplit("::").next().unwrap_or("struct");
+    // SAFETY: every layout starts with `struct_size` (the caller's contract).
+    let size = unsafe { out.cast::<usize>().read_unaligned() };
+    if size > MAX_STRUCT_SIZE || (size < ours && !sizes.contains(&size)) {
+        return Err(Error::invalid(format!(
+            "{name}->struct_size = {size}: not the size of any released {type_name} layout ({sizes:?} bytes)"
+        )));
+    }
+    let value = std::mem::MaybeUninit::new(value);
+    // SAFETY: `size` writable bytes (the caller's contract); we copy at most `ours` of them from
+    // `value`, then zero the rest, and keep the caller's `struct_size` in place.
+    unsafe {
+        let dst = out.cast::<u8>();
+        let skip = size_of::<usize>();
+        std::ptr::copy_nonoverlapping(value.as_ptr().cast::<u8>().add(skip), dst.add(skip), size.min(ours) - skip);
+        if size > ours {
+            std::ptr::write_bytes(dst.add(ours), 0, size - ours);
+        }
+    }
+    Ok(())
+}
+
+/// The bytes a caller passed as `(ptr, len)`, refusing a NULL `ptr` and a `len` that no object
+/// can have (past `isize::MAX`, or wrapping the address space), which a slice may not span.
+///
+/// # Safety
+/// A non-null `ptr` must be readable for `len` bytes for `'a`.
+pub(crate) unsafe fn byte_slice<'a>(ptr: *const u8, len: usize, name: &str) -> Result<&'a [u8]> {
+    non_null(ptr, name)?;
+    if len > isize::MAX as usize || (ptr as usize).checked_add(len).is_none() {
+        return Err(Error::invalid(format!("len = {len}: larger than any buffer at {name} = {ptr:p} can be")));
+    }
+    // SAFETY: the caller's contract; the length is one a slice may have.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}

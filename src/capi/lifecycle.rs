@@ -1,13 +1,14 @@
 //! A handle's life: the configuration, `sam_create`, `sam_destroy`, and registering host buffers.
 
 use std::ffi::{CStr, c_char, c_void};
+use std::mem::offset_of;
 use std::sync::Mutex;
 
-use super::ffi::{arg_ref, boundary, non_null, write_out};
+use super::ffi::{arg_ref, boundary, non_null, read_versioned, write_out};
 use super::logging;
 use super::types::{
     SAM_BACKEND_AUTO, SAM_BACKEND_CPU, SAM_BACKEND_GPU, SAM_BASE_ADAMW, SAM_BASE_NONE, SAM_BASE_SGD, SamBackend,
-    SamBase, SamDType, SamOptimizer, SamStatus, dtype_from_c,
+    SAM_REGISTER_GRAD_WRITABLE, SamBase, SamDType, SamOptimizer, SamRegisterFlags, SamStatus, dtype_from_c,
 };
 use crate::config::{Backend, BaseOptimizer, Config, Norm};
 use crate::engine::Optimizer;
@@ -70,26 +71,17 @@ pub struct SamConfig {
     pub gsam_alpha: f64,
 }
 
+/// The sizes of every released `SamConfig` layout, oldest first (ABI 1: today's).
 pub(super) const CONFIG_SIZES: [usize; 1] = [size_of::<SamConfig>()];
 
-/// Reads a caller's config, honouring its `struct_size`.
+/// Reads a caller's config, honouring its `struct_size` (see [`read_versioned`]).
 ///
 /// # Safety
 /// A non-null `ptr` must point to at least `struct_size` readable bytes.
 pub(super) unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
-    non_null(ptr, "config")?;
-    // Read the size first: an older caller's struct may be shorter than ours.
-    // SAFETY: every version of the struct starts with `struct_size`.
-    let size = unsafe { ptr.cast::<usize>().read_unaligned() };
-    if !CONFIG_SIZES.contains(&size) {
-        return Err(Error::invalid(format!(
-            "config->struct_size = {size}, but this library knows SamConfig of {} bytes: start from sam_config_default()",
-            CONFIG_SIZES[0]
-        )));
-    }
-    let mut c = sam_config_default();
-    // SAFETY: `size` bytes are readable (the caller's contract) and fit in `c`.
-    unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&raw mut c).cast::<u8>(), size) };
+    let bools = [("adaptive", offset_of!(SamConfig, adaptive)), ("nesterov", offset_of!(SamConfig, nesterov))];
+    // SAFETY: the caller's contract.
+    let c = unsafe { read_versioned(ptr, "config", &CONFIG_SIZES, sam_config_default(), &bools) }?;
     let backend = match c.backend {
         SAM_BACKEND_AUTO => Backend::Auto,
         SAM_BACKEND_CPU => Backend::Cpu,
@@ -168,6 +160,41 @@ pub extern "C" fn sam_config_default() -> SamConfig {
     }
 }
 
+/// Fills `*config` with the default configuration (as `sam_config_default`) for a caller whose
+/// `SamConfig` has `size` bytes: pass `sizeof(SamConfig)`. This is the form that keeps working
+/// when `SamConfig` grows: a program built against an older header gets exactly its own layout
+/// (never more bytes than it reserved), one built against a newer header gets this library's
+/// defaults and zeros in the fields this library does not know (which `sam_create` accepts).
+/// Sets `config->struct_size = size`.
+///
+/// Fails with `SAM_ERR_NULL_POINTER` (config NULL) or `SAM_ERR_INVALID_ARGUMENT` (`size` is not
+/// the size of a released layout and not larger than this library's), writing nothing.
+///
+/// # Safety
+/// `config` must be NULL or writable for `size` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_config_init(config: *mut SamConfig, size: usize) -> SamStatus {
+    boundary("sam_config_init", || {
+        non_null(config, "config")?;
+        let ours = size_of::<SamConfig>();
+        if size > 1 << 16 || (size < ours && !CONFIG_SIZES.contains(&size)) {
+            return Err(Error::invalid(format!(
+                "size = {size}: not the size of any released SamConfig layout ({CONFIG_SIZES:?} bytes)"
+            )));
+        }
+        let defaults = std::mem::MaybeUninit::new(SamConfig { struct_size: size, ..sam_config_default() });
+        // SAFETY: `size` writable bytes (the caller's contract); at most `ours` come from the
+        // defaults, the rest are zeroed.
+        unsafe {
+            std::ptr::copy_nonoverlapping(defaults.as_ptr().cast::<u8>(), config.cast::<u8>(), size.min(ours));
+            if size > ours {
+                std::ptr::write_bytes(config.cast::<u8>().add(ours), 0, size - ours);
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Creates an optimizer from `config` and stores its handle in `*out`.
 ///
 /// Fails with `SAM_ERR_NULL_POINTER` (config or out NULL), `SAM_ERR_INVALID_ARGUMENT` (a wrong
@@ -203,6 +230,9 @@ pub unsafe extern "C" fn sam_destroy(opt: *mut SamOptimizer) {
         return;
     }
     boundary("sam_destroy", || {
+        // SAFETY: the caller's contract: a live handle. Inside a callback of a call on this very
+        // handle, freeing it would pull the optimizer from under that call: refused (leaked).
+        unsafe { &*opt }.lock()?;
         // SAFETY: the caller's contract: a live handle from `sam_create`, freed once.
         drop(unsafe { Box::from_raw(opt) });
         Ok(())
@@ -212,9 +242,10 @@ pub unsafe extern "C" fn sam_destroy(opt: *mut SamOptimizer) {
 /// Registers a parameter buffer and its gradient buffer, both owned by the host, and stores the
 /// tensor's id (0, 1, 2, ... in registration order) in `*out_id`.
 ///
-/// At every step the plugin reads `grad` and rewrites `param` in place; the host keeps both alive
-/// and in place for the optimizer's lifetime, writes the gradient between calls, and does not
-/// touch either while a call runs.
+/// At every step the plugin reads `grad` and rewrites `param` in place; it never writes `grad`
+/// (see `sam_register_host_ex` for the one opt-in exception). The host keeps both alive and in
+/// place for the optimizer's lifetime, writes the gradient between calls, and does not touch
+/// either while a call runs.
 ///
 /// Fails, registering nothing, with `SAM_ERR_NULL_POINTER` (any pointer NULL),
 /// `SAM_ERR_INVALID_ARGUMENT` (`len` 0, an unknown `dtype`, a pointer not aligned to the element
@@ -243,6 +274,53 @@ pub unsafe extern "C" fn sam_register_host(
         let mut inner = opt.lock()?;
         // SAFETY: the host's promise about the buffers, passed on.
         let id = unsafe { inner.register_host_raw(param.cast(), grad.cast(), len, dtype) }?;
+        // SAFETY: checked non-null above.
+        unsafe { write_out(out_id, "out_id", id) }
+    })
+}
+
+/// `sam_register_host` with `flags`: `SAM_REGISTER_GRAD_WRITABLE` lets samopt write the gradient
+/// buffer too. samopt writes a gradient in one case only: per-shard SAM without a built-in base
+/// optimizer (`SAM_BASE_NONE`), whose second step leaves the mean of the shards' gradients there
+/// for the host's optimizer (`sam_accumulate_step`). Without the flag, gradients are only read;
+/// `flags = 0` is `sam_register_host`.
+///
+/// Fails as `sam_register_host`, and with `SAM_ERR_INVALID_ARGUMENT` for an unknown flag bit.
+///
+/// # Safety
+/// As `sam_register_host`; with `SAM_REGISTER_GRAD_WRITABLE`, `grad` must be valid for writes too.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_register_host_ex(
+    opt: *mut SamOptimizer,
+    param: *mut c_void,
+    grad: *mut c_void,
+    len: usize,
+    dtype: SamDType,
+    flags: SamRegisterFlags,
+    out_id: *mut u32,
+) -> SamStatus {
+    boundary("sam_register_host_ex", || {
+        // SAFETY: the caller's contract.
+        let opt = unsafe { arg_ref(opt, "opt") }?;
+        non_null(param, "param")?;
+        non_null(grad, "grad")?;
+        non_null(out_id, "out_id")?;
+        let dtype = dtype_from_c(dtype)?;
+        if flags & !SAM_REGISTER_GRAD_WRITABLE != 0 {
+            return Err(Error::invalid(format!(
+                "flags = {flags:#x}: unknown bits {:#x} (known: SAM_REGISTER_GRAD_WRITABLE = 1)",
+                flags & !SAM_REGISTER_GRAD_WRITABLE
+            )));
+        }
+        let mut inner = opt.lock()?;
+        // SAFETY: the host's promise about the buffers, passed on.
+        let id = unsafe {
+            if flags & SAM_REGISTER_GRAD_WRITABLE != 0 {
+                inner.register_host_writable_raw(param.cast(), grad.cast(), len, dtype)
+            } else {
+                inner.register_host_raw(param.cast(), grad.cast(), len, dtype)
+            }
+        }?;
         // SAFETY: checked non-null above.
         unsafe { write_out(out_id, "out_id", id) }
     })

@@ -8,6 +8,7 @@ use std::sync::{Once, RwLock};
 
 use super::{SamLogCallback, SamLogLevel};
 
+#[derive(Clone, Copy)]
 struct Sink {
     callback: SamLogCallback,
     user: *mut c_void,
@@ -46,7 +47,8 @@ impl log::Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let sink = SINK.read().unwrap_or_else(|e| e.into_inner());
+        // A copy, so that the callback runs without the lock: it may set another callback.
+        let sink = *SINK.read().unwrap_or_else(|e| e.into_inner());
         let level: SamLogLevel = match record.level() {
             log::Level::Error => 1,
             log::Level::Warn => 2,

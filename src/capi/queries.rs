@@ -1,7 +1,7 @@
 //! What a handle reports about itself: tensors, steps, phase, backend.
 
 use super::ffi::{arg_ref, boundary, write_out};
-use super::types::{SAM_BACKEND_CPU, SAM_BACKEND_GPU, SamBackend, SamOptimizer, SamStatus};
+use super::types::{SAM_BACKEND_AUTO, SAM_BACKEND_CPU, SAM_BACKEND_GPU, SamBackend, SamOptimizer, SamStatus};
 use crate::config::Backend;
 use crate::engine::Phase;
 
@@ -48,8 +48,9 @@ pub unsafe extern "C" fn sam_is_perturbed(opt: *const SamOptimizer, out: *mut bo
     })
 }
 
-/// Stores in `*out` the backend that runs this optimizer's passes (`SAM_BACKEND_CPU` or
-/// `SAM_BACKEND_GPU`; never AUTO).
+/// Stores in `*out` the backend that runs this optimizer's passes: `SAM_BACKEND_CPU` or
+/// `SAM_BACKEND_GPU`, or `SAM_BACKEND_AUTO` while an AUTO optimizer has no tensor yet (its first
+/// registration decides).
 ///
 /// # Safety
 /// `opt` must be NULL or a live handle; `out` NULL or writable.
@@ -59,7 +60,8 @@ pub unsafe extern "C" fn sam_get_backend(opt: *const SamOptimizer, out: *mut Sam
         // SAFETY: the caller's contract.
         let backend = match unsafe { arg_ref(opt, "opt") }?.lock()?.backend() {
             Backend::Gpu => SAM_BACKEND_GPU,
-            Backend::Cpu | Backend::Auto => SAM_BACKEND_CPU,
+            Backend::Cpu => SAM_BACKEND_CPU,
+            Backend::Auto => SAM_BACKEND_AUTO,
         };
         // SAFETY: the caller's contract.
         unsafe { write_out(out, "out", backend) }

@@ -1,5 +1,7 @@
 //! The C vocabulary: the ABI version, statuses, the enums read as integers, and the handle.
 
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::dtype::DType;
@@ -95,16 +97,71 @@ pub const SAM_PART_PARAM: SamTensorPart = 0;
 /// The gradient `g`.
 pub const SAM_PART_GRAD: SamTensorPart = 1;
 
+/// Flags of `sam_register_host_ex`, or-ed together.
+pub type SamRegisterFlags = u32;
+/// samopt may write the gradient buffer (the only such write: the mean gradient of per-shard SAM
+/// without a built-in base optimizer). Without it, registered gradients are only read.
+pub const SAM_REGISTER_GRAD_WRITABLE: SamRegisterFlags = 1;
+
 /// An optimizer handle: create with `sam_create`, free with `sam_destroy`.
 pub struct SamOptimizer {
     pub(super) inner: Mutex<Optimizer>,
 }
 
+thread_local! {
+    /// The handles whose lock this thread holds: a callback (log, all-reduce) that samopt calls
+    /// while it works on a handle runs on the same thread, so a call on that handle from inside it
+    /// is found here and refused instead of waiting forever for a lock its own thread holds.
+    static HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A handle's optimizer, locked by this thread for one call.
+pub(super) struct Locked<'a> {
+    guard: MutexGuard<'a, Optimizer>,
+    handle: usize,
+}
+
+impl Deref for Locked<'_> {
+    type Target = Optimizer;
+    fn deref(&self) -> &Optimizer {
+        &self.guard
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Optimizer {
+        &mut self.guard
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        HELD.with(|held| {
+            let mut held = held.borrow_mut();
+            if let Some(k) = held.iter().rposition(|&h| h == self.handle) {
+                held.swap_remove(k);
+            }
+        });
+    }
+}
+
 impl SamOptimizer {
-    pub(super) fn lock(&self) -> Result<MutexGuard<'_, Optimizer>> {
-        self.inner
+    /// Locks the handle for one call. Refused with `SAM_ERR_INVALID_STATE` when this thread is
+    /// already inside a call on it (a callback calling back into the optimizer that called it).
+    pub(super) fn lock(&self) -> Result<Locked<'_>> {
+        let handle = self as *const SamOptimizer as usize;
+        if HELD.with(|held| held.borrow().contains(&handle)) {
+            return Err(Error::state(
+                "re-entrant call: a callback (log or all-reduce) that samopt runs during a call on this optimizer \
+                 may not call sam_* functions on the same optimizer",
+            ));
+        }
+        let guard = self
+            .inner
             .lock()
-            .map_err(|_| Error::new(ErrorKind::Internal, "the optimizer is unusable after an earlier internal error"))
+            .map_err(|_| Error::new(ErrorKind::Internal, "the optimizer is unusable after an earlier internal error"))?;
+        HELD.with(|held| held.borrow_mut().push(handle));
+        Ok(Locked { guard, handle })
     }
 }
 

@@ -3,7 +3,7 @@
 use std::ffi::{c_char, c_void};
 use std::sync::Mutex;
 
-use super::ffi::{arg_ref, boundary, non_null, write_out};
+use super::ffi::{arg_ref, boundary, non_null, read_versioned, write_out};
 use super::lifecycle::{SamConfig, read_config};
 use super::logging;
 use super::types::{SamDType, SamOptimizer, SamStatus, dtype_from_c};
@@ -56,15 +56,22 @@ pub(super) unsafe fn vulkan_handles(
     need_device: bool,
 ) -> Result<crate::gpu::vulkan::VulkanHandles> {
     use ash::vk::Handle;
-    // SAFETY: the caller's contract.
-    let d = unsafe { arg_ref(d, "device") }?;
-    if d.struct_size != size_of::<SamVulkanDevice>() {
-        return Err(Error::invalid(format!(
-            "device->struct_size = {}, but this library knows SamVulkanDevice of {} bytes",
-            d.struct_size,
-            size_of::<SamVulkanDevice>()
-        )));
-    }
+    let empty = SamVulkanDevice {
+        struct_size: size_of::<SamVulkanDevice>(),
+        get_instance_proc_addr: None,
+        instance: std::ptr::null_mut(),
+        api_version: 0,
+        instance_extension_count: 0,
+        instance_extensions: std::ptr::null(),
+        physical_device: std::ptr::null_mut(),
+        device: std::ptr::null_mut(),
+        device_extension_count: 0,
+        device_extensions: std::ptr::null(),
+        queue_family_index: 0,
+        queue_index: 0,
+    };
+    // SAFETY: the caller's contract; `struct_size` is read and checked before anything else.
+    let d = &unsafe { read_versioned(d, "device", &[size_of::<SamVulkanDevice>()], empty, &[]) }?;
     let gipa = d
         .get_instance_proc_addr
         .ok_or_else(|| Error::new(ErrorKind::NullPointer, "device->get_instance_proc_addr is NULL"))?;

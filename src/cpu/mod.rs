@@ -14,6 +14,7 @@
 //! `kernels` holds the per-dtype work on one segment, compiled per instruction set.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
@@ -37,6 +38,7 @@ const BLOCK: usize = 1024;
 const BACKUP_ALIGN_WORDS: usize = 8;
 
 /// A registered tensor and where its backup lives.
+#[derive(Clone, Copy)]
 struct Slot {
     host: HostTensor,
     /// Offset of the backup in `CpuEngine::backup` (and of the GSAM copy of the first gradient in
@@ -91,7 +93,8 @@ struct Buffers {
 
 /// The CPU backend.
 pub(crate) struct CpuEngine {
-    pool: rayon::ThreadPool,
+    /// The process-wide pool, or this engine's own when `threads` is set.
+    pool: Arc<rayon::ThreadPool>,
     isa: Isa,
     slots: Vec<Slot>,
     /// Per slot: the buffers of an owned tensor (`None` for the host's own buffers).
@@ -100,6 +103,16 @@ pub(crate) struct CpuEngine {
     backup: Vec<u64>,
     /// GSAM: the first gradient, kept by the perturbation pass, laid out as `backup`.
     first_grads: Vec<u64>,
+    /// Per-shard SAM with a built-in base: the mean of the shards' gradients, rounded to each
+    /// tensor's dtype and laid out as `backup` (allocated at the first such step), so the host's
+    /// gradient buffers are only read.
+    mean: Vec<u64>,
+    /// `slots` with each gradient address pointing into `mean`: set by `write_mean` into the
+    /// engine's buffer, read by the next `second_reduce` and `update`.
+    mean_slots: Vec<Slot>,
+    /// Whether the next `second_reduce` and `update` read `mean_slots` (cleared by them, by
+    /// `restore` and `perturb`).
+    use_mean: bool,
     gsam: bool,
     base: BaseOptimizer,
     /// f32 state per element: 0 (none, or SGD without momentum), 1 (momentum), 2 (Adam).
@@ -121,6 +134,34 @@ pub(crate) struct CpuEngine {
     partials: Vec<f64>,
 }
 
+/// The worker pool for `threads` workers: 0 shares one process-wide pool with a worker per core
+/// (built at the first use), so that many handles (a fuzzer, a test suite, many small models)
+/// do not each start a thread per core; a number gives the handle a pool of its own.
+fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+    static SHARED: Mutex<Option<Arc<rayon::ThreadPool>>> = Mutex::new(None);
+    let build = |n: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("samopt-cpu-{i}"))
+            .build()
+            .map(Arc::new)
+            .map_err(|e| {
+                let n = if n == 0 { "one per core".to_owned() } else { n.to_string() };
+                Error::new(ErrorKind::OutOfMemory, format!("cannot start CPU worker threads ({n}): {e}"))
+            })
+    };
+    if threads != 0 {
+        return build(threads);
+    }
+    let mut shared = SHARED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(pool) = shared.as_ref() {
+        return Ok(pool.clone());
+    }
+    let pool = build(0)?;
+    *shared = Some(pool.clone());
+    Ok(pool)
+}
+
 impl CpuEngine {
     /// A CPU engine with `config.threads` workers (0: one per available core), holding the state
     /// the configured base optimizer needs.
@@ -130,18 +171,16 @@ impl CpuEngine {
             BaseOptimizer::Sgd => (config.momentum != 0.0) as usize,
             BaseOptimizer::AdamW => 2,
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(config.threads)
-            .thread_name(|i| format!("samopt-cpu-{i}"))
-            .build()
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("cannot start CPU worker threads: {e}")))?;
         Ok(CpuEngine {
-            pool,
+            pool: pool(config.threads)?,
             isa: Isa::detect(),
             slots: Vec::new(),
             owned: Vec::new(),
             backup: Vec::new(),
             first_grads: Vec::new(),
+            mean: Vec::new(),
+            mean_slots: Vec::new(),
+            use_mean: false,
             gsam: config.gsam_alpha.is_some(),
             base: config.base,
             state_per_elem,
@@ -288,6 +327,7 @@ impl Passes for CpuEngine {
     }
 
     fn perturb(&mut self, p: &Perturbation) -> Result<()> {
+        self.use_mean = false;
         let bufs = self.buffers();
         let this = &*self;
         this.pool.install(|| {
@@ -304,6 +344,7 @@ impl Passes for CpuEngine {
     }
 
     fn restore(&mut self) -> Result<()> {
+        self.use_mean = false;
         let backup = self.buffers().backup;
         let this = &*self;
         this.pool.install(|| {
@@ -326,7 +367,7 @@ impl Passes for CpuEngine {
     fn second_reduce(&mut self, gsam: bool) -> Result<SecondNorm> {
         let (isa, bufs) = (self.isa, self.buffers());
         let first = if gsam { bufs.first } else { None };
-        let slots = &self.slots;
+        let slots = if self.use_mean { &self.mean_slots } else { &self.slots };
         let segments = &self.segments;
         let chunks = &self.chunks;
         self.pool.install(|| {
@@ -353,16 +394,18 @@ impl Passes for CpuEngine {
         let (isa, bufs, base) = (self.isa, self.buffers(), self.base);
         let has_state = self.state_per_elem > 0;
         let this = &*self;
+        let slots = if self.use_mean { &self.mean_slots } else { &self.slots };
         this.pool.install(|| {
             this.chunks.par_iter().for_each(|chunk| {
                 for seg in this.chunk_segments(chunk) {
-                    let slot = &this.slots[seg.tensor];
+                    let slot = &slots[seg.tensor];
                     let job = UpdateJob { step, tensor: &tensors[seg.tensor], base, has_state };
                     // SAFETY: as in `perturb`: disjoint ranges of the tensor, backup and state.
                     unsafe { update_segment(isa, slot, seg, bufs, &job) };
                 }
             })
         });
+        self.use_mean = false;
         Ok(())
     }
 
@@ -390,17 +433,35 @@ impl Passes for CpuEngine {
         Ok(())
     }
 
-    fn write_mean(&mut self, scale: f32) -> Result<()> {
+    fn write_mean(&mut self, scale: f32, into_grads: bool) -> Result<()> {
+        if !into_grads {
+            if self.mean.len() < self.backup.len() {
+                let more = self.backup.len() - self.mean.len();
+                self.mean.try_reserve_exact(more).map_err(|_| {
+                    Error::new(ErrorKind::OutOfMemory, format!("cannot allocate the mean gradient of {} elements", self.elements))
+                })?;
+                self.mean.resize(self.backup.len(), 0);
+            }
+            let base = self.mean.as_mut_ptr();
+            self.mean_slots.clear();
+            self.mean_slots.extend(self.slots.iter().map(|s| Slot {
+                host: HostTensor { grad: base.wrapping_add(s.backup_word).cast::<u8>(), ..s.host },
+                ..*s
+            }));
+        }
         let (isa, acc) = (self.isa, Shared(self.acc.as_mut_ptr()));
         let this = &*self;
+        let slots = if into_grads { &self.slots } else { &self.mean_slots };
         this.pool.install(|| {
             this.chunks.par_iter().for_each(|chunk| {
                 for seg in this.chunk_segments(chunk) {
-                    // SAFETY: disjoint ranges of the gradient buffers and the accumulator.
-                    unsafe { mean_segment(isa, &this.slots[seg.tensor], seg, acc, scale) };
+                    // SAFETY: disjoint ranges of the gradient buffers (the host's, registered as
+                    // writable, or the engine's mean) and the accumulator.
+                    unsafe { mean_segment(isa, &slots[seg.tensor], seg, acc, scale) };
                 }
             })
         });
+        self.use_mean = !into_grads;
         Ok(())
     }
 

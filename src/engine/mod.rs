@@ -74,6 +74,8 @@ struct TensorInfo {
     dtype: DType,
     /// Allocated by the backend (`add_tensor`), rather than registered host buffers.
     owned: bool,
+    /// samopt may write the gradient (owned tensors, and host tensors registered so).
+    grad_writable: bool,
     group: GroupId,
     /// Base updates applied to this tensor (AdamW's `t` is this plus one at the next update).
     updates: u64,
@@ -131,10 +133,22 @@ pub struct Optimizer {
     local_sum_sq: Option<f64>,
     /// Shards accumulated by [`accumulate_step`](Self::accumulate_step) since the last second step.
     shards: u32,
+    /// Test hook: the next backend pass of this kind fails with a device error before it runs.
+    fault: Option<Fault>,
 }
 
-/// Whether AUTO has already said, once per process, that it fell back to the CPU.
-static AUTO_FALLBACK_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// A backend pass a test can make fail ([`Optimizer::inject_fault`]), to check that the engine
+/// recovers from a device error in it.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The norm pass of a first step.
+    Norm,
+    /// The perturbation pass.
+    Perturb,
+    /// The second step's fused restore + update.
+    Update,
+}
 
 impl std::fmt::Debug for Optimizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -157,6 +171,10 @@ impl Optimizer {
     /// CPU (and saying so once through the `log` crate) when no adapter is found.
     pub fn new(config: Config) -> Result<Optimizer> {
         config.validate()?;
+        if config.backend == Backend::Auto {
+            // AUTO may never open an adapter, but a choice the user made must exist now.
+            crate::gpu::check_choice(config.adapter.as_deref())?;
+        }
         let passes: Option<Box<dyn Passes>> = match config.backend {
             Backend::Cpu => Some(Box::new(CpuEngine::new(&config)?)),
             Backend::Gpu => Some(Box::new(GpuEngine::new(&config)?)),
@@ -179,6 +197,7 @@ impl Optimizer {
             allreduce: None,
             local_sum_sq: None,
             shards: 0,
+            fault: None,
         })
     }
 
@@ -221,15 +240,14 @@ impl Optimizer {
     fn passes_for(&mut self, owned: bool) -> Result<&mut Box<dyn Passes>> {
         if self.passes.is_none() {
             let passes: Box<dyn Passes> = if owned {
-                match GpuEngine::new(&self.config) {
+                match GpuEngine::new_auto(&self.config) {
                     Ok(gpu) => {
                         self.backend = Backend::Gpu;
                         Box::new(gpu)
                     }
                     Err(e) => {
-                        if !AUTO_FALLBACK_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                            log::warn!("samopt: backend AUTO runs on the CPU: {}", e.message());
-                        }
+                        // Once per handle: each handle decides its backend once.
+                        log::warn!("samopt: backend AUTO runs on the CPU: {}", e.message());
                         self.backend = Backend::Cpu;
                         Box::new(CpuEngine::new(&self.config)?)
                     }
@@ -241,6 +259,22 @@ impl Optimizer {
             self.passes = Some(passes);
         }
         Ok(self.passes.as_mut().expect("set above"))
+    }
+
+    /// Test hook: the next backend pass of kind `fault` fails with a device error before it runs,
+    /// as a device that rejects the submission would. Not for production use.
+    #[doc(hidden)]
+    pub fn inject_fault(&mut self, fault: Fault) {
+        self.fault = Some(fault);
+    }
+
+    /// The injected device error for a pass of kind `pass`, once.
+    fn take_fault(&mut self, pass: Fault) -> Result<()> {
+        if self.fault == Some(pass) {
+            self.fault = None;
+            return Err(Error::new(ErrorKind::Device, format!("injected device error in the {pass:?} pass")));
+        }
+        Ok(())
     }
 
     fn passes(&mut self) -> Result<&mut Box<dyn Passes>> {

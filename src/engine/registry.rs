@@ -2,6 +2,7 @@
 //! optimizer; their data; parameter groups; and the overlap checks on host byte ranges.
 
 use super::{Group, GroupId, Optimizer, TensorId, TensorInfo};
+use crate::config::Backend;
 use crate::backend::{HostTensor, Part, Passes};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, ErrorKind, Result};
@@ -33,7 +34,7 @@ impl Optimizer {
     ) -> Result<TensorId> {
         self.check_new_tensor("register a tensor", len, dtype)?;
         add(self.passes.as_mut().ok_or_else(|| Error::new(ErrorKind::Unsupported, unsupported))?)?;
-        self.push_tensor(len, dtype, false);
+        self.push_tensor(len, dtype, false, false);
         Ok((self.tensors.len() - 1) as TensorId)
     }
 
@@ -94,6 +95,38 @@ impl Optimizer {
         len: usize,
         dtype: DType,
     ) -> Result<TensorId> {
+        // SAFETY: the caller's contract, passed on; the gradient is only read.
+        unsafe { self.register_host_impl(param, grad, len, dtype, false) }
+    }
+
+    /// As [`register_host_raw`](Self::register_host_raw), and samopt may also write the gradient
+    /// buffer: the one case is per-shard SAM without a built-in base optimizer, whose second step
+    /// leaves the mean of the shards' gradients there for the host's optimizer
+    /// ([`accumulate_step`](Self::accumulate_step)). Nothing else writes a gradient.
+    ///
+    /// # Safety
+    /// As [`register_host_raw`](Self::register_host_raw), and `grad` must be valid for writes.
+    pub unsafe fn register_host_writable_raw(
+        &mut self,
+        param: *mut u8,
+        grad: *mut u8,
+        len: usize,
+        dtype: DType,
+    ) -> Result<TensorId> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.register_host_impl(param, grad, len, dtype, true) }
+    }
+
+    /// # Safety
+    /// As [`register_host_raw`](Self::register_host_raw); `grad` valid for writes if `grad_writable`.
+    unsafe fn register_host_impl(
+        &mut self,
+        param: *mut u8,
+        grad: *const u8,
+        len: usize,
+        dtype: DType,
+        grad_writable: bool,
+    ) -> Result<TensorId> {
         let bytes = self.check_new_tensor("register a tensor", len, dtype)?;
         let p = Self::check_range("param", param as usize, bytes, dtype)?;
         let g = Self::check_range("grad", grad as usize, bytes, dtype)?;
@@ -111,11 +144,23 @@ impl Optimizer {
             }
         }
         let id = self.tensors.len() as TensorId;
-        self.passes_for(false)?.add_host(HostTensor { param, grad, len, dtype })?;
+        self.add_to_backend(false, |passes| passes.add_host(HostTensor { param, grad, len, dtype }))?;
         self.ranges.insert(p.start, (p.end, id));
         self.ranges.insert(g.start, (g.end, id));
-        self.push_tensor(len, dtype, false);
+        self.push_tensor(len, dtype, false, grad_writable);
         Ok(id)
+    }
+
+    /// Hands a new tensor to the backend (created now under AUTO: `owned` says for which kind of
+    /// tensor); if that fails, an AUTO optimizer is left undecided, as it was.
+    fn add_to_backend(&mut self, owned: bool, add: impl FnOnce(&mut Box<dyn Passes>) -> Result<()>) -> Result<()> {
+        let undecided = self.passes.is_none();
+        let result = self.passes_for(owned).and_then(add);
+        if result.is_err() && undecided {
+            self.passes = None;
+            self.backend = Backend::Auto;
+        }
+        result
     }
 
     /// Typed form of [`register_host_raw`](Self::register_host_raw).
@@ -126,6 +171,19 @@ impl Optimizer {
         unsafe { self.register_host_raw(param.cast(), grad.cast(), len, T::DTYPE) }
     }
 
+    /// Typed form of [`register_host_writable_raw`](Self::register_host_writable_raw).
+    ///
+    /// # Safety
+    /// As [`register_host_writable_raw`](Self::register_host_writable_raw).
+    pub unsafe fn register_host_writable<T: Element>(
+        &mut self,
+        param: *mut T,
+        grad: *mut T,
+        len: usize,
+    ) -> Result<TensorId> {
+        unsafe { self.register_host_writable_raw(param.cast(), grad.cast(), len, T::DTYPE) }
+    }
+
     /// Allocates a parameter/gradient pair of `len` zeros, owned by the optimizer: in host memory
     /// on the CPU backend, on the device on the GPU backend (where the optimizer's state then stays
     /// too). Write and read it with [`write_param`](Self::write_param),
@@ -133,8 +191,8 @@ impl Optimizer {
     /// through slices ([`param`](Self::param), [`grad_mut`](Self::grad_mut)).
     pub fn add_zeroed_tensor(&mut self, len: usize, dtype: DType) -> Result<TensorId> {
         self.check_new_tensor("add a tensor", len, dtype)?;
-        self.passes_for(true)?.add_owned(len, dtype)?;
-        self.push_tensor(len, dtype, true);
+        self.add_to_backend(true, |passes| passes.add_owned(len, dtype))?;
+        self.push_tensor(len, dtype, true, true);
         Ok((self.tensors.len() - 1) as TensorId)
     }
 
@@ -282,9 +340,11 @@ impl Optimizer {
         self.tensors.get(id as usize).map(|t| t.group)
     }
 
-    pub(super) fn push_tensor(&mut self, len: usize, dtype: DType, owned: bool) {
+    pub(super) fn push_tensor(&mut self, len: usize, dtype: DType, owned: bool, grad_writable: bool) {
         let epoch = self.steps;
-        self.tensors.push(TensorInfo { len, dtype, owned, group: 0, updates: 0, epoch });
+        self.tensors.push(TensorInfo { len, dtype, owned, grad_writable, group: 0, updates: 0, epoch });
+        // A local norm from before this tensor no longer covers every tensor.
+        self.local_sum_sq = None;
         let id = self.tensors.len() - 1;
         if let Some(p) = self.passes.as_mut() {
             p.set_cohort(id, (0, epoch));

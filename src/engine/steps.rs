@@ -1,7 +1,7 @@
 //! The steps of SAM: the first step (norm, perturbation), the distributed variants, the second
 //! step (restore, or restore fused with the base update), and the learning rate.
 
-use super::{AllReduce, Optimizer, Phase, SecondStep};
+use super::{AllReduce, Fault, Optimizer, Phase, SecondStep};
 use crate::config::BaseOptimizer;
 use crate::error::{Error, ErrorKind, Result};
 use crate::math::{Perturbation, TensorStep, UpdateStep};
@@ -13,31 +13,31 @@ impl Optimizer {
     /// A NaN or infinity in any gradient (under ASAM, in any weight too) is found by the norm pass
     /// itself; the call then returns [`ErrorKind::NonFinite`] and no parameter is touched, so a
     /// loss-scaled loop can lower its scale and retry.
+    ///
+    /// With an all-reduce installed ([`set_allreduce`](Self::set_allreduce)) every call joins the
+    /// exchange exactly once, whatever fails locally (wrong phase, no tensor, a device error, a
+    /// non-finite gradient): the failing worker contributes NaN, so every worker refuses the step
+    /// together and none is left waiting in the collective.
     pub fn first_step(&mut self) -> Result<()> {
         if self.allreduce.is_none() {
             let sum_sq = self.checked_local_norm("take a first step")?;
             return self.perturb_with(sum_sq.sqrt());
         }
-        // Every worker must reach the exchange, a worker with a bad local gradient too: it sends
-        // NaN, so that all of them refuse the step together instead of waiting for it.
-        let (local, local_error) = match self.checked_local_norm("take a first step") {
-            Ok(v) => (v, None),
-            Err(e) if e.kind() == ErrorKind::NonFinite => (f64::NAN, Some(e)),
-            Err(e) => return Err(e),
-        };
-        let mut sum_sq = [local];
+        let local = self.checked_local_norm("take a first step");
+        let mut sum_sq = [*local.as_ref().unwrap_or(&f64::NAN)];
         let allreduce = self.allreduce.as_mut().expect("checked above");
-        allreduce(&mut sum_sq).map_err(|e| Error::new(ErrorKind::Callback, format!("the all-reduce failed: {e}")))?;
-        if let Some(e) = local_error {
-            return Err(e);
-        }
+        let exchanged = allreduce(&mut sum_sq);
+        // This worker's own failure says more than the NaN it caused.
+        let local = local?;
+        exchanged.map_err(|e| Error::new(ErrorKind::Callback, format!("the all-reduce failed: {e}")))?;
         if !sum_sq[0].is_finite() {
             return Err(Error::new(
                 ErrorKind::NonFinite,
-                "the global gradient norm is NaN or infinite: a gradient on another worker holds NaN or infinity; \
-                 no parameter was changed",
+                "the global gradient norm is NaN or infinite: another worker's gradient holds NaN or infinity, \
+                 or its first step failed; no parameter was changed",
             ));
         }
+        self.check_global(sum_sq[0], local, "the all-reduced squared norm")?;
         self.perturb_with(sum_sq[0].sqrt())
     }
 
@@ -49,6 +49,7 @@ impl Optimizer {
             return Err(Error::state("no tensor is registered: register the parameters before the first step"));
         }
         self.passes()?;
+        self.take_fault(Fault::Norm)?;
         let (config, passes) = (&self.config, self.passes.as_mut().expect("checked above"));
         let norm = passes.ascent_norm(config)?;
         if !norm.sum_sq.is_finite() {
@@ -65,7 +66,20 @@ impl Optimizer {
         Ok(norm.sum_sq)
     }
 
+    /// Refuses a global squared norm below this worker's local one (a sum over workers includes
+    /// it), with a relative allowance for a host that sums in f32.
+    fn check_global(&self, global_sq: f64, local_sq: f64, what: &str) -> Result<()> {
+        if global_sq < local_sq * (1.0 - 1e-6) {
+            return Err(Error::invalid(format!(
+                "{what} = {global_sq:e} is below this worker's own squared norm {local_sq:e}: it must be the sum \
+                 of every worker's sam_grad_sq_norm_local; no parameter was changed"
+            )));
+        }
+        Ok(())
+    }
+
     pub(super) fn perturb_with(&mut self, norm: f64) -> Result<()> {
+        self.take_fault(Fault::Perturb)?;
         let (config, passes) = (&self.config, self.passes.as_mut().expect("a norm pass ran"));
         passes.perturb(&Perturbation::new(config, norm))?;
         self.last_norm = Some(norm);
@@ -74,12 +88,12 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Global-norm SAM across workers, step 1 of 2: the local squared norm `sum (T_w g)^2` over
-    /// this optimizer's tensors (one read of the gradients, nothing written). The host sums it
-    /// over the workers with its own engine (MPI, NCCL, Gloo) and passes the square root to
+    /// Global-norm SAM across workers whose parameters are sharded (ZeRO, FSDP, tensor parallel),
+    /// step 1 of 2: the local squared norm `sum (T_w g)^2` over this optimizer's tensors (one read
+    /// of the gradients, nothing written). The host sums it over the workers with its own engine
+    /// (MPI, NCCL, Gloo) and passes the square root to
     /// [`first_step_with_norm`](Self::first_step_with_norm). A NaN or infinity in a local gradient
-    /// returns [`ErrorKind::NonFinite`]; so that every worker learns it, a host that cannot stop
-    /// the all-reduce can sum NaN instead.
+    /// returns [`ErrorKind::NonFinite`]; so that every worker learns it, the host then sums NaN.
     pub fn local_sq_norm(&mut self) -> Result<f64> {
         let v = self.checked_local_norm("compute the local norm")?;
         self.local_sum_sq = Some(v);
@@ -89,8 +103,11 @@ impl Optimizer {
     /// Global-norm SAM across workers, step 2 of 2: the ascent with the given global norm
     /// (the square root of the all-reduced [`local_sq_norm`](Self::local_sq_norm)s). A NaN or
     /// infinite `global_norm` means a worker's gradient was not finite: [`ErrorKind::NonFinite`],
-    /// nothing changed. The gradients must not change between the two calls: the local check of
-    /// the first is reused, so the gradients are read once.
+    /// nothing changed. A norm below this worker's own is refused as an invalid argument.
+    ///
+    /// The gradients must not change between the two calls: the local norm of the first is
+    /// reused, so the gradients are read once. Without a preceding `local_sq_norm` (or after a
+    /// registration since), the local norm pass runs here.
     pub fn first_step_with_norm(&mut self, global_norm: f64) -> Result<()> {
         self.expect_step_start("take a first step")?;
         if !global_norm.is_finite() {
@@ -104,19 +121,23 @@ impl Optimizer {
         if global_norm < 0.0 {
             return Err(Error::invalid(format!("global_norm = {global_norm}: a norm is >= 0")));
         }
-        // The local gradients must be finite too: reuse the check of local_sq_norm, else run it.
-        match self.local_sum_sq.take() {
-            Some(v) if v.is_finite() => {}
-            _ => {
-                self.checked_local_norm("take a first step")?;
-            }
-        }
+        let local = match self.local_sum_sq {
+            Some(v) => v,
+            None => self.checked_local_norm("take a first step")?,
+        };
+        self.check_global(global_norm * global_norm, local, "global_norm^2")?;
         self.perturb_with(global_norm)
     }
 
-    /// Installs the host's all-reduce: from then on [`first_step`](Self::first_step) sums the
-    /// local squared gradient norm across the workers with it and perturbs with the global norm
-    /// (one number exchanged, no gradient copied). `None` removes it.
+    /// Installs the host's all-reduce for parameters sharded across workers: from then on
+    /// [`first_step`](Self::first_step) sums the local squared gradient norm across the workers
+    /// with it and perturbs with the global norm (one number exchanged, no gradient copied).
+    /// `None` removes it. With replicated parameters, all-reduce the gradients before the first
+    /// step instead (exact SAM over the global batch, no exchange here); for per-worker SAM
+    /// (m-sharpness) install none.
+    ///
+    /// The all-reduce runs inside `first_step`, which holds the optimizer: it must not call this
+    /// optimizer's methods (through the C ABI such a call is refused as re-entrant).
     pub fn set_allreduce(&mut self, allreduce: Option<AllReduce>) {
         self.allreduce = allreduce;
     }
@@ -124,15 +145,29 @@ impl Optimizer {
     /// Per-shard SAM (m-sharpness in one process): after the first step on shard k's gradient and
     /// the host's backward pass at the perturbed weights, restores `w` exactly and adds that
     /// perturbed gradient to an accumulator. The next shard's first step follows; after the last
-    /// shard, [`second_step`](Self::second_step) writes the mean of the accumulated gradients into
-    /// the gradient buffers (the one time samopt writes them) and, with a built-in base optimizer,
-    /// steps with it; without one, the host's optimizer uses it.
+    /// shard, [`second_step`](Self::second_step) applies the mean of the accumulated gradients.
+    ///
+    /// With a built-in base optimizer the mean stays in samopt's memory and the gradient buffers
+    /// are only read. Without one, the host's optimizer needs the mean in its gradient buffers:
+    /// that needs every host tensor registered with a writable gradient
+    /// ([`register_host_writable_raw`](Self::register_host_writable_raw)), checked here at the
+    /// first shard, before anything changes.
     pub fn accumulate_step(&mut self) -> Result<()> {
         if self.phase != Phase::Perturbed {
             return Err(Error::state("accumulate_step without a first step: call first_step for the shard first"));
         }
         if self.config.gsam_alpha.is_some() {
             return Err(Error::new(ErrorKind::Unsupported, "per-shard accumulation with GSAM is not supported"));
+        }
+        if self.config.base == BaseOptimizer::None
+            && let Some(k) = self.tensors.iter().position(|t| !t.grad_writable)
+        {
+            return Err(Error::state(format!(
+                "per-shard SAM without a built-in base optimizer writes the mean gradient into the gradient \
+                 buffers for the host's optimizer, but tensor {k}'s gradient was registered read-only: register \
+                 it with a writable gradient (sam_register_host_ex with SAM_REGISTER_GRAD_WRITABLE), or use a \
+                 built-in base optimizer"
+            )));
         }
         self.passes.as_mut().expect("a first step ran").accumulate(self.shards == 0)?;
         self.shards += 1;
@@ -153,6 +188,11 @@ impl Optimizer {
     /// product with the first gradient for GSAM, and a finiteness check); a NaN or infinity there
     /// makes the step [`SecondStep::Skipped`]: restored, no update, state untouched. Without one,
     /// the host runs its own optimizer afterwards.
+    ///
+    /// If the fused update fails (a device error), the weights are restored to `w` when the
+    /// backend still can, the step is over (a retry is refused, so momentum is never applied
+    /// twice) and not counted; the base optimizer's state may be partly updated on a device that
+    /// failed midway, so the error says to load a checkpoint to continue exactly.
     pub fn second_step(&mut self) -> Result<SecondStep> {
         match self.phase {
             Phase::Idle => {
@@ -170,8 +210,9 @@ impl Optimizer {
         let config = &self.config;
         let passes = self.passes.as_mut().expect("a first step ran");
         if accumulated {
-            // w is restored already; the mean of the shards' perturbed gradients takes g's place.
-            passes.write_mean(1.0 / self.shards as f32)?;
+            // w is restored already; the mean of the shards' perturbed gradients takes g's place:
+            // in samopt's memory with a built-in base, else in the (writable) gradient buffers.
+            passes.write_mean(1.0 / self.shards as f32, config.base == BaseOptimizer::None)?;
             self.shards = 0;
         }
         if config.base == BaseOptimizer::None {
@@ -207,7 +248,27 @@ impl Optimizer {
             let g = self.groups[t.group as usize];
             self.tensor_steps.push(TensorStep::new(config, self.lr * g.lr_scale, g.weight_decay, t.updates + 1));
         }
-        passes.update(&step, &self.tensor_steps)?;
+        let updated = self.take_fault(Fault::Update).and_then(|()| {
+            let passes = self.passes.as_mut().expect("a first step ran");
+            passes.update(&step, &self.tensor_steps)
+        });
+        if let Err(e) = updated {
+            // The backup is intact (the update only reads it): put w back, and end the step.
+            self.phase = Phase::Idle;
+            let restored = self.passes.as_mut().expect("a first step ran").restore();
+            let weights = match restored {
+                Ok(()) => "the weights were restored to w",
+                Err(_) => "the weights could not be restored either",
+            };
+            return Err(Error::new(
+                e.kind(),
+                format!(
+                    "{}; {weights} and the step is over (not counted); the base optimizer's state may be partly \
+                     updated: load a checkpoint to continue exactly",
+                    e.message()
+                ),
+            ));
+        }
         for t in &mut self.tensors {
             t.updates += 1;
         }

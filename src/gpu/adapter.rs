@@ -51,15 +51,30 @@ pub(super) fn ranked_adapters() -> Vec<wgpu::Adapter> {
     list
 }
 
-/// Picks an adapter: `choice` (an index into [`adapters`] or a case-insensitive part of a name),
-/// else `SAMOPT_ADAPTER` from the environment, else the best one.
-pub(super) fn pick_adapter(choice: Option<&str>) -> Result<wgpu::Adapter> {
-    let env = std::env::var("SAMOPT_ADAPTER").ok().filter(|s| !s.is_empty());
-    let (choice, source) = match (choice, env.as_deref()) {
-        (Some(c), _) => (Some(c), "config->adapter"),
-        (None, Some(e)) => (Some(e), "SAMOPT_ADAPTER"),
-        (None, None) => (None, ""),
-    };
+/// The user's explicit adapter choice and where it comes from: `config_choice` (the config's
+/// `adapter`), else `SAMOPT_ADAPTER` from the environment; `None` when neither names one.
+pub(crate) fn explicit_choice(config_choice: Option<&str>) -> Option<(String, &'static str)> {
+    match config_choice {
+        Some(c) => Some((c.to_owned(), "config->adapter")),
+        None => std::env::var("SAMOPT_ADAPTER").ok().filter(|s| !s.is_empty()).map(|e| (e, "SAMOPT_ADAPTER")),
+    }
+}
+
+/// Fails, naming the choice and the adapters found, when the user chose an adapter explicitly
+/// (see [`explicit_choice`]) and it matches none: an explicit choice is never silently ignored.
+pub(crate) fn check_choice(config_choice: Option<&str>) -> Result<()> {
+    match explicit_choice(config_choice) {
+        Some(_) => pick_adapter(config_choice, false).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// Picks an adapter: the explicit choice (an index into [`adapters`] or a case-insensitive part
+/// of a name, see [`explicit_choice`]), else the best one. For backend AUTO (`auto`), the best one
+/// must not be a software rasterizer (device type CPU, e.g. llvmpipe/lavapipe): samopt's own CPU
+/// engine runs the same passes many times faster, so AUTO refuses it unless it was chosen by name.
+pub(super) fn pick_adapter(config_choice: Option<&str>, auto: bool) -> Result<wgpu::Adapter> {
+    let explicit = explicit_choice(config_choice);
     let mut list = ranked_adapters();
     if list.is_empty() {
         return Err(Error::new(
@@ -68,7 +83,21 @@ pub(super) fn pick_adapter(choice: Option<&str>) -> Result<wgpu::Adapter> {
              install mesa-vulkan-drivers for the lavapipe software driver)",
         ));
     }
-    let Some(choice) = choice else { return Ok(list.remove(0)) };
+    let Some((choice, source)) = explicit else {
+        let best = list.remove(0);
+        let info = best.get_info();
+        if auto && info.device_type == wgpu::DeviceType::Cpu {
+            return Err(Error::new(
+                ErrorKind::Device,
+                format!(
+                    "the best GPU adapter, {}, is a software rasterizer running on the CPU; samopt's CPU engine \
+                     is faster (name the adapter in config->adapter or SAMOPT_ADAPTER to use it anyway)",
+                    info.name
+                ),
+            ));
+        }
+        return Ok(best);
+    };
     let names: Vec<String> = list.iter().map(|a| a.get_info().name).collect();
     let index = match choice.trim().parse::<usize>() {
         Ok(i) if i < list.len() => i,

@@ -17,8 +17,10 @@ pub(super) struct GpuContext {
 }
 
 impl GpuContext {
-    pub(super) fn open(choice: Option<&str>) -> Result<GpuContext> {
-        let adapter = pick_adapter(choice)?;
+    /// Opens the adapter [`pick_adapter`] picks (`auto`: for backend AUTO, no software adapter
+    /// unless chosen by name).
+    pub(super) fn open(choice: Option<&str>, auto: bool) -> Result<GpuContext> {
+        let adapter = pick_adapter(choice, auto)?;
         let summary = summarize(&adapter);
         let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {

@@ -39,6 +39,7 @@ pub mod vulkan;
 
 pub use crate::backend::{AdapterSummary, External, PassTimes};
 pub use adapter::adapters;
+pub(crate) use adapter::check_choice;
 use arena::{Arena, GpuTensor};
 use context::GpuContext;
 use pipelines::{Prepared, StepUniform, WindowUniform};
@@ -84,7 +85,13 @@ pub(crate) struct GpuEngine {
 impl GpuEngine {
     /// Opens the adapter `config.adapter` (see [`pick_adapter`]) and prepares the shader.
     pub fn new(config: &Config) -> Result<GpuEngine> {
-        GpuEngine::with_context(GpuContext::open(config.adapter.as_deref())?, config)
+        GpuEngine::with_context(GpuContext::open(config.adapter.as_deref(), false)?, config)
+    }
+
+    /// As [`new`](Self::new), for backend AUTO: fails rather than open a software adapter that the
+    /// user did not choose by name (the CPU engine is faster than a rasterizer on the CPU).
+    pub fn new_auto(config: &Config) -> Result<GpuEngine> {
+        GpuEngine::with_context(GpuContext::open(config.adapter.as_deref(), true)?, config)
     }
 
     /// An engine on the host's own wgpu device and queue.

@@ -269,7 +269,7 @@ impl Passes for GpuEngine {
         ))
     }
 
-    fn write_mean(&mut self, _scale: f32) -> Result<()> {
+    fn write_mean(&mut self, _scale: f32, _into_grads: bool) -> Result<()> {
         Err(Error::new(ErrorKind::Unsupported, "per-shard accumulation runs on the CPU backend only"))
     }
 

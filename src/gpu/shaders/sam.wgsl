@@ -332,7 +332,8 @@ fn base_update(w_in: f32, d_in: f32, m: ptr<function, f32>, v: ptr<function, f32
         *m = step.beta1 * *m + step.one_minus_beta1 * d_in;
         *v = step.beta2 * *v + step.one_minus_beta2 * (d_in * d_in);
         let denom = sqrt(*v) / window.bias2_sqrt + step.adam_eps;
-        return w - window.step_size * (*m / denom);
+        // adam_eps = 0: denom is 0 only where m is 0 too; the step is 0 there, not 0/0.
+        return w - window.step_size * select(0.0, *m / denom, denom > 0.0);
     }
     let d = d_in + window.weight_decay * w_in;
     *m = window.keep * *m + window.take * d;
