@@ -241,6 +241,13 @@ pub(crate) fn decode(bytes: &[u8], want: &Expected<'_>) -> Result<Snapshot> {
             "written for another configuration: the base optimizer, its hyper-parameters or the SAM settings differ",
         ));
     }
+    let layout = u64::from_le_bytes(bytes[24..32].try_into().unwrap());
+    if layout != layout_fingerprint(want.tensors, want.groups) {
+        return Err(format_error(
+            "written for another registration layout: the layout fingerprint differs (tensor count, lengths, \
+             dtypes, groups)",
+        ));
+    }
     let mut r = Reader { buf: body, at: HEADER };
     let steps = r.u64()?;
     let (lr, norm, second) = (r.f64()?, r.f64()?, r.f64()?);
@@ -286,9 +293,51 @@ pub(crate) fn decode(bytes: &[u8], want: &Expected<'_>) -> Result<Snapshot> {
             want.state
         )));
     }
-    let state = body[r.at..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let state: Vec<f32> = body[r.at..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     let opt = |v: f64| (!v.is_nan()).then_some(v);
-    Ok(Snapshot { steps, lr, last_norm: opt(norm), last_second_norm: opt(second), groups, tensors, state })
+    let s = Snapshot { steps, lr, last_norm: opt(norm), last_second_norm: opt(second), groups, tensors, state };
+    validate(&s)?;
+    Ok(s)
+}
+
+/// Every loaded value as the setter that would have set it checks it, and the counters as a run
+/// produces them: a checksum only says the bytes are the ones written, not that a writer (or an
+/// edit before the checksum was recomputed) wrote sense. An update count near `u64::MAX` would
+/// otherwise wrap AdamW's step `t` and give an infinite step.
+fn validate(s: &Snapshot) -> Result<()> {
+    let bad = |what: String| Err(format_error(format!("invalid value: {what}")));
+    if !(s.lr.is_finite() && s.lr >= 0.0) {
+        return bad(format!("lr = {}: must be finite and >= 0", s.lr));
+    }
+    for (name, v) in [("last norm", s.last_norm), ("last second norm", s.last_second_norm)] {
+        if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+            return bad(format!("{name} = {v}: must be finite and >= 0"));
+        }
+    }
+    for (g, &(lr_scale, weight_decay)) in s.groups.iter().enumerate() {
+        if !(lr_scale.is_finite() && lr_scale >= 0.0) {
+            return bad(format!("group {g}: lr_scale = {lr_scale}: must be finite and >= 0"));
+        }
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            return bad(format!("group {g}: weight_decay = {weight_decay}: must be finite and >= 0"));
+        }
+    }
+    if s.steps == u64::MAX {
+        return bad(format!("steps = {}: the step counter cannot go on", s.steps));
+    }
+    for (k, t) in s.tensors.iter().enumerate() {
+        // A tensor registered after `epoch` steps has had at most one update per step since.
+        if t.epoch > s.steps || t.updates > s.steps - t.epoch {
+            return bad(format!(
+                "tensor {k}: registered at step {} with {} updates, but the optimizer took {} steps",
+                t.epoch, t.updates, s.steps
+            ));
+        }
+    }
+    if let Some(i) = s.state.iter().position(|v| !v.is_finite()) {
+        return bad(format!("state value {i} = {}: the base optimizer's state is finite", s.state[i]));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

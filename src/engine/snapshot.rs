@@ -3,6 +3,7 @@
 
 use super::{Group, Optimizer};
 use crate::checkpoint::{self, Expected, Snapshot, TensorRecord};
+use crate::config::BaseOptimizer;
 use crate::error::{Error, ErrorKind, Result};
 
 impl Optimizer {
@@ -70,6 +71,20 @@ impl Optimizer {
             state: self.state_len(),
         };
         let s = checkpoint::decode(bytes, &want)?;
+        if self.config.base == BaseOptimizer::AdamW {
+            // Adam's second moments, each tensor's second half of its state, are >= 0.
+            let mut at = 0;
+            for (k, t) in self.tensors.iter().enumerate() {
+                let v = &s.state[at + t.len..at + 2 * t.len];
+                if let Some(i) = v.iter().position(|&x| x < 0.0) {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        format!("invalid value: tensor {k}, element {i}: Adam's second moment {} is negative", v[i]),
+                    ));
+                }
+                at += 2 * t.len;
+            }
+        }
         if !s.state.is_empty() {
             // Creates the backend under AUTO (the optimizer has registrations, so it exists).
             self.passes()?.import_state(&s.state)?;
@@ -102,12 +117,16 @@ impl Optimizer {
         let io = |what: &str, e: std::io::Error| Error::new(ErrorKind::Io, format!("{what} {}: {e}", path.display()));
         let name =
             path.file_name().ok_or_else(|| Error::invalid(format!("path = {}: not a file name", path.display())))?;
+        // Unique per save: two handles of one process saving to the same path at once each write
+        // their own temporary file (the last rename wins, and neither is ever half written).
+        static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let save = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(name);
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        tmp_name.push(format!(".tmp-{}-{save}", std::process::id()));
         let tmp = path.with_file_name(tmp_name);
         let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()
         })();
