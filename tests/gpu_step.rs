@@ -12,7 +12,7 @@ use samopt::capi::*;
 use samopt::half::{bf16, f16};
 use samopt::{Backend, Config, DType, ErrorKind, Norm, Optimizer};
 
-/// The f32 partial sums of the GPU norm: about 1e-7 relative per add, a few hundred adds deep.
+/// The f32 (scaled) partial sums of the GPU norm: about 1e-7 relative per add, a few hundred adds deep.
 const GPU_NORM_TOL: f64 = 2e-6;
 
 /// A GPU optimizer, or `None` (with a notice) when there is no adapter and none is required.
@@ -322,28 +322,99 @@ fn c_device_tensors() {
     }
 }
 
-/// AUTO picks the GPU for optimizer-allocated tensors when an adapter exists, the CPU for host
-/// buffers; a GPU-only request without an adapter is the device error.
+/// Finding 6: AUTO puts host buffers on the CPU; for optimizer-allocated tensors it takes the best
+/// adapter unless that is a software rasterizer (device type "cpu", as lavapipe), which it takes
+/// only when named; an explicit choice that matches nothing fails `sam_create`; an undecided AUTO
+/// handle says AUTO; the fallback is logged once per handle.
 #[test]
-fn auto_chooses_by_where_the_data_lives() {
+fn finding_6_auto_honours_choices_and_skips_software_adapters() {
     let mut host = Optimizer::new(Config::default()).unwrap();
     let mut w = [0f32; 4];
     let g = [0f32; 4];
     // SAFETY: the arrays outlive `host`.
     unsafe { host.register_host(w.as_mut_ptr(), g.as_ptr(), 4).unwrap() };
     assert_eq!(host.backend(), Backend::Cpu);
+    // An explicit choice that matches nothing is an error at creation, under AUTO too.
+    for choice in ["no such adapter", "99"] {
+        let e = Optimizer::new(Config { adapter: Some(choice.into()), ..Config::default() }).unwrap_err();
+        assert!(e.message().contains(choice), "{}", e.message());
+        let e = Optimizer::new(Config { backend: Backend::Gpu, adapter: Some(choice.into()), ..Config::default() })
+            .unwrap_err();
+        assert!(e.message().contains(choice), "{}", e.message());
+    }
     if gpu(Config::default()).is_none() {
         return;
     }
+    let best = samopt::gpu::adapters().remove(0);
     let mut dev = Optimizer::new(Config::default()).unwrap();
+    assert_eq!(dev.backend(), Backend::Auto);
     dev.add_tensor(&[1.0f32]).unwrap();
-    assert_eq!(dev.backend(), Backend::Gpu);
-    let e =
-        Optimizer::new(Config { backend: Backend::Gpu, adapter: Some("no such adapter".into()), ..Config::default() })
-            .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Device);
-    assert!(e.message().contains("no such adapter"), "{}", e.message());
-    let _ = DType::F32;
+    let expected = if best.device_type == "cpu" { Backend::Cpu } else { Backend::Gpu };
+    assert_eq!(dev.backend(), expected, "best adapter: {best:?}");
+    // Named, even a software adapter is used.
+    let mut named = Optimizer::new(Config { adapter: Some(best.name.clone()), ..Config::default() }).unwrap();
+    named.add_tensor(&[1.0f32]).unwrap();
+    assert_eq!(named.backend(), Backend::Gpu);
+
+    // The C API: AUTO before the first registration, and one fallback message per handle.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static FALLBACKS: AtomicUsize = AtomicUsize::new(0);
+    unsafe extern "C" fn count(level: SamLogLevel, message: *const std::ffi::c_char, _: *mut std::ffi::c_void) {
+        // SAFETY: samopt passes a NUL-terminated message.
+        let text = unsafe { std::ffi::CStr::from_ptr(message) }.to_string_lossy();
+        if level == 2 && text.contains("AUTO runs on the CPU") {
+            FALLBACKS.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    unsafe {
+        let config = sam_config_default();
+        let mut handles = Vec::new();
+        for _ in 0..2 {
+            let mut opt = std::ptr::null_mut();
+            assert_eq!(sam_create(&config, &mut opt), SamStatus::SAM_OK);
+            assert_eq!(sam_set_log_callback(Some(count), std::ptr::null_mut()), SamStatus::SAM_OK);
+            let mut b = 99;
+            assert_eq!(sam_get_backend(opt, &mut b), SamStatus::SAM_OK);
+            assert_eq!(b, SAM_BACKEND_AUTO);
+            let mut id = 0;
+            for _ in 0..3 {
+                assert_eq!(sam_tensor_create(opt, 4, SAM_DTYPE_F32, &mut id), SamStatus::SAM_OK);
+            }
+            assert_eq!(sam_get_backend(opt, &mut b), SamStatus::SAM_OK);
+            assert_eq!(b, if best.device_type == "cpu" { SAM_BACKEND_CPU } else { SAM_BACKEND_GPU });
+            handles.push(opt);
+        }
+        assert_eq!(sam_set_log_callback(None, std::ptr::null_mut()), SamStatus::SAM_OK);
+        let expected = if best.device_type == "cpu" { 2 } else { 0 };
+        assert_eq!(FALLBACKS.load(Ordering::SeqCst), expected, "one fallback message per handle");
+        for opt in handles {
+            sam_destroy(opt);
+        }
+    }
+}
+
+/// Finding 7: gradients whose squares pass f32's range (|g| up to 3e38) give the GPU a finite
+/// norm equal to the float64 one, where f32 partial sums overflowed to infinity and the step was
+/// refused as non-finite; tiny gradients keep their precision too. Both reductions: the first
+/// step's norm and the second step's (for clipping).
+#[test]
+fn finding_7_gpu_norm_of_huge_and_tiny_gradients() {
+    let Some(_) = gpu(Config::default()) else { return };
+    for (scale, len) in [(3.0e38f32, 1000usize), (1.0e25, 70_001), (1.0e-30, 5000), (1.0, 3)] {
+        let mut rng = Rng::new(7);
+        let g: Vec<f32> = (0..len).map(|_| (rng.sym(1.0) as f32) * scale).collect();
+        let reference = g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+        let base = Config { base: samopt::BaseOptimizer::Sgd, lr: 0.0, max_grad_norm: Some(1.0), ..Config::default() };
+        let mut sam = gpu(base).unwrap();
+        let id = sam.add_tensor(&vec![0.25f32; len]).unwrap();
+        sam.write_grad(id, &g).unwrap();
+        sam.first_step().unwrap_or_else(|e| panic!("scale {scale}: {e}"));
+        let norm = sam.grad_norm().unwrap();
+        assert!(((norm - reference) / reference).abs() < GPU_NORM_TOL, "scale {scale}: {norm} vs {reference}");
+        assert_eq!(sam.second_step().unwrap(), samopt::SecondStep::Updated, "scale {scale}");
+        let second = sam.second_grad_norm().unwrap();
+        assert!(((second - reference) / reference).abs() < GPU_NORM_TOL, "scale {scale}: {second} vs {reference}");
+    }
 }
 
 /// Thousands of small tensors of mixed dtypes share a few arenas and dispatches; tensors added

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use super::ffi::{arg_ref, boundary, non_null, read_versioned, write_out};
 use super::logging;
 use super::types::{
-    SAM_BACKEND_AUTO, SAM_BACKEND_CPU, SAM_BACKEND_GPU, SAM_BASE_ADAMW, SAM_BASE_NONE, SAM_BASE_SGD, SamBackend,
-    SAM_REGISTER_GRAD_WRITABLE, SamBase, SamDType, SamOptimizer, SamRegisterFlags, SamStatus, dtype_from_c,
+    SAM_BACKEND_AUTO, SAM_BACKEND_CPU, SAM_BACKEND_GPU, SAM_BASE_ADAMW, SAM_BASE_NONE, SAM_BASE_SGD,
+    SAM_REGISTER_GRAD_WRITABLE, SamBackend, SamBase, SamDType, SamOptimizer, SamRegisterFlags, SamStatus, dtype_from_c,
 };
 use crate::config::{Backend, BaseOptimizer, Config, Norm};
 use crate::engine::Optimizer;

@@ -156,10 +156,9 @@ impl SamOptimizer {
                  may not call sam_* functions on the same optimizer",
             ));
         }
-        let guard = self
-            .inner
-            .lock()
-            .map_err(|_| Error::new(ErrorKind::Internal, "the optimizer is unusable after an earlier internal error"))?;
+        let guard = self.inner.lock().map_err(|_| {
+            Error::new(ErrorKind::Internal, "the optimizer is unusable after an earlier internal error")
+        })?;
         HELD.with(|held| held.borrow_mut().push(handle));
         Ok(Locked { guard, handle })
     }

@@ -438,7 +438,10 @@ impl Passes for CpuEngine {
             if self.mean.len() < self.backup.len() {
                 let more = self.backup.len() - self.mean.len();
                 self.mean.try_reserve_exact(more).map_err(|_| {
-                    Error::new(ErrorKind::OutOfMemory, format!("cannot allocate the mean gradient of {} elements", self.elements))
+                    Error::new(
+                        ErrorKind::OutOfMemory,
+                        format!("cannot allocate the mean gradient of {} elements", self.elements),
+                    )
                 })?;
                 self.mean.resize(self.backup.len(), 0);
             }

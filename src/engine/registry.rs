@@ -2,8 +2,8 @@
 //! optimizer; their data; parameter groups; and the overlap checks on host byte ranges.
 
 use super::{Group, GroupId, Optimizer, TensorId, TensorInfo};
-use crate::config::Backend;
 use crate::backend::{HostTensor, Part, Passes};
+use crate::config::Backend;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, ErrorKind, Result};
 

@@ -8,7 +8,8 @@
 //! Packing, bind groups and pipelines are built at the first step after the registrations change
 //! and reused at every step after it: a step compiles nothing and allocates nothing.
 //!
-//! - Norm: each workgroup writes an f32 partial sum of `(T_w g)^2` and a non-finite flag (a bit
+//! - Norm: each workgroup writes a scaled partial sum of `(T_w g)^2` (`q * 2^(2k)`, as BLAS nrm2
+//!   scales, so no finite input overflows) and a non-finite flag (a bit
 //!   test on the inputs, which a driver that assumes finite math cannot optimise away); the host
 //!   adds the partials in f64 in a fixed order, so the same inputs give the same bits on the same
 //!   adapter. Only when a flag is raised does a second pass find the first bad element.

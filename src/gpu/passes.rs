@@ -44,6 +44,12 @@ impl GpuEngine {
     }
 }
 
+/// A workgroup's sum of squares from its partial: the shader's scaled sum `q * 2^(2k)` (f32 bits
+/// of `q`, i32 bits of `k`), in f64, where every finite input's sum is finite.
+fn unscaled(q: u32, k: u32) -> f64 {
+    f32::from_bits(q) as f64 * 2f64.powi(2 * k as i32)
+}
+
 impl Passes for GpuEngine {
     fn add_host(&mut self, host: HostTensor) -> Result<()> {
         let bytes = host.len * host.dtype.size();
@@ -115,8 +121,8 @@ impl Passes for GpuEngine {
                 // Fixed order over fixed slots: the same bits for the same inputs on one adapter.
                 for (i, w) in prepared.windows.iter().enumerate() {
                     let mut bad = false;
-                    for &[bits, _, flag, _] in &partials[w.slot as usize..(w.slot + w.groups) as usize] {
-                        sum_sq += f32::from_bits(bits) as f64;
+                    for &[q, _, flag, k] in &partials[w.slot as usize..(w.slot + w.groups) as usize] {
+                        sum_sq += unscaled(q, k);
                         bad |= flag != 0;
                     }
                     if bad {
@@ -194,8 +200,8 @@ impl Passes for GpuEngine {
             self.ctx.queue.submit([enc.finish()]);
             map_read(&self.ctx, &prepared.partials_readback, 0, bytes, |b| {
                 // Fixed order over fixed slots, as in the norm pass.
-                for &[sq, d, flag, _] in bytemuck::cast_slice::<u8, [u32; 4]>(b) {
-                    sum_sq += f32::from_bits(sq) as f64;
+                for &[q, d, flag, k] in bytemuck::cast_slice::<u8, [u32; 4]>(b) {
+                    sum_sq += unscaled(q, k);
                     dot += f32::from_bits(d) as f64;
                     bad |= flag != 0;
                 }

@@ -57,8 +57,9 @@ struct Step {
 @group(0) @binding(0) var<storage, read_write> param: array<vec4<u32>>;
 @group(0) @binding(1) var<storage, read> grad: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read_write> backup: array<vec4<u32>>;
-// Per workgroup of a reduction: (bits of the f32 partial sum of squares, bits of the partial dot
-// product (second reduction only), non-finite flag, 0).
+// Per workgroup of a reduction: (bits of the f32 scaled sum of squares q, bits of the partial dot
+// product (second reduction only), non-finite flag, the scale's exponent k as i32 bits); the sum
+// of squares is q * 2^(2k) (see "scaled sums of squares" below).
 @group(0) @binding(3) var<storage, read_write> partials: array<vec4<u32>>;
 @group(0) @binding(4) var<uniform> window: Window;
 @group(0) @binding(5) var<uniform> step: Step;
@@ -72,6 +73,7 @@ struct Step {
 @group(0) @binding(9) var<storage, read_write> state_v: array<vec4<f32>>;
 
 var<workgroup> scratch: array<f32, WORKGROUP>;
+var<workgroup> scratch_exp: array<i32, WORKGROUP>;
 var<workgroup> scratch_dot: array<f32, WORKGROUP>;
 var<workgroup> scratch_flag: array<u32, WORKGROUP>;
 
@@ -182,18 +184,68 @@ fn perturbed_word(w: u32, g: u32) -> u32 {
     return (hi << 16u) | lo;
 }
 
-// (T_w g)^2 summed over the elements of a word, and whether any input was non-finite.
-fn norm_word(w: u32, g: u32) -> vec2<f32> {
-    var sum = 0.0;
-    var bad = 0.0;
+// ---- scaled sums of squares ----
+//
+// A sum of squares of f32 values overflows f32 once an element passes 1.8e19 (its square passes
+// f32's largest value), though the norm of any finite input is a finite f64. So, as BLAS's nrm2
+// does, each sum is kept as q * 2^(2k): k is the largest binary exponent seen so far, and q adds
+// the squares of x * 2^-k, each in [0, 4). Raising k rescales q by an exact power of two. Every
+// multiplication here is by a power of two, so x * 2^-k is exact and q rounds as a plain f32 sum of
+// values of the same size would; the host adds the partials in f64, where 2^(2k) fits.
+
+const MIN_EXP: i32 = -126;
+
+// 2^n as f32, for n in [-126, 127] (a normal number built from its exponent bits).
+fn pow2(n: i32) -> f32 {
+    return bitcast<f32>(u32(n + 127) << 23u);
+}
+
+// q * 2^d for d <= 0; a term below 2^-60 of the sum it joins is dropped (it cannot change an f32).
+fn shrink(q: f32, d: i32) -> f32 {
+    return select(0.0, q * pow2(max(d, -60)), d >= -60);
+}
+
+// The binary exponent of x (x = 1.m * 2^e), with subnormals and zero at MIN_EXP.
+fn exponent(x: f32) -> i32 {
+    return max(i32((bitcast<u32>(x) >> 23u) & 0xffu) - 127, MIN_EXP);
+}
+
+// Adds x^2 to the scaled sum s = (q, k as f32 bits).
+fn ssq_add(s: vec2<f32>, x: f32) -> vec2<f32> {
+    var q = s.x;
+    var k = bitcast<i32>(s.y);
+    let e = exponent(x);
+    if (e > k) {
+        q = shrink(q, 2 * (k - e));
+        k = e;
+    }
+    // x * 2^-k in two exact steps, each exponent in [-64, 63].
+    let half = k >> 1;
+    let y = (x * pow2(-half)) * pow2(half - k);
+    return vec2<f32>(q + y * y, bitcast<f32>(k));
+}
+
+fn ssq_zero() -> vec2<f32> {
+    return vec2<f32>(0.0, bitcast<f32>(MIN_EXP));
+}
+
+fn ssq_merge(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
+    let ka = bitcast<i32>(a.y);
+    let kb = bitcast<i32>(b.y);
+    let k = max(ka, kb);
+    return vec2<f32>(shrink(a.x, 2 * (ka - k)) + shrink(b.x, 2 * (kb - k)), bitcast<f32>(k));
+}
+
+// (T_w g)^2 added over the elements of a word, and whether any input was non-finite.
+fn norm_word(s_in: vec2<f32>, w: u32, g: u32, bad: ptr<function, bool>) -> vec2<f32> {
+    var s = s_in;
     for (var h = 0u; h < per_word(); h++) {
-        let x = element(g, h) * t_w(element(w, h));
-        sum += x * x;
+        s = ssq_add(s, element(g, h) * t_w(element(w, h)));
         if (non_finite(g, h) || (ADAPTIVE && non_finite(w, h))) {
-            bad = 1.0;
+            *bad = true;
         }
     }
-    return vec2<f32>(sum, bad);
+    return s;
 }
 
 // ---- the norm pass: per-invocation f32 sums, then a fixed tree per workgroup ----
@@ -205,40 +257,45 @@ fn ascent_norm(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let stride = nwg.x * WORKGROUP;
-    var sum = 0.0;
-    var bad = 0.0;
+    var sum = ssq_zero();
+    var bad = false;
     for (var i = wid.x * WORKGROUP + lid; i < window.quads; i += stride) {
         let g = grad[i];
         var w = vec4<u32>(0u);
         if (ADAPTIVE) {
             w = param[i];
         }
-        let a = norm_word(w.x, g.x) + norm_word(w.y, g.y);
-        let b = norm_word(w.z, g.z) + norm_word(w.w, g.w);
-        sum += a.x + b.x;
-        bad = max(bad, max(a.y, b.y));
+        sum = norm_word(sum, w.x, g.x, &bad);
+        sum = norm_word(sum, w.y, g.y, &bad);
+        sum = norm_word(sum, w.z, g.z, &bad);
+        sum = norm_word(sum, w.w, g.w, &bad);
     }
-    finish_reduction(lid, wid.x, sum, 0.0, u32(bad > 0.0));
+    finish_reduction(lid, wid.x, sum, 0.0, u32(bad));
 }
 
 // The fixed tree of a workgroup's reduction: this invocation's sums in, the workgroup's partial
-// (sum of squares, dot product, flag) out to its slot. Called from uniform control flow.
-fn finish_reduction(lid: u32, group: u32, sum: f32, dot_sum: f32, bad: u32) {
-    scratch[lid] = sum;
+// (scaled sum of squares, dot product, flag, scale exponent) out to its slot. Called from uniform
+// control flow.
+fn finish_reduction(lid: u32, group: u32, sum: vec2<f32>, dot_sum: f32, bad: u32) {
+    scratch[lid] = sum.x;
+    scratch_exp[lid] = bitcast<i32>(sum.y);
     scratch_dot[lid] = dot_sum;
     scratch_flag[lid] = bad;
     workgroupBarrier();
     for (var width = WORKGROUP / 2u; width > 0u; width >>= 1u) {
         if (lid < width) {
-            scratch[lid] += scratch[lid + width];
+            let merged = ssq_merge(vec2<f32>(scratch[lid], bitcast<f32>(scratch_exp[lid])),
+                                   vec2<f32>(scratch[lid + width], bitcast<f32>(scratch_exp[lid + width])));
+            scratch[lid] = merged.x;
+            scratch_exp[lid] = bitcast<i32>(merged.y);
             scratch_dot[lid] += scratch_dot[lid + width];
             scratch_flag[lid] |= scratch_flag[lid + width];
         }
         workgroupBarrier();
     }
     if (lid == 0u) {
-        partials[window.slot + group] =
-            vec4<u32>(bitcast<u32>(scratch[0]), bitcast<u32>(scratch_dot[0]), scratch_flag[0], 0u);
+        partials[window.slot + group] = vec4<u32>(bitcast<u32>(scratch[0]), bitcast<u32>(scratch_dot[0]),
+                                                  scratch_flag[0], bitcast<u32>(scratch_exp[0]));
     }
 }
 
@@ -297,7 +354,7 @@ fn second_reduce(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let stride = nwg.x * WORKGROUP;
-    var sum = 0.0;
+    var sum = ssq_zero();
     var dot_sum = 0.0;
     var bad = 0u;
     for (var i = wid.x * WORKGROUP + lid; i < window.quads; i += stride) {
@@ -309,7 +366,7 @@ fn second_reduce(
         for (var k = 0u; k < 4u; k++) {
             for (var h = 0u; h < per_word(); h++) {
                 let x = element(g2[k], h);
-                sum += x * x;
+                sum = ssq_add(sum, x);
                 if (GSAM) {
                     dot_sum += element(g1[k], h) * x;
                 }
