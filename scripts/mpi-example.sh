@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Builds examples/mpi/train.c with mpicc and runs it on 2 ranks in both modes (per-worker and
-# global-norm SAM). Each run checks bit-identical weights on every rank and agreement with a
-# single-process run over the whole training set.
+# Builds examples/mpi/train.c with mpicc and runs it on RANKS ranks in its three modes:
+#   replicated  gradients all-reduced before the first step: exact SAM over the global batch
+#   msharp      per-worker perturbation (m-sharpness): only the second gradient all-reduced
+#   sharded     parameters split across ranks; sam_set_allreduce gives the norm over all shards
+# Each run checks its weights against the single-process equivalent (and, where every rank holds
+# all the parameters, bit-identical weights on every rank) and fails when a check fails.
 #
 #   bash scripts/mpi-example.sh [RANKS]        (default 2)
 set -euo pipefail
@@ -15,6 +18,6 @@ mpicc -std=c11 -Wall -Wextra -Werror -O2 -Iinclude examples/mpi/train.c -Ltarget
 # As root (CI), Open MPI wants --allow-run-as-root; --oversubscribe lets 2 ranks share fewer cores.
 flags=(--oversubscribe)
 [ "$(id -u)" = 0 ] && flags+=(--allow-run-as-root)
-for mode in msharp global; do
+for mode in replicated msharp sharded; do
     mpirun "${flags[@]}" -np "$ranks" target/mpi/train_mpi --mode "$mode"
 done

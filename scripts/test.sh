@@ -58,8 +58,9 @@ bash scripts/vulkan-example.sh
 # The Julia binding: its test suite and example (installs a private Julia the first time).
 bash scripts/julia-test.sh
 
-# Data-parallel SAM over MPI on 2 ranks, per-worker and global-norm: bit-identical weights on every
-# rank, and the same result as a single-process per-shard run.
+# SAM over MPI on 2 ranks: replicated parameters (gradients all-reduced before the first step),
+# m-sharpness (per-worker first step) and parameters sharded across ranks (sam_set_allreduce), each
+# against its single-process equivalent.
 bash scripts/mpi-example.sh 2
 
 # The C programs under valgrind's memcheck: zero errors, nothing definitely or indirectly lost.

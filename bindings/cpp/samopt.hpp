@@ -168,24 +168,26 @@ public:
     /// sam_second_step: restore (and update, with a built-in base optimizer).
     Step second_step() { return check(sam_second_step(handle_)) == SAM_STEP_SKIPPED ? Step::Skipped : Step::Done; }
 
-    /// Global-norm SAM across workers, step 1 of 2: this worker's squared gradient norm.
+    /// Sharded parameters, step 1 of 2: the squared gradient norm of this worker's own shard.
     double grad_sq_norm_local() {
         double v = 0;
         check(sam_grad_sq_norm_local(handle_, &v));
         return v;
     }
 
-    /// Global-norm SAM across workers, step 2 of 2: the ascent with the all-reduced norm.
+    /// Sharded parameters, step 2 of 2: the ascent with the norm over all shards.
     void first_step_with_norm(double global_norm) { check(sam_first_step_with_norm(handle_, global_norm)); }
 
-    /// Installs the host's all-reduce (sum over workers) so that first_step() uses the global
-    /// norm; nullptr removes it. See sam_set_allreduce.
+    /// Installs the host's all-reduce (sum over workers) so that first_step() uses the norm over
+    /// all workers' shards, for parameters sharded across workers (not for replicated ones:
+    /// average their gradients before first_step()); nullptr removes it. See sam_set_allreduce.
     void set_allreduce(SamAllreduce callback, void *user = nullptr) {
         check(sam_set_allreduce(handle_, callback, user));
     }
 
-    /// Per-shard SAM: restore w and accumulate the shard's perturbed gradient; second_step()
-    /// then applies the mean (written into the gradient buffers). See sam_accumulate_step.
+    /// m-sharpness in one process: restore w and accumulate this part of the batch's perturbed
+    /// gradient; second_step() then applies the mean (written into the gradient buffers). See
+    /// sam_accumulate_step.
     void accumulate_step() { check(sam_accumulate_step(handle_)); }
 
     /// The gradient norm the last first step used.

@@ -262,8 +262,10 @@ load_state_file!(opt::SamOptimizer, path::AbstractString) =
 """
     grad_sq_norm_local(opt) -> Float64
 
-Global-norm SAM across workers, step 1 of 2: this worker's squared gradient norm
-(`sam_grad_sq_norm_local`). Sum it over the workers, then `first_step_with_norm!(opt, sqrt(sum))`.
+Parameters sharded across workers (ZeRO, FSDP, tensor parallelism), step 1 of 2: the squared
+gradient norm over this worker's own shard (`sam_grad_sq_norm_local`). Sum it over the workers,
+then `first_step_with_norm!(opt, sqrt(sum))`: the norm over all shards. (Replicated parameters
+need none of this: average the gradients before `first_step!`.)
 """
 function grad_sq_norm_local(opt::SamOptimizer)
     out = Ref{Cdouble}(0)
@@ -271,16 +273,17 @@ function grad_sq_norm_local(opt::SamOptimizer)
     return out[]
 end
 
-"Global-norm SAM across workers, step 2 of 2: the ascent with the all-reduced norm."
+"Parameters sharded across workers, step 2 of 2: the ascent with the norm over all shards."
 first_step_with_norm!(opt::SamOptimizer, global_norm::Real) =
     (check(ccall((:sam_first_step_with_norm, libsamopt), Int32, (Ptr{Cvoid}, Cdouble), handle(opt), global_norm)); nothing)
 
 """
     accumulate_step!(opt)
 
-Per-shard SAM (`sam_accumulate_step`): after `first_step!` on a shard's gradient and the gradient
-at the perturbed weights, restores the weights and accumulates that gradient; after the last shard
-`second_step!` writes the mean into the gradient arrays (and steps, with a built-in base).
+m-sharpness in one process (`sam_accumulate_step`): the batch cut into parts; after `first_step!` on
+a part's gradient and the gradient at the perturbed weights, restores the weights and accumulates
+that gradient; after the last part `second_step!` writes the mean into the gradient arrays (and
+steps, with a built-in base).
 """
 accumulate_step!(opt::SamOptimizer) =
     (check(ccall((:sam_accumulate_step, libsamopt), Int32, (Ptr{Cvoid},), handle(opt))); nothing)
@@ -303,8 +306,11 @@ __init__() = (TRAMPOLINE[] = @cfunction(allreduce_trampoline, Int32, (Ptr{Cdoubl
     set_allreduce!(opt, f)
 
 Installs `f(values::Vector{Float64})`, which sums `values` in place across the workers (e.g. with
-MPI.jl's `MPI.Allreduce!(values, +, comm)`): from then on `first_step!` perturbs with the norm over
-every worker's gradient. `nothing` removes it. An exception in `f` fails the step (status -10).
+MPI.jl's `MPI.Allreduce!(values, +, comm)`): from then on `first_step!` sums the workers' squared
+local norms and perturbs with the root, the norm over all shards when the parameters are sharded
+across workers (each registers its own slice). Not for replicated parameters: average their
+gradients before `first_step!` instead. `nothing` removes it. An exception in `f` fails the step
+(status -10).
 """
 function set_allreduce!(opt::SamOptimizer, f)
     if f === nothing
