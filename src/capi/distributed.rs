@@ -35,13 +35,19 @@ unsafe impl Send for UserPtr {}
 /// - sharded parameters: this function (or, without a callback, `sam_grad_sq_norm_local`, the
 ///   host's all-reduce, then `sam_first_step_with_norm`).
 ///
-/// With an all-reduce installed, every `sam_first_step` call joins the exchange exactly once,
-/// whatever fails locally (a non-finite gradient, no tensor, a call between the two steps, a
-/// device error): that worker contributes NaN and returns its own error, and every other worker
-/// returns `SAM_ERR_NON_FINITE`, nothing changed, so none is left waiting in the collective. The
-/// only calls that return before the exchange are caller errors no worker can recover from: a NULL
-/// handle, and a call made from inside a callback of the same handle. A callback returning
-/// non-zero makes `sam_first_step` fail with `SAM_ERR_CALLBACK`, nothing changed.
+/// With a built-in base optimizer, `sam_second_step` uses the all-reduce too: it sums the second
+/// gradient's squared norm and GSAM's dot product `g.g'` (two doubles), so that clipping, GSAM and
+/// the skip of a non-finite step are decided over the whole model, the same on every worker.
+///
+/// With an all-reduce installed, every `sam_first_step` call (and, with a built-in base, every
+/// `sam_second_step` call) joins the exchange exactly once, whatever fails locally (a non-finite
+/// gradient, no tensor, a call in the wrong phase, a device error): that worker contributes NaN
+/// and returns its own error, and every other worker refuses the step together (the first step
+/// with `SAM_ERR_NON_FINITE`, nothing changed; the second with `SAM_STEP_SKIPPED`, weights
+/// restored), so none is left waiting in the collective. The only calls that return before the
+/// exchange are caller errors no worker can recover from: a NULL handle, and a call made from
+/// inside a callback of the same handle. A callback returning non-zero fails the call with
+/// `SAM_ERR_CALLBACK` (a first step changes nothing; a second step ends with the weights restored).
 ///
 /// The callback runs on the calling thread while samopt works on `opt`: it may call `sam_*` on
 /// other handles and `sam_last_error`, but a call on `opt` itself is refused with

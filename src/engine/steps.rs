@@ -2,6 +2,7 @@
 //! step (restore, or restore fused with the base update), and the learning rate.
 
 use super::{AllReduce, Fault, Optimizer, Phase, SecondStep};
+use crate::backend::SecondNorm;
 use crate::config::BaseOptimizer;
 use crate::error::{Error, ErrorKind, Result};
 use crate::math::{Perturbation, TensorStep, UpdateStep};
@@ -194,6 +195,53 @@ impl Optimizer {
     /// twice) and not counted; the base optimizer's state may be partly updated on a device that
     /// failed midway, so the error says to load a checkpoint to continue exactly.
     pub fn second_step(&mut self) -> Result<SecondStep> {
+        // Sharded parameters: the reduction of g' spans the workers too, so that clipping, GSAM
+        // and the decision to skip are the same on every worker. Every call joins that exchange
+        // once, contributing NaN when it fails locally, as the first step does.
+        let exchange = self.allreduce.is_some() && self.config.base != BaseOptimizer::None;
+        let reduced = self.second_reduction();
+        if exchange {
+            let mut v = match &reduced {
+                Ok(Some(r)) => [r.sum_sq, r.dot],
+                _ => [f64::NAN; 2],
+            };
+            let exchanged = self.exchange(&mut v);
+            // With a base optimizer the reduction is `Some` when it succeeds.
+            let failed = match (reduced, exchanged) {
+                (Err(e), _) | (Ok(_), Err(e)) => Some(e),
+                (Ok(_), Ok(())) => None,
+            };
+            if let Some(e) = failed {
+                // The step ends here on every worker: the others see NaN and skip it.
+                if self.phase != Phase::Idle {
+                    self.phase = Phase::Idle;
+                    self.shards = 0;
+                    self.passes.as_mut().expect("a first step ran").restore()?;
+                }
+                return Err(e);
+            }
+            return self.apply_update(SecondNorm { sum_sq: v[0], dot: v[1] });
+        }
+        match reduced? {
+            None => {
+                self.phase = Phase::Idle;
+                self.steps += 1;
+                Ok(SecondStep::Restored)
+            }
+            Some(r) => self.apply_update(r),
+        }
+    }
+
+    /// Sums `values` over the workers with the installed all-reduce.
+    fn exchange(&mut self, values: &mut [f64]) -> Result<()> {
+        let allreduce = self.allreduce.as_mut().expect("an all-reduce is installed");
+        allreduce(values).map_err(|e| Error::new(ErrorKind::Callback, format!("the all-reduce failed: {e}")))
+    }
+
+    /// The second step up to its reduction: the phase check, the mean of accumulated shards, and
+    /// then either the plain restore (no base optimizer: `None`, the step is done but not yet
+    /// counted) or the reduction of g' (`Some`).
+    fn second_reduction(&mut self) -> Result<Option<SecondNorm>> {
         match self.phase {
             Phase::Idle => {
                 return Err(Error::state("second step without a first step: call first_step before second_step"));
@@ -219,14 +267,16 @@ impl Optimizer {
             if !accumulated {
                 passes.restore()?;
             }
-            self.phase = Phase::Idle;
-            self.steps += 1;
-            return Ok(SecondStep::Restored);
+            return Ok(None);
         }
-        let gsam = config.gsam_alpha.is_some();
-        let reduced = passes.second_reduce(gsam)?;
+        passes.second_reduce(config.gsam_alpha.is_some()).map(Some)
+    }
+
+    /// The rest of a second step with a base optimizer, from the (global) reduction of g'.
+    fn apply_update(&mut self, reduced: SecondNorm) -> Result<SecondStep> {
+        let config = &self.config;
         if !reduced.sum_sq.is_finite() {
-            passes.restore()?;
+            self.passes.as_mut().expect("a first step ran").restore()?;
             self.phase = Phase::Idle;
             return Ok(SecondStep::Skipped);
         }
