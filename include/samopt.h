@@ -216,6 +216,11 @@ typedef struct {
 typedef uint32_t SamDType;
 
 /**
+ * Flags of `sam_register_host_ex`, or-ed together.
+ */
+typedef uint32_t SamRegisterFlags;
+
+/**
  * Sums `count` doubles at `values` in place across the workers of a data-parallel job (an
  * all-reduce with the sum, e.g. `MPI_Allreduce(MPI_IN_PLACE, values, count, MPI_DOUBLE, MPI_SUM,
  * comm)`); returns 0 on success. Every worker calls it at the same point of the same step.
@@ -398,6 +403,12 @@ typedef void (*SamLogCallback)(SamLogLevel level, const char *message, void *use
  */
 #define SAM_PART_GRAD 1
 
+/**
+ * samopt may write the gradient buffer (the only such write: the mean gradient of per-shard SAM
+ * without a built-in base optimizer). Without it, registered gradients are only read.
+ */
+#define SAM_REGISTER_GRAD_WRITABLE 1
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -407,6 +418,22 @@ extern "C" {
  * cores, and `struct_size = sizeof(SamConfig)`.
  */
 SamConfig sam_config_default(void);
+
+/**
+ * Fills `*config` with the default configuration (as `sam_config_default`) for a caller whose
+ * `SamConfig` has `size` bytes: pass `sizeof(SamConfig)`. This is the form that keeps working
+ * when `SamConfig` grows: a program built against an older header gets exactly its own layout
+ * (never more bytes than it reserved), one built against a newer header gets this library's
+ * defaults and zeros in the fields this library does not know (which `sam_create` accepts).
+ * Sets `config->struct_size = size`.
+ *
+ * Fails with `SAM_ERR_NULL_POINTER` (config NULL) or `SAM_ERR_INVALID_ARGUMENT` (`size` is not
+ * the size of a released layout and not larger than this library's), writing nothing.
+ *
+ * # Safety
+ * `config` must be NULL or writable for `size` bytes.
+ */
+SamStatus sam_config_init(SamConfig *config, size_t size);
 
 /**
  * Creates an optimizer from `config` and stores its handle in `*out`.
@@ -435,9 +462,10 @@ void sam_destroy(SamOptimizer *opt);
  * Registers a parameter buffer and its gradient buffer, both owned by the host, and stores the
  * tensor's id (0, 1, 2, ... in registration order) in `*out_id`.
  *
- * At every step the plugin reads `grad` and rewrites `param` in place; the host keeps both alive
- * and in place for the optimizer's lifetime, writes the gradient between calls, and does not
- * touch either while a call runs.
+ * At every step the plugin reads `grad` and rewrites `param` in place; it never writes `grad`
+ * (see `sam_register_host_ex` for the one opt-in exception). The host keeps both alive and in
+ * place for the optimizer's lifetime, writes the gradient between calls, and does not touch
+ * either while a call runs.
  *
  * Fails, registering nothing, with `SAM_ERR_NULL_POINTER` (any pointer NULL),
  * `SAM_ERR_INVALID_ARGUMENT` (`len` 0, an unknown `dtype`, a pointer not aligned to the element
@@ -454,6 +482,26 @@ SamStatus sam_register_host(SamOptimizer *opt,
                             size_t len,
                             SamDType dtype,
                             uint32_t *out_id);
+
+/**
+ * `sam_register_host` with `flags`: `SAM_REGISTER_GRAD_WRITABLE` lets samopt write the gradient
+ * buffer too. samopt writes a gradient in one case only: per-shard SAM without a built-in base
+ * optimizer (`SAM_BASE_NONE`), whose second step leaves the mean of the shards' gradients there
+ * for the host's optimizer (`sam_accumulate_step`). Without the flag, gradients are only read;
+ * `flags = 0` is `sam_register_host`.
+ *
+ * Fails as `sam_register_host`, and with `SAM_ERR_INVALID_ARGUMENT` for an unknown flag bit.
+ *
+ * # Safety
+ * As `sam_register_host`; with `SAM_REGISTER_GRAD_WRITABLE`, `grad` must be valid for writes too.
+ */
+SamStatus sam_register_host_ex(SamOptimizer *opt,
+                               void *param,
+                               void *grad,
+                               size_t len,
+                               SamDType dtype,
+                               SamRegisterFlags flags,
+                               uint32_t *out_id);
 
 /**
  * The ascent (first) step: computes one L2 norm over the gradients of every registered tensor,
@@ -485,21 +533,41 @@ SamStatus sam_first_step(SamOptimizer *opt);
 SamStatus sam_second_step(SamOptimizer *opt);
 
 /**
- * Global-norm SAM across workers, with the exchange inside `sam_first_step`: installs the host's
- * all-reduce. From then on `sam_first_step` computes the local squared norm `sum (T_w g)^2`, sums
- * it over the workers through `callback` (one double, no gradient copied), and perturbs with the
- * square root, so every worker uses the norm over all workers' gradients (over the union of the
- * shards when each worker holds its own part of the parameters). A callback returning non-zero
- * makes `sam_first_step` fail with `SAM_ERR_CALLBACK`, nothing changed. A worker whose own
- * gradient holds NaN or infinity still calls the all-reduce (with NaN), so every worker returns
- * `SAM_ERR_NON_FINITE` for that step and none waits for it. NULL removes it.
+ * SAM over parameters sharded across workers (ZeRO, FSDP, tensor parallel: each worker
+ * registers only its own part of the parameters), with the exchange inside `sam_first_step`:
+ * installs the host's all-reduce. From then on `sam_first_step` computes the local squared norm
+ * `sum (T_w g)^2` over this worker's tensors, sums it over the workers through `callback` (one
+ * double, no gradient copied), and perturbs with the square root: the norm over the whole
+ * parameter vector, so the workers together take exactly the single-process SAM step. NULL
+ * removes it.
  *
- * The same without a callback: `sam_grad_sq_norm_local`, the host's all-reduce, then
- * `sam_first_step_with_norm`.
+ * The three data-parallel cases:
+ * - replicated parameters (plain data parallelism): the host all-reduces (averages) the
+ *   gradients before `sam_first_step`, so every worker perturbs identically: exact SAM over the
+ *   global batch. No all-reduce is installed here; samopt exchanges nothing.
+ * - per-worker perturbation (m-sharpness, as the original JAX code across accelerators): each
+ *   worker calls plain `sam_first_step` on its own local gradient, and the host all-reduces only
+ *   the second gradient before `sam_second_step`. No all-reduce is installed here either.
+ * - sharded parameters: this function (or, without a callback, `sam_grad_sq_norm_local`, the
+ *   host's all-reduce, then `sam_first_step_with_norm`).
  *
- * Per-worker SAM (m-sharpness, as the original JAX code across accelerators) needs none of
- * this: each worker calls plain `sam_first_step` on its own gradient, and the host all-reduces
- * only the second gradient before `sam_second_step`.
+ * With a built-in base optimizer, `sam_second_step` uses the all-reduce too: it sums the second
+ * gradient's squared norm and GSAM's dot product `g.g'` (two doubles), so that clipping, GSAM and
+ * the skip of a non-finite step are decided over the whole model, the same on every worker.
+ *
+ * With an all-reduce installed, every `sam_first_step` call (and, with a built-in base, every
+ * `sam_second_step` call) joins the exchange exactly once, whatever fails locally (a non-finite
+ * gradient, no tensor, a call in the wrong phase, a device error): that worker contributes NaN
+ * and returns its own error, and every other worker refuses the step together (the first step
+ * with `SAM_ERR_NON_FINITE`, nothing changed; the second with `SAM_STEP_SKIPPED`, weights
+ * restored), so none is left waiting in the collective. The only calls that return before the
+ * exchange are caller errors no worker can recover from: a NULL handle, and a call made from
+ * inside a callback of the same handle. A callback returning non-zero fails the call with
+ * `SAM_ERR_CALLBACK` (a first step changes nothing; a second step ends with the weights restored).
+ *
+ * The callback runs on the calling thread while samopt works on `opt`: it may call `sam_*` on
+ * other handles and `sam_last_error`, but a call on `opt` itself is refused with
+ * `SAM_ERR_INVALID_STATE` (it would otherwise wait for itself).
  *
  * # Safety
  * `opt` must be NULL or a live handle; `callback`, when set, must be safe to call with `user`
@@ -508,7 +576,7 @@ SamStatus sam_second_step(SamOptimizer *opt);
 SamStatus sam_set_allreduce(SamOptimizer *opt, SamAllreduce callback, void *user);
 
 /**
- * Global-norm SAM across workers, step 1 of 2: stores in `*out` the local squared norm
+ * Sharded-parameter SAM across workers, step 1 of 2: stores in `*out` the local squared norm
  * `sum (T_w g)^2` over this worker's tensors (one read of the gradients, nothing written). The
  * host sums it over the workers and passes the square root to `sam_first_step_with_norm`.
  * `SAM_ERR_NON_FINITE` when a local gradient holds NaN or infinity (a host that must keep its
@@ -520,12 +588,14 @@ SamStatus sam_set_allreduce(SamOptimizer *opt, SamAllreduce callback, void *user
 SamStatus sam_grad_sq_norm_local(SamOptimizer *opt, double *out);
 
 /**
- * Global-norm SAM across workers, step 2 of 2: the ascent (as `sam_first_step`) with the given
- * global norm, the square root of the all-reduced `sam_grad_sq_norm_local` values. A NaN or
+ * Sharded-parameter SAM across workers, step 2 of 2: the ascent (as `sam_first_step`) with the
+ * given global norm, the square root of the all-reduced `sam_grad_sq_norm_local` values. A NaN or
  * infinite `global_norm` (some worker's gradient was not finite) returns `SAM_ERR_NON_FINITE`
- * with nothing changed; a negative one `SAM_ERR_INVALID_ARGUMENT`. The gradients must not change
- * between `sam_grad_sq_norm_local` and this call: its finiteness check is reused, so the
- * gradients are read once.
+ * with nothing changed; a negative one, or one whose square is below this worker's own squared
+ * norm (the sum includes it; 1e-6 relative allowance for an f32 sum), `SAM_ERR_INVALID_ARGUMENT`.
+ * The gradients must not change between `sam_grad_sq_norm_local` and this call: its local norm
+ * is reused, so the gradients are read once; without it (or after a registration since), this
+ * call runs the local norm pass itself.
  *
  * # Safety
  * `opt` must be NULL or a live handle whose registered buffers are valid.
@@ -543,11 +613,14 @@ SamStatus sam_first_step_with_norm(SamOptimizer *opt, double global_norm);
  * sam_accumulate_step(opt)            w restored exactly, that gradient added to an accumulator
  * ```
  *
- * and after the last shard `sam_second_step(opt)`, which writes the mean of the k perturbed
- * gradients into the gradient buffers and, with a built-in base optimizer, steps with it (without
- * one, the host's optimizer uses it). This is the one case samopt writes the gradient buffers:
- * they must be writable. The CPU backend runs it; `SAM_ERR_UNSUPPORTED` on the GPU for now and
- * with GSAM. `SAM_ERR_INVALID_STATE` without a preceding first step.
+ * and after the last shard `sam_second_step(opt)`, which applies the mean of the k perturbed
+ * gradients. With a built-in base optimizer the mean stays in samopt's memory and the gradient
+ * buffers are only read. Without one (`SAM_BASE_NONE`), the second step writes the mean into the
+ * gradient buffers for the host's optimizer: every tensor must then be registered with
+ * `sam_register_host_ex(..., SAM_REGISTER_GRAD_WRITABLE, ...)` (or allocated by samopt), which
+ * the first `sam_accumulate_step` checks, refusing with `SAM_ERR_INVALID_STATE` and changing
+ * nothing otherwise. The CPU backend runs it; `SAM_ERR_UNSUPPORTED` on the GPU for now and with
+ * GSAM. `SAM_ERR_INVALID_STATE` without a preceding first step.
  *
  * # Safety
  * `opt` must be NULL or a live handle whose registered buffers are valid.
@@ -753,8 +826,9 @@ SamStatus sam_step_count(const SamOptimizer *opt, uint64_t *out);
 SamStatus sam_is_perturbed(const SamOptimizer *opt, bool *out);
 
 /**
- * Stores in `*out` the backend that runs this optimizer's passes (`SAM_BACKEND_CPU` or
- * `SAM_BACKEND_GPU`; never AUTO).
+ * Stores in `*out` the backend that runs this optimizer's passes: `SAM_BACKEND_CPU` or
+ * `SAM_BACKEND_GPU`, or `SAM_BACKEND_AUTO` while an AUTO optimizer has no tensor yet (its first
+ * registration decides).
  *
  * # Safety
  * `opt` must be NULL or a live handle; `out` NULL or writable.
@@ -835,6 +909,10 @@ SamStatus sam_get_adapter_info(const SamOptimizer *opt, SamAdapterInfo *out);
  * Sends samopt's log messages (errors, warnings such as AUTO's fallback to the CPU) to
  * `callback` with `user`, from any thread; NULL stops them. Without a callback, messages go to
  * standard error when the environment sets `SAMOPT_LOG` (to `error`, `warn`, `info` or `debug`).
+ *
+ * The callback runs without samopt's logging lock, on the thread of the call that logs: it may
+ * call `sam_set_log_callback`, `sam_last_error` and `sam_*` on other handles; a call on the
+ * handle whose call is logging is refused with `SAM_ERR_INVALID_STATE`.
  */
 SamStatus sam_set_log_callback(SamLogCallback callback, void *user);
 

@@ -241,13 +241,6 @@ pub(crate) fn decode(bytes: &[u8], want: &Expected<'_>) -> Result<Snapshot> {
             "written for another configuration: the base optimizer, its hyper-parameters or the SAM settings differ",
         ));
     }
-    let layout = u64::from_le_bytes(bytes[24..32].try_into().unwrap());
-    if layout != layout_fingerprint(want.tensors, want.groups) {
-        return Err(format_error(
-            "written for another registration layout: the layout fingerprint differs (tensor count, lengths, \
-             dtypes, groups)",
-        ));
-    }
     let mut r = Reader { buf: body, at: HEADER };
     let steps = r.u64()?;
     let (lr, norm, second) = (r.f64()?, r.f64()?, r.f64()?);
@@ -285,6 +278,15 @@ pub(crate) fn decode(bytes: &[u8], want: &Expected<'_>) -> Result<Snapshot> {
             )));
         }
         tensors.push(TensorRecord { len, dtype: here.dtype, group, updates, epoch });
+    }
+    // Checked after the fields it covers, whose messages say more; what is left is a writer that
+    // wrote fields and fingerprint apart.
+    let layout = u64::from_le_bytes(bytes[24..32].try_into().unwrap());
+    if layout != layout_fingerprint(want.tensors, want.groups) {
+        return Err(format_error(
+            "written for another registration layout: the layout fingerprint differs (tensor count, lengths, \
+             dtypes, groups)",
+        ));
     }
     let floats = (body.len() - r.at) / 4;
     if floats != want.state || !(body.len() - r.at).is_multiple_of(4) {

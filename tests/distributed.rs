@@ -170,8 +170,14 @@ fn per_shard_accumulation_matches_m_sharpness() {
         let mut g = vec![0f32; N];
         let gp: *mut f32 = g.as_mut_ptr();
         // SAFETY: the vectors outlive `opt`; the test writes the gradient only between calls and
-        // through the registered pointer.
-        unsafe { opt.register_host(w.as_mut_ptr(), gp.cast_const(), N).unwrap() };
+        // through the registered pointer. Without a base optimizer the host's optimizer reads the
+        // mean from the gradient buffer, so samopt may write it; with one, it only reads it.
+        unsafe {
+            match base {
+                BaseOptimizer::None => opt.register_host_writable(w.as_mut_ptr(), gp, N).unwrap(),
+                _ => opt.register_host(w.as_mut_ptr(), gp.cast_const(), N).unwrap(),
+            }
+        };
         let write = |values: &[f64]| {
             for (i, v) in values.iter().enumerate() {
                 // SAFETY: as above.
@@ -189,14 +195,22 @@ fn per_shard_accumulation_matches_m_sharpness() {
             assert_eq!(opt.phase(), Phase::Accumulating);
         }
         assert_eq!(opt.accumulated_shards(), SHARDS as u32);
+        // SAFETY: read between calls, through the registered pointer.
+        let last_shard: Vec<u32> = (0..N).map(|i| unsafe { *gp.add(i) }.to_bits()).collect();
         opt.second_step().unwrap();
         assert_eq!(opt.accumulated_shards(), 0);
-        // SAFETY: read between calls, through the registered pointer.
+        // SAFETY: as above.
         let g_now: Vec<f64> = (0..N).map(|i| unsafe { *gp.add(i) } as f64).collect();
+        if base != BaseOptimizer::None {
+            let bits: Vec<u32> = g_now.iter().map(|&x| (x as f32).to_bits()).collect();
+            assert!(bits == last_shard, "{base:?}: a read-only gradient buffer was written");
+        }
         for i in 0..N {
             // f32 gradients from f32 weights (a few units of 2^-24 of the terms), then one rounding.
             let tol = 4e-7 * (scale[i] + w0[i].abs() + 1.0);
-            assert!((g_now[i] - mean[i]).abs() <= tol, "{base:?}: mean gradient {i}: {} vs {}", g_now[i], mean[i]);
+            if base == BaseOptimizer::None {
+                assert!((g_now[i] - mean[i]).abs() <= tol, "mean gradient {i}: {} vs {}", g_now[i], mean[i]);
+            }
             let want_w = if base == BaseOptimizer::Sgd { w0[i] - lr * mean[i] } else { w0[i] };
             let tol = 4e-7 * (w0[i].abs() + lr * scale[i] + 1.0);
             assert!((w[i] as f64 - want_w).abs() <= tol, "{base:?}: w[{i}] {} vs {want_w}", w[i]);
@@ -275,17 +289,17 @@ fn c_api() {
     }
     let opt = common::create(&SamConfig { backend: SAM_BACKEND_CPU, ..sam_config_default() });
     let mut w = [3.0f32, 4.0];
-    let g = [3.0f32, 4.0];
+    // Accumulation without a base optimizer writes the mean here: registered writable.
+    let mut g = [3.0f32, 4.0];
     let mut id = 0;
     let mut calls = 0u32;
     let mut local = 0.0;
     let mut norm = 0.0;
     // SAFETY: live handle; the arrays outlive it; `calls` outlives the callback's installation.
     unsafe {
-        assert_eq!(
-            sam_register_host(opt, w.as_mut_ptr().cast(), g.as_ptr().cast(), 2, SAM_DTYPE_F32, &mut id),
-            SamStatus::SAM_OK
-        );
+        let flags = SAM_REGISTER_GRAD_WRITABLE;
+        let (wp, gp) = (w.as_mut_ptr().cast(), g.as_mut_ptr().cast());
+        assert_eq!(sam_register_host_ex(opt, wp, gp, 2, SAM_DTYPE_F32, flags, &mut id), SamStatus::SAM_OK);
         assert_eq!(sam_grad_sq_norm_local(opt, &mut local), SamStatus::SAM_OK);
         assert_eq!(local, 25.0);
         assert_eq!(sam_first_step_with_norm(opt, 10.0), SamStatus::SAM_OK);

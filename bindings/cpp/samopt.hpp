@@ -161,6 +161,27 @@ public:
                              std::size(params), dtype);
     }
 
+    /// sam_register_host_ex with SAM_REGISTER_GRAD_WRITABLE: as register_host, and samopt may write
+    /// the gradient buffer (only per-shard SAM without a built-in base optimizer does: it leaves
+    /// the mean of the shards' gradients there for the caller's optimizer). Returns the id.
+    uint32_t register_host_writable(void *param, void *grad, size_t len, SamDType dtype) {
+        uint32_t id = 0;
+        check(sam_register_host_ex(handle_, param, grad, len, dtype, SAM_REGISTER_GRAD_WRITABLE, &id));
+        return id;
+    }
+
+    /// Contiguous containers, as register_host, with a writable gradient.
+    template <class C, class = decltype(std::data(std::declval<C &>())), class = decltype(std::size(std::declval<C &>()))>
+    uint32_t register_host_writable(C &params, C &grads,
+                                    SamDType dtype = dtype_of<std::remove_cv_t<std::remove_reference_t<decltype(*std::data(params))>>>::value) {
+        if (std::size(params) != std::size(grads))
+            throw Error(SAM_ERR_INVALID_ARGUMENT, "samopt::Optimizer::register_host_writable: params and grads differ in size (" +
+                                                      std::to_string(std::size(params)) + " and " +
+                                                      std::to_string(std::size(grads)) + ")");
+        return register_host_writable(static_cast<void *>(std::data(params)), static_cast<void *>(std::data(grads)),
+                                      std::size(params), dtype);
+    }
+
     /// sam_first_step: one global norm, then w -> w + e(w). Throws with SAM_ERR_NON_FINITE (and
     /// nothing changed) on NaN or infinity in a gradient.
     void first_step() { check(sam_first_step(handle_)); }

@@ -152,15 +152,17 @@ function iscontiguous(a::AbstractArray)
 end
 
 """
-    register!(opt, param, grad; dtype = nothing) -> Int
+    register!(opt, param, grad; dtype = nothing, grad_writable = false) -> Int
 
-Registers a parameter array and its gradient array (`sam_register_host`): dense arrays of the same
-size and element type, `Float32` or `Float16` (or `UInt16` holding bf16 bits, with
+Registers a parameter array and its gradient array (`sam_register_host_ex`): dense arrays of the
+same size and element type, `Float32` or `Float16` (or `UInt16` holding bf16 bits, with
 `dtype = :bf16`), with contiguous memory (checked). samopt rewrites `param` in place at every step
-and reads `grad`; the optimizer keeps both alive. Returns the tensor's id (from 0).
+and only reads `grad`, unless `grad_writable = true` lets it leave the mean gradient of per-shard
+SAM without a built-in base there (`accumulate_step!`). The optimizer keeps both alive. Returns
+the tensor's id (from 0).
 """
 function register!(opt::SamOptimizer, param::AbstractArray{T}, grad::AbstractArray{T};
-                   dtype = nothing) where {T}
+                   dtype = nothing, grad_writable::Bool = false) where {T}
     size(param) == size(grad) || throw(ArgumentError("param is $(size(param)) but grad is $(size(grad))"))
     (iscontiguous(param) && iscontiguous(grad)) ||
         throw(ArgumentError("param and grad must have contiguous memory (got $(typeof(param)))"))
@@ -168,9 +170,11 @@ function register!(opt::SamOptimizer, param::AbstractArray{T}, grad::AbstractArr
     haskey(DTYPES, dt) || throw(ArgumentError("dtype = $dt: use :f32, :f16 or :bf16"))
     id = Ref{UInt32}(0)
     GC.@preserve param grad begin
-        check(ccall((:sam_register_host, libsamopt), Int32,
-                    (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Csize_t, UInt32, Ref{UInt32}),
-                    handle(opt), pointer(param), pointer(grad), length(param), DTYPES[dt], id))
+        # sam_register_host_ex with SAM_REGISTER_GRAD_WRITABLE (1) when the gradient may be written.
+        check(ccall((:sam_register_host_ex, libsamopt), Int32,
+                    (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Csize_t, UInt32, UInt32, Ref{UInt32}),
+                    handle(opt), pointer(param), pointer(grad), length(param), DTYPES[dt],
+                    UInt32(grad_writable), id))
     end
     push!(opt.arrays, param, grad)
     return Int(id[])
@@ -282,8 +286,9 @@ first_step_with_norm!(opt::SamOptimizer, global_norm::Real) =
 
 m-sharpness in one process (`sam_accumulate_step`): the batch cut into parts; after `first_step!` on
 a part's gradient and the gradient at the perturbed weights, restores the weights and accumulates
-that gradient; after the last part `second_step!` writes the mean into the gradient arrays (and
-steps, with a built-in base).
+that gradient; after the last part `second_step!` applies their mean: with a built-in base it steps
+with it (the gradient arrays are only read); without one it writes the mean into the gradient
+arrays for your optimizer, which needs every tensor registered with `grad_writable = true`.
 """
 accumulate_step!(opt::SamOptimizer) =
     (check(ccall((:sam_accumulate_step, libsamopt), Int32, (Ptr{Cvoid},), handle(opt))); nothing)

@@ -171,7 +171,8 @@ static void distributed_calls() {
     config.backend = SAM_BACKEND_CPU;
     samopt::Optimizer sam(config);
     std::vector<float> w{3.0f, 4.0f}, g{3.0f, 4.0f};
-    sam.register_host(w, g);
+    // Per-shard SAM without a base optimizer leaves the mean in the gradient: a writable one.
+    sam.register_host_writable(w, g);
     EXPECT(sam.grad_sq_norm_local() == 25.0);
     sam.first_step_with_norm(10.0);
     EXPECT(sam.grad_norm() == 10.0);

@@ -140,7 +140,7 @@ using .SamOpt
         opt = SamOptimizer(backend = :cpu)
         W = Float32[3, 4]
         dW = Float32[3, 4]
-        register!(opt, W, dW)
+        register!(opt, W, dW; grad_writable = true)
         @test grad_sq_norm_local(opt) == 25.0
         first_step_with_norm!(opt, 10.0)
         @test grad_norm(opt) == 10.0

@@ -1,0 +1,869 @@
+/*
+ * samopt: Sharpness-Aware Minimization as an embeddable optimizer plugin.
+ *
+ * One SAM step, with the host's own forward/backward passes:
+ *   1. compute the gradient at w into the registered gradient buffers
+ *   2. sam_first_step(opt)   -- w <- w + e(w), using one global gradient norm
+ *   3. compute the gradient at w + e(w) into the same buffers
+ *   4. sam_second_step(opt)  -- w restored bit for bit
+ *   5. the base optimizer steps w with that gradient
+ *
+ * Every function returns SAM_OK (0) or a negative SamStatus; on failure nothing changed and
+ * sam_last_error() says which argument was wrong and why.
+ */
+
+#ifndef SAMOPT_H
+#define SAMOPT_H
+
+/* Generated from src/capi by cbindgen (cbindgen.toml); do not edit by hand. */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/**
+ * Version of the C ABI: bumped on any incompatible change to a signature or struct layout.
+ * Compare `sam_abi_version()` with `SAM_ABI_VERSION` from the header you compiled against.
+ */
+#define SAM_ABI_VERSION 1
+
+/**
+ * The result of every fallible call. `SAM_OK` is 0, errors are negative, non-fatal outcomes are
+ * positive, and a number never changes meaning (retired numbers are not reused).
+ */
+enum SamStatus
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * Success.
+     */
+    SAM_OK = 0,
+    /**
+     * Not an error: `sam_second_step` found NaN or infinity in the second gradient, restored the
+     * weights exactly, and skipped the base update (its state and step count untouched). A
+     * loss-scaled loop lowers its scale and goes on.
+     */
+    SAM_STEP_SKIPPED = 1,
+    /**
+     * A required pointer argument was NULL.
+     */
+    SAM_ERR_NULL_POINTER = -1,
+    /**
+     * An argument had a value the call cannot accept; the message names it.
+     */
+    SAM_ERR_INVALID_ARGUMENT = -2,
+    /**
+     * The call is not allowed now: a second step before a first step, a first step twice,
+     * registering while the weights are perturbed.
+     */
+    SAM_ERR_INVALID_STATE = -3,
+    /**
+     * A gradient held NaN or infinity: no parameter was changed. A loss-scaled loop lowers its
+     * scale and retries.
+     */
+    SAM_ERR_NON_FINITE = -4,
+    /**
+     * Valid, but not supported by this build or backend.
+     */
+    SAM_ERR_UNSUPPORTED = -5,
+    /**
+     * The GPU device or driver failed.
+     */
+    SAM_ERR_DEVICE = -6,
+    /**
+     * Reading or writing a file or a serialized state failed.
+     */
+    SAM_ERR_IO = -7,
+    /**
+     * The optimizer's state could not be allocated.
+     */
+    SAM_ERR_OUT_OF_MEMORY = -8,
+    /**
+     * A bug in samopt (a caught panic); please report the message.
+     */
+    SAM_ERR_INTERNAL = -9,
+    /**
+     * A callback the host registered (the all-reduce of `sam_set_allreduce`) returned non-zero;
+     * nothing was changed.
+     */
+    SAM_ERR_CALLBACK = -10,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum SamStatus SamStatus;
+#else
+typedef int32_t SamStatus;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * An optimizer handle: create with `sam_create`, free with `sam_destroy`.
+ */
+typedef struct SamOptimizer SamOptimizer;
+
+/**
+ * Which engine runs the passes: one of the `SAM_BACKEND_*` values.
+ */
+typedef uint32_t SamBackend;
+
+/**
+ * The base optimizer of the second step: one of the `SAM_BASE_*` values.
+ */
+typedef uint32_t SamBase;
+
+/**
+ * Configuration of an optimizer. Always start from `sam_config_default()`, which also sets
+ * `struct_size`, then change the fields you need.
+ */
+typedef struct {
+    /**
+     * `sizeof(SamConfig)` as the caller compiled it; lets the struct grow in later versions
+     * without breaking programs built against older headers.
+     */
+    size_t struct_size;
+    /**
+     * Radius of the perturbation ball; finite and > 0. Default 0.05 (ASAM: about 2.0).
+     */
+    double rho;
+    /**
+     * Added to the gradient norm before dividing by it; finite and >= 0. Default 1e-12.
+     */
+    double eps;
+    /**
+     * ASAM's offset in `T_w = |w| + eta`; finite and >= 0. Default 0.0.
+     */
+    double eta;
+    /**
+     * The norm of the ball: 2.0 (default) or `INFINITY` (the sign perturbation).
+     */
+    double norm_p;
+    /**
+     * Adaptive SAM (ASAM): scale the ascent elementwise by `T_w`. Default false.
+     */
+    bool adaptive;
+    /**
+     * A `SAM_BACKEND_*` value. Default `SAM_BACKEND_AUTO`.
+     */
+    SamBackend backend;
+    /**
+     * Worker threads of the CPU engine; 0 (default) uses every available core.
+     */
+    uint32_t num_threads;
+    /**
+     * The GPU adapter: its index in the list `samopt info` prints, or a case-insensitive part of
+     * its name. NULL (default): the `SAMOPT_ADAPTER` environment variable, else the best adapter
+     * (discrete, integrated, virtual, CPU). `WGPU_BACKEND=vulkan|gl|...` limits the APIs searched.
+     * Read during `sam_create` only.
+     */
+    const char *adapter;
+    /**
+     * A `SAM_BASE_*` value. Default `SAM_BASE_NONE`.
+     */
+    SamBase base;
+    /**
+     * Learning rate, >= 0 (1e-3). Change it between steps with `sam_set_lr`.
+     */
+    double lr;
+    /**
+     * SGD momentum, >= 0 (0).
+     */
+    double momentum;
+    /**
+     * SGD dampening (0).
+     */
+    double dampening;
+    /**
+     * SGD Nesterov momentum (false); needs momentum > 0 and dampening 0.
+     */
+    bool nesterov;
+    /**
+     * Weight decay of group 0, >= 0. `NAN` (default): PyTorch's default for the base optimizer,
+     * 0 for SGD and 1e-2 for AdamW.
+     */
+    double weight_decay;
+    /**
+     * AdamW's beta1, in [0, 1) (0.9).
+     */
+    double beta1;
+    /**
+     * AdamW's beta2, in [0, 1) (0.999).
+     */
+    double beta2;
+    /**
+     * AdamW's epsilon, >= 0 (1e-8).
+     */
+    double adam_eps;
+    /**
+     * Clip the second (perturbed) gradient to this global L2 norm before the base update, as
+     * `torch.nn.utils.clip_grad_norm_` does; 0 (default) turns clipping off. Needs a built-in base
+     * optimizer. (Clipping the first gradient would change nothing: the perturbation divides by
+     * its norm.)
+     */
+    double max_grad_norm;
+    /**
+     * GSAM's alpha: step with `g' - alpha * g_perp`, `g_perp = g - (g.g' / ||g'||^2) g'`, with `g`
+     * the first gradient (the first step keeps a copy) and `g'` the second; 0 (default) is plain
+     * SAM. Needs a built-in base optimizer.
+     */
+    double gsam_alpha;
+} SamConfig;
+
+/**
+ * Element type of a parameter and its gradient: one of the `SAM_DTYPE_*` values.
+ */
+typedef uint32_t SamDType;
+
+/**
+ * Sums `count` doubles at `values` in place across the workers of a data-parallel job (an
+ * all-reduce with the sum, e.g. `MPI_Allreduce(MPI_IN_PLACE, values, count, MPI_DOUBLE, MPI_SUM,
+ * comm)`); returns 0 on success. Every worker calls it at the same point of the same step.
+ */
+typedef int32_t (*SamAllreduce)(double *values, size_t count, void *user);
+
+/**
+ * The loader's `vkGetInstanceProcAddr`, cast to this type: `(SamVkGetInstanceProcAddr)vkGetInstanceProcAddr`
+ * (the same function; its result is declared as a plain pointer here).
+ */
+typedef const void *(*SamVkGetInstanceProcAddr)(void *instance, const char *name);
+
+/**
+ * The host's Vulkan objects, for `sam_create_vulkan` (all of them) and
+ * `sam_vulkan_required_extensions` (the instance and physical device). Set `struct_size` to
+ * `sizeof(SamVulkanDevice)`.
+ */
+typedef struct {
+    /**
+     * `sizeof(SamVulkanDevice)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * The loader's `vkGetInstanceProcAddr`, cast to `SamVkGetInstanceProcAddr`.
+     */
+    SamVkGetInstanceProcAddr get_instance_proc_addr;
+    /**
+     * The host's `VkInstance`, Vulkan 1.1 or later.
+     */
+    void *instance;
+    /**
+     * The `apiVersion` the instance was created with.
+     */
+    uint32_t api_version;
+    /**
+     * How many instance extensions the host enabled.
+     */
+    uint32_t instance_extension_count;
+    /**
+     * Their names.
+     */
+    const char *const *instance_extensions;
+    /**
+     * The `VkPhysicalDevice` the device was created from.
+     */
+    void *physical_device;
+    /**
+     * The host's `VkDevice` (ignored by `sam_vulkan_required_extensions`).
+     */
+    void *device;
+    /**
+     * How many device extensions the host enabled.
+     */
+    uint32_t device_extension_count;
+    /**
+     * Their names: a superset of what `sam_vulkan_required_extensions` lists.
+     */
+    const char *const *device_extensions;
+    /**
+     * The queue family samopt submits to (it must support compute).
+     */
+    uint32_t queue_family_index;
+    /**
+     * The queue within that family.
+     */
+    uint32_t queue_index;
+} SamVulkanDevice;
+
+/**
+ * Which buffer of an optimizer-allocated tensor: one of the `SAM_PART_*` values.
+ */
+typedef uint32_t SamTensorPart;
+
+/**
+ * A GPU adapter, as `sam_gpu_adapter_info` and `sam_get_adapter_info` report it. Set
+ * `struct_size = sizeof(SamAdapterInfo)` before the call. Strings are NUL-terminated and
+ * truncated to fit.
+ */
+typedef struct {
+    /**
+     * `sizeof(SamAdapterInfo)` as the caller compiled it.
+     */
+    size_t struct_size;
+    /**
+     * The adapter's name, e.g. "NVIDIA H200" or "llvmpipe (LLVM 15.0.6, 256 bits)".
+     */
+    char name[256];
+    /**
+     * The graphics API: "vulkan", "metal", "dx12" or "gl".
+     */
+    char backend[16];
+    /**
+     * "discrete", "integrated", "virtual", "cpu" or "other".
+     */
+    char device_type[16];
+    /**
+     * The driver's name and version, where reported.
+     */
+    char driver[256];
+    /**
+     * The largest storage binding in bytes; larger tensors run in windows.
+     */
+    uint64_t max_binding_bytes;
+    /**
+     * The largest buffer in bytes: the largest tensor the GPU engine can hold.
+     */
+    uint64_t max_buffer_bytes;
+    /**
+     * Whether the adapter can time passes with timestamp queries.
+     */
+    bool timestamps;
+} SamAdapterInfo;
+
+/**
+ * A log message's severity, for `sam_set_log_callback`: 1 error, 2 warning, 3 info, 4 debug.
+ */
+typedef uint32_t SamLogLevel;
+
+/**
+ * Receives samopt's log messages (for example that backend AUTO fell back to the CPU).
+ * `message` is valid only during the call.
+ */
+typedef void (*SamLogCallback)(SamLogLevel level, const char *message, void *user);
+
+/**
+ * Decided at the first registration: the CPU for host buffers (`sam_register_host`), the GPU
+ * for tensors the optimizer allocates (`sam_tensor_create`), or the CPU when no GPU adapter
+ * exists (logged once).
+ */
+#define SAM_BACKEND_AUTO 0
+
+/**
+ * The fused multithreaded CPU engine.
+ */
+#define SAM_BACKEND_CPU 1
+
+/**
+ * The wgpu compute engine.
+ */
+#define SAM_BACKEND_GPU 2
+
+/**
+ * IEEE 754 binary32.
+ */
+#define SAM_DTYPE_F32 0
+
+/**
+ * IEEE 754 binary16.
+ */
+#define SAM_DTYPE_F16 1
+
+/**
+ * bfloat16.
+ */
+#define SAM_DTYPE_BF16 2
+
+/**
+ * No base optimizer: `sam_second_step` only restores `w`, and the host runs its own optimizer on
+ * the gradient it computed at `w + e(w)`, as the PyTorch reference does.
+ */
+#define SAM_BASE_NONE 0
+
+/**
+ * PyTorch's SGD (lr, momentum, dampening, nesterov, weight_decay), fused with the restore.
+ */
+#define SAM_BASE_SGD 1
+
+/**
+ * PyTorch's AdamW (lr, beta1, beta2, adam_eps, weight_decay), fused with the restore.
+ */
+#define SAM_BASE_ADAMW 2
+
+/**
+ * The parameter `w`.
+ */
+#define SAM_PART_PARAM 0
+
+/**
+ * The gradient `g`.
+ */
+#define SAM_PART_GRAD 1
+
+#ifdef __cplusplus
+extern "C" {
+#endif // __cplusplus
+
+/**
+ * The default configuration: rho 0.05, eps 1e-12, no ASAM (eta 0), p = 2, backend AUTO, all
+ * cores, and `struct_size = sizeof(SamConfig)`.
+ */
+SamConfig sam_config_default(void);
+
+/**
+ * Creates an optimizer from `config` and stores its handle in `*out`.
+ *
+ * Fails with `SAM_ERR_NULL_POINTER` (config or out NULL), `SAM_ERR_INVALID_ARGUMENT` (a wrong
+ * `struct_size`, `rho <= 0` or NaN, `eps < 0`, `eta < 0`, an unknown backend, `norm_p < 1`),
+ * `SAM_ERR_UNSUPPORTED` (a `norm_p` other than 2 or infinity, or a backend this build lacks).
+ * On failure `*out` is left as it was.
+ *
+ * # Safety
+ * `config` must be NULL or point to a `SamConfig` of at least `config->struct_size` bytes; `out`
+ * must be NULL or valid for a write.
+ */
+SamStatus sam_create(const SamConfig *config, SamOptimizer **out);
+
+/**
+ * Frees an optimizer. The host's buffers are not touched (between the two steps they keep the
+ * perturbed weights). NULL is a no-op.
+ *
+ * # Safety
+ * `opt` must be NULL or a handle from `sam_create` not yet destroyed, with no call on it running.
+ */
+void sam_destroy(SamOptimizer *opt);
+
+/**
+ * Registers a parameter buffer and its gradient buffer, both owned by the host, and stores the
+ * tensor's id (0, 1, 2, ... in registration order) in `*out_id`.
+ *
+ * At every step the plugin reads `grad` and rewrites `param` in place; the host keeps both alive
+ * and in place for the optimizer's lifetime, writes the gradient between calls, and does not
+ * touch either while a call runs.
+ *
+ * Fails, registering nothing, with `SAM_ERR_NULL_POINTER` (any pointer NULL),
+ * `SAM_ERR_INVALID_ARGUMENT` (`len` 0, an unknown `dtype`, a pointer not aligned to the element
+ * size, a byte size that overflows, `param` and `grad` overlapping, either overlapping a buffer
+ * registered before) or `SAM_ERR_INVALID_STATE` (between a first and a second step).
+ *
+ * # Safety
+ * `param` must be valid for reads and writes, and `grad` for reads, of `len` elements of `dtype`
+ * for the optimizer's lifetime; `opt` must be NULL or a live handle; `out_id` NULL or writable.
+ */
+SamStatus sam_register_host(SamOptimizer *opt,
+                            void *param,
+                            const void *grad,
+                            size_t len,
+                            SamDType dtype,
+                            uint32_t *out_id);
+
+/**
+ * The ascent (first) step: computes one L2 norm over the gradients of every registered tensor,
+ * then moves every parameter to `w + e(w)` and keeps `w` for the restore.
+ *
+ * Returns `SAM_ERR_NON_FINITE`, with no parameter touched, when any gradient (under ASAM, any
+ * weight) holds NaN or infinity; `SAM_ERR_INVALID_STATE` when called twice without a second step
+ * in between, or with no tensor registered.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle whose registered buffers are valid.
+ */
+SamStatus sam_first_step(SamOptimizer *opt);
+
+/**
+ * The second step: restores every parameter to exactly the bits it had before the first step.
+ * With `SAM_BASE_NONE` the host then runs its own optimizer with the gradient it computed at
+ * `w + e(w)`; with `SAM_BASE_SGD` or `SAM_BASE_ADAMW` the restore and the base update run as one
+ * pass (after one reduction over the second gradient: its norm for `max_grad_norm`, its dot
+ * product with the first gradient for GSAM, and a finiteness check).
+ *
+ * Returns `SAM_OK`; `SAM_STEP_SKIPPED` (positive, not an error) when a built-in base optimizer
+ * finds NaN or infinity in the second gradient: weights restored, no update, state untouched;
+ * `SAM_ERR_INVALID_STATE` without a preceding first step.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle whose registered buffers are valid.
+ */
+SamStatus sam_second_step(SamOptimizer *opt);
+
+/**
+ * Global-norm SAM across workers, with the exchange inside `sam_first_step`: installs the host's
+ * all-reduce. From then on `sam_first_step` computes the local squared norm `sum (T_w g)^2`, sums
+ * it over the workers through `callback` (one double, no gradient copied), and perturbs with the
+ * square root, so every worker uses the norm over all workers' gradients (over the union of the
+ * shards when each worker holds its own part of the parameters). A callback returning non-zero
+ * makes `sam_first_step` fail with `SAM_ERR_CALLBACK`, nothing changed. A worker whose own
+ * gradient holds NaN or infinity still calls the all-reduce (with NaN), so every worker returns
+ * `SAM_ERR_NON_FINITE` for that step and none waits for it. NULL removes it.
+ *
+ * The same without a callback: `sam_grad_sq_norm_local`, the host's all-reduce, then
+ * `sam_first_step_with_norm`.
+ *
+ * Per-worker SAM (m-sharpness, as the original JAX code across accelerators) needs none of
+ * this: each worker calls plain `sam_first_step` on its own gradient, and the host all-reduces
+ * only the second gradient before `sam_second_step`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `callback`, when set, must be safe to call with `user`
+ * from any thread for as long as it is installed.
+ */
+SamStatus sam_set_allreduce(SamOptimizer *opt, SamAllreduce callback, void *user);
+
+/**
+ * Global-norm SAM across workers, step 1 of 2: stores in `*out` the local squared norm
+ * `sum (T_w g)^2` over this worker's tensors (one read of the gradients, nothing written). The
+ * host sums it over the workers and passes the square root to `sam_first_step_with_norm`.
+ * `SAM_ERR_NON_FINITE` when a local gradient holds NaN or infinity (a host that must keep its
+ * all-reduce in step can sum NaN then, so that every worker refuses the step).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_grad_sq_norm_local(SamOptimizer *opt, double *out);
+
+/**
+ * Global-norm SAM across workers, step 2 of 2: the ascent (as `sam_first_step`) with the given
+ * global norm, the square root of the all-reduced `sam_grad_sq_norm_local` values. A NaN or
+ * infinite `global_norm` (some worker's gradient was not finite) returns `SAM_ERR_NON_FINITE`
+ * with nothing changed; a negative one `SAM_ERR_INVALID_ARGUMENT`. The gradients must not change
+ * between `sam_grad_sq_norm_local` and this call: its finiteness check is reused, so the
+ * gradients are read once.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle whose registered buffers are valid.
+ */
+SamStatus sam_first_step_with_norm(SamOptimizer *opt, double global_norm);
+
+/**
+ * Per-shard SAM in one process (m-sharpness): a host that splits its batch into k shards calls,
+ * for each shard,
+ *
+ * ```text
+ * gradient of the shard at w       -> the gradient buffers
+ * sam_first_step(opt)                 w -> w + e_k(w), the shard's own perturbation
+ * gradient of the shard at w + e_k -> the gradient buffers
+ * sam_accumulate_step(opt)            w restored exactly, that gradient added to an accumulator
+ * ```
+ *
+ * and after the last shard `sam_second_step(opt)`, which writes the mean of the k perturbed
+ * gradients into the gradient buffers and, with a built-in base optimizer, steps with it (without
+ * one, the host's optimizer uses it). This is the one case samopt writes the gradient buffers:
+ * they must be writable. The CPU backend runs it; `SAM_ERR_UNSUPPORTED` on the GPU for now and
+ * with GSAM. `SAM_ERR_INVALID_STATE` without a preceding first step.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle whose registered buffers are valid.
+ */
+SamStatus sam_accumulate_step(SamOptimizer *opt);
+
+/**
+ * Stores in `*out` the L2 norm `||T_w * g||_2` (plain `||g||_2` without ASAM) that the last
+ * successful first step computed, over every registered tensor. Also computed for
+ * `norm_p = INFINITY`, where the perturbation does not use it. `SAM_ERR_INVALID_STATE` before the
+ * first successful first step.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_grad_norm(const SamOptimizer *opt, double *out);
+
+/**
+ * Sets the learning rate of the built-in base optimizer from the next second step on: the hook
+ * for a learning-rate schedule, called between steps. Groups scale it. `lr` must be finite and
+ * >= 0.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle.
+ */
+SamStatus sam_set_lr(SamOptimizer *opt, double lr);
+
+/**
+ * Stores the current learning rate in `*out`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_get_lr(const SamOptimizer *opt, double *out);
+
+/**
+ * Adds a parameter group, as PyTorch's `param_groups`, and stores its id in `*out_group`: its
+ * tensors step with learning rate `lr * lr_scale` and weight decay `weight_decay` (`NAN`: group
+ * 0's, the config's). Group 0 exists from the start and holds every tensor until
+ * `sam_set_tensor_group` moves it. The gradient norm stays one norm over all groups. The common
+ * use: a group with weight decay 0 for biases and normalisation weights.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out_group` NULL or writable.
+ */
+SamStatus sam_add_group(SamOptimizer *opt,
+                        double lr_scale,
+                        double weight_decay,
+                        uint32_t *out_group);
+
+/**
+ * Moves tensor `id` into `group` (refused between the two steps).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle.
+ */
+SamStatus sam_set_tensor_group(SamOptimizer *opt, uint32_t id, uint32_t group);
+
+/**
+ * Stores in `*out` the bytes `sam_state_save` writes now (it grows with registrations).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_state_size(const SamOptimizer *opt, size_t *out);
+
+/**
+ * Writes a checkpoint of the optimizer's state into `buf` (`len` bytes, at least
+ * `sam_state_size`): step counts, learning rate, groups, and the base optimizer's state
+ * (momentum, Adam moments, step counts), with a magic number, a version, fingerprints of the
+ * configuration and of the registrations, and a checksum. Stores the bytes written in
+ * `*out_written` (which may be NULL). Refused with `SAM_ERR_INVALID_STATE` between the two steps.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `buf` NULL or writable for `len` bytes; `out_written`
+ * NULL or writable.
+ */
+SamStatus sam_state_save(SamOptimizer *opt, void *buf, size_t len, size_t *out_written);
+
+/**
+ * Restores a checkpoint from `sam_state_save` (`len` bytes at `buf`) into an optimizer created
+ * with the same configuration and the same registrations (count, lengths, dtypes, groups), for
+ * example in a resumed job. Resuming gives the same bits as a run that never stopped. A
+ * truncated or corrupted checkpoint, one of another version, configuration or layout is refused
+ * with `SAM_ERR_IO` and a message saying which, and the optimizer is left exactly as it was.
+ * Refused with `SAM_ERR_INVALID_STATE` between the two steps.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `buf` NULL or readable for `len` bytes.
+ */
+SamStatus sam_state_load(SamOptimizer *opt, const void *buf, size_t len);
+
+/**
+ * `sam_state_save` to the file `path`: written to a temporary file beside it, flushed to disk
+ * and renamed into place, so a crash mid-write never leaves half a checkpoint under `path`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `path` NULL or a NUL-terminated string.
+ */
+SamStatus sam_state_save_file(SamOptimizer *opt, const char *path);
+
+/**
+ * `sam_state_load` from the file `path`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `path` NULL or a NUL-terminated string.
+ */
+SamStatus sam_state_load_file(SamOptimizer *opt, const char *path);
+
+/**
+ * The device extensions the host must enable when it creates the `VkDevice` it hands to
+ * `sam_create_vulkan` (from `device->instance` and `device->physical_device`; the device itself
+ * may not exist yet). Stores the number in `*out_count` and the first `capacity` names (static
+ * strings) in `out_names`, which may be NULL to ask for the count. No instance extension is
+ * required beyond Vulkan 1.1; no device feature beyond Vulkan 1.1's is used.
+ *
+ * # Safety
+ * `device` must be NULL or valid (see `SamVulkanDevice`); `out_names` NULL or writable for
+ * `capacity` pointers; `out_count` NULL or writable.
+ */
+SamStatus sam_vulkan_required_extensions(const SamVulkanDevice *device,
+                                         const char **out_names,
+                                         size_t capacity,
+                                         size_t *out_count);
+
+/**
+ * Creates an optimizer whose GPU engine runs on the host's own Vulkan device and queue, so that
+ * `sam_register_vulkan` can register the host's `VkBuffer`s and the passes run on them in place.
+ * samopt never destroys the host's instance, device, queue or buffers.
+ *
+ * The synchronisation contract:
+ * - before a step (`sam_first_step`, `sam_second_step`, ...) the host's writes to the registered
+ *   buffers (its gradients, its weights) must be complete on the GPU (e.g. its fence waited);
+ * - when a samopt call returns, all the GPU work it submitted is complete, so the host may read
+ *   and write the buffers at once;
+ * - samopt submits to the given queue only inside its own calls; Vulkan requires the host not
+ *   to submit to the same `VkQueue` concurrently (give samopt a queue of its own, or do not use
+ *   that queue from another thread while a samopt call runs).
+ *
+ * Fails with `SAM_ERR_NULL_POINTER`, `SAM_ERR_INVALID_ARGUMENT` (wrong `struct_size`, a required
+ * device extension missing from `device->device_extensions`, a queue family that does not exist
+ * or lacks compute, a queue index past the family's count), `SAM_ERR_UNSUPPORTED`,
+ * `SAM_ERR_DEVICE`.
+ *
+ * # Safety
+ * `device` must describe live Vulkan objects created as documented there; `config` and `out` as
+ * in `sam_create`.
+ */
+SamStatus sam_create_vulkan(const SamVulkanDevice *device,
+                            const SamConfig *config,
+                            SamOptimizer **out);
+
+/**
+ * Registers a tensor in the host's `VkBuffer`s (for an optimizer from `sam_create_vulkan`):
+ * `len` elements of `dtype` at byte `param_offset` of `param_buffer` and `grad_offset` of
+ * `grad_buffer`. The passes read and write them in place; the host keeps owning them (samopt
+ * never frees them) and keeps them alive for the optimizer's lifetime. Both buffers need the
+ * `VK_BUFFER_USAGE_STORAGE_BUFFER_BIT` usage, offsets a multiple of the device's
+ * `minStorageBufferOffsetAlignment`, and the tensor a multiple of 16 bytes.
+ *
+ * Fails, registering nothing, with `SAM_ERR_NULL_POINTER` (a `VK_NULL_HANDLE` or `out_id` NULL),
+ * `SAM_ERR_INVALID_ARGUMENT` (`len` 0, an unknown dtype, a buffer smaller than `offset + len *
+ * size`, a misaligned offset, overlapping ranges), `SAM_ERR_UNSUPPORTED` (not a Vulkan optimizer).
+ * Vulkan has no query for a buffer's size, so samopt bounds the range by the buffer's memory
+ * requirements (`vkGetBufferMemoryRequirements`): a range that ends inside the alignment padding
+ * past the size the host created the buffer with is not caught, and stays the host's to avoid.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; the buffers must be live `VkBuffer`s of its device.
+ */
+SamStatus sam_register_vulkan(SamOptimizer *opt,
+                              uint64_t param_buffer,
+                              uint64_t param_offset,
+                              uint64_t grad_buffer,
+                              uint64_t grad_offset,
+                              size_t len,
+                              SamDType dtype,
+                              uint32_t *out_id);
+
+/**
+ * Stores the number of registered tensors in `*out`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_tensor_count(const SamOptimizer *opt, size_t *out);
+
+/**
+ * Stores in `*out` the number of completed SAM steps: second steps that were not skipped (with a
+ * built-in base optimizer, the number of updates applied, as PyTorch's optimizer step count).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_step_count(const SamOptimizer *opt, uint64_t *out);
+
+/**
+ * Stores in `*out` whether the weights are perturbed (between a first and a second step).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_is_perturbed(const SamOptimizer *opt, bool *out);
+
+/**
+ * Stores in `*out` the backend that runs this optimizer's passes (`SAM_BACKEND_CPU` or
+ * `SAM_BACKEND_GPU`; never AUTO).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_get_backend(const SamOptimizer *opt, SamBackend *out);
+
+/**
+ * Allocates a parameter/gradient pair of `len` zeros owned by the optimizer and stores its id in
+ * `*out_id`: on the GPU backend both live on the device, with the optimizer's state, and the
+ * passes run there with no host copy; on the CPU backend they live in host memory. Under
+ * `SAM_BACKEND_AUTO` the first such call (before any `sam_register_host`) picks the GPU, or the
+ * CPU when no adapter exists. Fill and read them with `sam_tensor_write` and `sam_tensor_read`.
+ *
+ * Fails with `SAM_ERR_INVALID_ARGUMENT` (`len` 0, unknown dtype, a size over the device's
+ * largest buffer), `SAM_ERR_INVALID_STATE` (between the two steps), `SAM_ERR_DEVICE`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out_id` NULL or writable.
+ */
+SamStatus sam_tensor_create(SamOptimizer *opt, size_t len, SamDType dtype, uint32_t *out_id);
+
+/**
+ * Copies `len` elements from `src` into the parameter or gradient (`part`) of tensor `id`, which
+ * `sam_tensor_create` allocated; `len` must be the tensor's length and `src` hold its dtype.
+ * Writing the parameter between the two steps is overwritten by the restore.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `src` NULL or valid for reads of `len` elements.
+ */
+SamStatus sam_tensor_write(SamOptimizer *opt,
+                           uint32_t id,
+                           SamTensorPart part,
+                           const void *src,
+                           size_t len);
+
+/**
+ * Copies the parameter or gradient (`part`) of tensor `id`, which `sam_tensor_create`
+ * allocated, into `dst` (`len` elements: the tensor's length). Between the two steps the
+ * parameter reads as `w + e(w)`. Waits for the device.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `dst` NULL or valid for writes of `len` elements.
+ */
+SamStatus sam_tensor_read(SamOptimizer *opt,
+                          uint32_t id,
+                          SamTensorPart part,
+                          void *dst,
+                          size_t len);
+
+/**
+ * Stores in `*out` how many GPU adapters wgpu finds (honouring `WGPU_BACKEND`). Creating the
+ * list can take a moment: it starts the graphics drivers.
+ *
+ * # Safety
+ * `out` must be NULL or writable.
+ */
+SamStatus sam_gpu_adapter_count(size_t *out);
+
+/**
+ * Describes adapter `index` (0 is the one `SAM_BACKEND_GPU` picks without `config.adapter` or
+ * `SAMOPT_ADAPTER`).
+ *
+ * # Safety
+ * `out` must be NULL or point to a `SamAdapterInfo` whose `struct_size` is set.
+ */
+SamStatus sam_gpu_adapter_info(size_t index, SamAdapterInfo *out);
+
+/**
+ * Describes the adapter this optimizer's GPU backend runs on; `SAM_ERR_UNSUPPORTED` when the
+ * backend is the CPU (or AUTO has not decided yet).
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or a `SamAdapterInfo` with `struct_size` set.
+ */
+SamStatus sam_get_adapter_info(const SamOptimizer *opt, SamAdapterInfo *out);
+
+/**
+ * Sends samopt's log messages (errors, warnings such as AUTO's fallback to the CPU) to
+ * `callback` with `user`, from any thread; NULL stops them. Without a callback, messages go to
+ * standard error when the environment sets `SAMOPT_LOG` (to `error`, `warn`, `info` or `debug`).
+ */
+SamStatus sam_set_log_callback(SamLogCallback callback, void *user);
+
+/**
+ * This thread's message for its last failing call, starting with the function's name, e.g.
+ * `"sam_register_host: len = 0: a tensor needs at least one element"`. Empty if no call failed on
+ * this thread. Never NULL. The string stays valid until the next failing call on this thread:
+ * copy it to keep it.
+ */
+const char *sam_last_error(void);
+
+/**
+ * A static, never-NULL description of a status, e.g. `"invalid argument"`; `"unknown status"`
+ * for a number that is not a `SamStatus`.
+ */
+const char *sam_status_string(int32_t status);
+
+/**
+ * The library's version, e.g. `"0.1.0"`: static, never NULL.
+ */
+const char *sam_version(void);
+
+/**
+ * The C ABI version of the loaded library; equal to `SAM_ABI_VERSION` of a compatible header.
+ */
+uint32_t sam_abi_version(void);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif  // __cplusplus
+
+#endif  /* SAMOPT_H */
