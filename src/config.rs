@@ -82,6 +82,9 @@ impl BaseOptimizer {
     }
 }
 
+/// The most CPU worker threads an optimizer may ask for ([`Config::threads`]).
+pub const MAX_THREADS: usize = 1024;
+
 /// How SAM perturbs the weights and, optionally, how the base optimizer steps. See `SAM.md` for
 /// the formulas; the base optimizers' fields and defaults are PyTorch's.
 #[derive(Clone, Debug, PartialEq)]
@@ -98,7 +101,9 @@ pub struct Config {
     pub norm: Norm,
     /// Which engine runs the passes.
     pub backend: Backend,
-    /// Worker threads of the CPU engine; 0 uses every available core.
+    /// Worker threads of the CPU engine, at most [`MAX_THREADS`]. 0 shares one process-wide
+    /// pool with a worker per available core (started at the first use); a number gives this
+    /// optimizer a pool of its own.
     pub threads: usize,
     /// The GPU adapter: an index into [`crate::gpu::adapters`], or a case-insensitive part of its
     /// name. `None`: the `SAMOPT_ADAPTER` environment variable, else the best adapter (discrete,
@@ -163,6 +168,9 @@ impl Default for Config {
 impl Config {
     /// Checks every field; the error names the first field that is wrong and its value.
     pub fn validate(&self) -> Result<()> {
+        if self.threads > MAX_THREADS {
+            return Err(Error::invalid(format!("threads = {}: at most {MAX_THREADS}", self.threads)));
+        }
         if !(self.rho.is_finite() && self.rho > 0.0) {
             return Err(Error::invalid(format!("rho = {}: must be finite and > 0", self.rho)));
         }

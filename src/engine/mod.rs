@@ -146,6 +146,8 @@ pub enum Fault {
     Norm,
     /// The perturbation pass.
     Perturb,
+    /// The second step's reduction of the second gradient.
+    Reduce,
     /// The second step's fused restore + update.
     Update,
 }

@@ -269,7 +269,9 @@ impl Optimizer {
             }
             return Ok(None);
         }
-        passes.second_reduce(config.gsam_alpha.is_some()).map(Some)
+        self.take_fault(Fault::Reduce)?;
+        let passes = self.passes.as_mut().expect("a first step ran");
+        passes.second_reduce(self.config.gsam_alpha.is_some()).map(Some)
     }
 
     /// The rest of a second step with a base optimizer, from the (global) reduction of g'.
