@@ -28,6 +28,11 @@
 #define SAM_ABI_VERSION 1
 
 /**
+ * The most CPU worker threads an optimizer may ask for ([`Config::threads`]).
+ */
+#define MAX_THREADS 1024
+
+/**
  * The result of every fallible call. `SAM_OK` is 0, errors are negative, non-fatal outcomes are
  * positive, and a number never changes meaning (retired numbers are not reused).
  */
@@ -148,7 +153,8 @@ typedef struct {
      */
     SamBackend backend;
     /**
-     * Worker threads of the CPU engine; 0 (default) uses every available core.
+     * Worker threads of the CPU engine, at most 1024. 0 (default) shares one process-wide pool
+     * with a worker per available core among all handles; a number gives this handle its own.
      */
     uint32_t num_threads;
     /**

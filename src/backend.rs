@@ -188,6 +188,10 @@ pub(crate) trait Passes: Send {
         None
     }
 
+    /// Test hook (GPU only): cuts arenas into windows of at most `bytes`, as an adapter with that
+    /// storage-binding limit would, so that tests cross window boundaries on any adapter.
+    fn limit_window(&mut self, _bytes: u64) {}
+
     /// Starts timing the passes with timestamp queries (GPU only); `false` when not possible.
     fn enable_timing(&mut self) -> bool {
         false

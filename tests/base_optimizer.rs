@@ -21,9 +21,9 @@ mod common;
 
 use std::io::Write;
 
-use common::{Rng, Ty};
+use common::{Rng, Ty, optimizer_or_skip};
 use samopt::half::{bf16, f16};
-use samopt::{Backend, BaseOptimizer, Config, ErrorKind, Optimizer, SecondStep};
+use samopt::{Backend, BaseOptimizer, Config, Optimizer, SecondStep};
 
 const STEPS: usize = 50;
 const SIZES: [usize; 4] = [1, 7, 1000, 4099];
@@ -163,14 +163,7 @@ fn cases() -> Vec<Case> {
 /// Runs a case for 50 steps on `backend` in dtype `ty`; returns the largest relative difference.
 fn run(case: &Case, backend: Backend, ty: Ty) -> Option<f64> {
     let config = Config { backend, ..case.config.clone() };
-    let mut opt = match Optimizer::new(config.clone()) {
-        Ok(o) => o,
-        Err(e) if e.kind() == ErrorKind::Device && std::env::var("SAMOPT_REQUIRE_GPU").as_deref() != Ok("1") => {
-            let _ = writeln!(std::io::stderr(), "NOTICE: GPU trajectory skipped, no adapter ({e})");
-            return None;
-        }
-        Err(e) => panic!("{e}"),
-    };
+    let mut opt = optimizer_or_skip(config.clone())?;
     let mut rng = Rng::new(1234 + ty as u64);
     let mut group_ids = vec![0u32];
     for &(scale, wd) in &case.groups {
@@ -301,8 +294,8 @@ fn trajectories_gpu() {
 fn non_finite_second_gradient_skips_the_update() {
     for backend in [Backend::Cpu, Backend::Gpu] {
         let config = Config { backend, base: BaseOptimizer::AdamW, lr: 0.01, ..Config::default() };
-        let (Ok(mut a), Ok(mut b)) = (Optimizer::new(config.clone()), Optimizer::new(config)) else {
-            continue; // no adapter: covered by the trajectories' notice
+        let (Some(mut a), Some(mut b)) = (optimizer_or_skip(config.clone()), optimizer_or_skip(config)) else {
+            continue;
         };
         let w = [0.5f32, -0.25, 1.0];
         let (ia, ib) = (a.add_tensor(&w).unwrap(), b.add_tensor(&w).unwrap());
@@ -339,7 +332,7 @@ fn late_registration_keeps_state() {
     for backend in [Backend::Cpu, Backend::Gpu] {
         let config = Config { backend, base: BaseOptimizer::AdamW, lr: 0.02, ..Config::default() };
         let run = |late: bool| -> Option<Vec<u32>> {
-            let mut opt = Optimizer::new(config.clone()).ok()?;
+            let mut opt = optimizer_or_skip(config.clone())?;
             let mut rng = Rng::new(77);
             let ids: Vec<u32> = [5usize, 300].iter().map(|&n| opt.add_tensor(&vec![0.5f32; n]).unwrap()).collect();
             let mut extra = None;
@@ -384,7 +377,7 @@ fn late_registration_keeps_state() {
 #[test]
 fn staged_host_buffers_with_base_optimizer() {
     let config = Config { base: BaseOptimizer::Sgd, lr: 0.1, momentum: 0.9, ..Config::default() };
-    let Ok(mut gpu) = Optimizer::new(Config { backend: Backend::Gpu, ..config.clone() }) else { return };
+    let Some(mut gpu) = optimizer_or_skip(Config { backend: Backend::Gpu, ..config.clone() }) else { return };
     let mut cpu = Optimizer::new(Config { backend: Backend::Cpu, ..config }).unwrap();
     let mut rng = Rng::new(3);
     let w0: Vec<f32> = (0..1001).map(|_| rng.sym(1.0) as f32).collect();

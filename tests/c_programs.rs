@@ -1,5 +1,6 @@
 //! C and C++ programs against the generated header and the cdylib: `tests/c/capi_test.c` (numbers
-//! and error paths from C) and `examples/c/quickstart.c`, compiled with
+//! and error paths from C), `tests/c/abi1_test.c` (against the frozen ABI-1 header in `tests/abi`)
+//! and `examples/c/quickstart.c`, compiled with
 //! `-std=c11 -Wall -Wextra -Werror -pedantic`, and `tests/cpp/samopt_test.cpp` through the C++
 //! wrapper with `-std=c++17 -Wall -Wextra -Werror -pedantic`; linked against `libsamopt.so`, run.
 
@@ -42,6 +43,8 @@ fn compile_and_run(source: &str, name: &str) -> String {
         .arg(root.join("include"))
         .arg("-I")
         .arg(root.join("bindings/cpp"))
+        .arg("-I")
+        .arg(root.join("tests/abi"))
         .arg(root.join(source))
         .arg("-o")
         .arg(&out)
@@ -62,6 +65,14 @@ fn compile_and_run(source: &str, name: &str) -> String {
 #[test]
 fn c_api_test_program() {
     let out = compile_and_run("tests/c/capi_test.c", "capi_test");
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+}
+
+/// Finding 15: a program compiled against the frozen ABI-1 header keeps running against this
+/// library (its structs have that header's sizes, its calls their meaning).
+#[test]
+fn finding_15_abi1_program_runs_against_this_library() {
+    let out = compile_and_run("tests/c/abi1_test.c", "abi1_test");
     assert!(out.contains(" passed, 0 failed"), "{out}");
 }
 

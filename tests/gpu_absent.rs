@@ -1,5 +1,5 @@
 //! Without any GPU adapter: `Backend::Gpu` is the device error, and AUTO puts optimizer-allocated
-//! tensors on the CPU and says so once through the `log` crate.
+//! tensors on the CPU and says so, once per handle, through the `log` crate.
 //!
 //! One test in its own binary: it hides every Vulkan driver from wgpu through the environment
 //! before wgpu first starts.
@@ -53,6 +53,7 @@ fn no_adapter() {
     }
     let messages = MESSAGES.lock().unwrap();
     let fallbacks: Vec<&String> = messages.iter().filter(|m| m.contains("AUTO runs on the CPU")).collect();
-    assert_eq!(fallbacks.len(), 1, "{messages:?}");
+    // Once per handle (each handle decides its backend once), so a host sees it for every handle.
+    assert_eq!(fallbacks.len(), 2, "{messages:?}");
     assert!(fallbacks[0].starts_with("WARN"), "{}", fallbacks[0]);
 }

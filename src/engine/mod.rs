@@ -270,6 +270,16 @@ impl Optimizer {
         self.fault = Some(fault);
     }
 
+    /// Test hook: the GPU engine cuts its arenas into windows of at most `bytes` (as an adapter
+    /// with that storage-binding limit would), so tests cross window boundaries on any adapter.
+    /// No effect on the CPU engine or before the backend exists. Not for production use.
+    #[doc(hidden)]
+    pub fn limit_gpu_window(&mut self, bytes: u64) {
+        if let Some(p) = self.passes.as_mut() {
+            p.limit_window(bytes);
+        }
+    }
+
     /// The injected device error for a pass of kind `pass`, once.
     fn take_fault(&mut self, pass: Fault) -> Result<()> {
         if self.fault == Some(pass) {

@@ -336,6 +336,13 @@ impl Passes for GpuEngine {
         unsafe { GpuEngine::add_vulkan(self, param, grad, len, dtype) }
     }
 
+    fn limit_window(&mut self, bytes: u64) {
+        // Windows start at multiples of the storage offset alignment (and of 16 bytes).
+        let align = (self.ctx.limits.min_storage_buffer_offset_alignment as u64).max(16);
+        self.window_words = self.window_words.min((bytes / align * align / 4).max(align / 4));
+        self.prepared = None;
+    }
+
     fn set_cohort(&mut self, tensor: usize, cohort: (u32, u64)) {
         if self.tensors[tensor].cohort != cohort {
             self.tensors[tensor].cohort = cohort;

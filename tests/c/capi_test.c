@@ -165,6 +165,9 @@ static void check_gpu(void) {
     size_t count = 0;
     EXPECT(sam_gpu_adapter_count(&count) == SAM_OK, "adapter count");
     if (count == 0) {
+        /* CI sets SAMOPT_REQUIRE_GPU=1: there a missing adapter is a failure, not a skip. */
+        const char *require = getenv("SAMOPT_REQUIRE_GPU");
+        EXPECT(!(require && strcmp(require, "1") == 0), "SAMOPT_REQUIRE_GPU=1 but no GPU adapter");
         printf("no GPU adapter: GPU checks skipped\n");
         return;
     }

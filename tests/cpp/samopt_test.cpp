@@ -7,6 +7,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -194,11 +195,52 @@ static void distributed_calls() {
     sam.set_allreduce(nullptr);
 }
 
+// Device tensors on the GPU backend through the wrapper, when wgpu finds an adapter (lavapipe on
+// CI). With SAMOPT_REQUIRE_GPU=1 (as CI sets) a missing adapter or any GPU error is a failure,
+// never a skip.
+static void gpu_device_tensors() {
+    const char *require = std::getenv("SAMOPT_REQUIRE_GPU");
+    bool required = require && std::strcmp(require, "1") == 0;
+    if (samopt::gpu_adapters().empty()) {
+        if (required) {
+            ++failed;
+            std::fprintf(stderr, "FAIL: SAMOPT_REQUIRE_GPU=1 but no GPU adapter\n");
+        } else {
+            std::printf("NOTICE: no GPU adapter, GPU checks skipped\n");
+        }
+        return;
+    }
+    try {
+        samopt::Config config;
+        config.backend = SAM_BACKEND_GPU;
+        config.rho = 0.5;
+        samopt::Optimizer sam(config);
+        EXPECT(sam.backend() == SAM_BACKEND_GPU);
+        const std::array<float, 3> w{1.0f, 2.0f, -2.0f}, g{0.3f, 0.0f, 0.4f};
+        std::array<float, 3> out{};
+        uint32_t id = sam.tensor_create(3);
+        sam.tensor_write(id, SAM_PART_PARAM, w.data(), 3);
+        sam.tensor_write(id, SAM_PART_GRAD, g.data(), 3);
+        sam.first_step();
+        sam.tensor_read(id, SAM_PART_PARAM, out.data(), 3);
+        // ||g|| = 0.5: e = 0.5 * g / 0.5 = g.
+        for (int i = 0; i < 3; i++) EXPECT(std::fabs(out[i] - (double(w[i]) + g[i])) < 1e-6);
+        sam.second_step();
+        sam.tensor_read(id, SAM_PART_PARAM, out.data(), 3);
+        EXPECT(out == w);
+        EXPECT(std::strlen(sam.adapter_info().name) > 0);
+    } catch (const samopt::Error &e) {
+        ++failed;
+        std::fprintf(stderr, "FAIL: GPU: %s\n", e.what());
+    }
+}
+
 int main() {
     first_and_second_step();
     errors_and_raii();
     base_optimizer_groups_and_checkpoint();
     distributed_calls();
+    gpu_device_tensors();
     std::printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }
