@@ -176,6 +176,11 @@ fn host_vulkan_buffers_in_place() {
             | vk::BufferUsageFlags::TRANSFER_DST;
         let (pbuf, pmem, pptr) = make(storage);
         let (gbuf, gmem, gptr) = make(storage);
+        // Finding 14: a third tensor's parameter and gradient in one VkBuffer, as a framework's
+        // memory pool places them.
+        let (sbuf, smem, sptr) = make(storage);
+        const SHARED: usize = 512;
+        let shared_grad = (SHARED as u64 * 4).div_ceil(align) * align;
 
         // samopt on the host's device, an SGD with momentum; the CPU engine on copies, as reference.
         let ext_ptrs: Vec<*const i8> = names.clone();
@@ -269,9 +274,21 @@ fn host_vulkan_buffers_in_place() {
                 SamStatus::SAM_ERR_INVALID_ARGUMENT
             );
         }
+        // A range of a VkBuffer registered before, registered again: refused (two wgpu wrappers
+        // of one VkBuffer are not comparable, samopt checks the handles' ranges itself).
+        assert_eq!(
+            sam_register_vulkan(opt, pbuf.as_raw(), 0, gbuf.as_raw(), offsets[1], 16, SAM_DTYPE_F32, &mut id),
+            SamStatus::SAM_ERR_INVALID_ARGUMENT
+        );
+        assert!(common::last_error().contains("registered before"), "{}", common::last_error());
+        let w: Vec<f32> = (0..SHARED).map(|_| rng.sym(1.0) as f32).collect();
+        std::ptr::copy_nonoverlapping(w.as_ptr(), sptr, SHARED);
+        let s = sam_register_vulkan(opt, sbuf.as_raw(), 0, sbuf.as_raw(), shared_grad, SHARED, SAM_DTYPE_F32, &mut id);
+        assert_eq!(s, SamStatus::SAM_OK, "{}", common::last_error());
+        assert_eq!(cpu.add_tensor(&w).unwrap(), id);
         let mut count_now = 0;
         sam_tensor_count(opt, &mut count_now);
-        assert_eq!(count_now, 2);
+        assert_eq!(count_now, 3);
 
         for step in 0..4 {
             for pass in 0..2 {
@@ -281,6 +298,9 @@ fn host_vulkan_buffers_in_place() {
                     std::ptr::copy_nonoverlapping(g.as_ptr(), gptr.add(offsets[k] as usize / 4), n);
                     cpu.write_grad(k as u32, &g).unwrap();
                 }
+                let g: Vec<f32> = (0..SHARED).map(|i| ((i + 7 * step + 3 * pass) as f32 * 0.13).sin() * 0.2).collect();
+                std::ptr::copy_nonoverlapping(g.as_ptr(), sptr.add(shared_grad as usize / 4), SHARED);
+                cpu.write_grad(2, &g).unwrap();
                 if pass == 0 {
                     assert_eq!(sam_first_step(opt), SamStatus::SAM_OK, "{}", common::last_error());
                     cpu.first_step().unwrap();
@@ -300,6 +320,15 @@ fn host_vulkan_buffers_in_place() {
                         );
                     }
                 }
+                let got = std::slice::from_raw_parts(sptr, SHARED);
+                let mut want = vec![0f32; SHARED];
+                cpu.read_param(2, &mut want).unwrap();
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1e-2),
+                        "step {step} pass {pass} shared[{i}]: {a} vs {b}"
+                    );
+                }
             }
         }
         sam_destroy(opt);
@@ -308,7 +337,7 @@ fn host_vulkan_buffers_in_place() {
         *pptr = 42.0;
         assert_eq!(*pptr, 42.0);
         device.device_wait_idle().unwrap();
-        for (b, m) in [(pbuf, pmem), (gbuf, gmem)] {
+        for (b, m) in [(pbuf, pmem), (gbuf, gmem), (sbuf, smem)] {
             device.unmap_memory(m);
             device.destroy_buffer(b, None);
             device.free_memory(m, None);

@@ -276,3 +276,44 @@ fn every_variant_and_dtype_on_imported_buffers() {
     }
     eprintln!("every variant on imported buffers: at most {worst:.1} roundings from the CPU engine");
 }
+
+/// Finding 14: a parameter and its gradient at disjoint ranges of one buffer, as a framework's
+/// memory pool places them, run like separate buffers (before: registration succeeded and the
+/// first step failed with a wgpu validation error, the buffer bound read-only and read-write in
+/// one dispatch). Checked against float64: the perturbation and an SGD step.
+#[test]
+fn finding_14_param_and_grad_in_one_buffer() {
+    let Some(host) = host() else { return };
+    let align = host.device.limits().min_storage_buffer_offset_alignment as u64;
+    let (rho, lr) = (0.1, 0.5);
+    let config = Config { base: BaseOptimizer::Sgd, lr, rho, ..Config::default() };
+    let mut sam =
+        Optimizer::on_wgpu_device(host.device.clone(), host.queue.clone(), Some(host.info.clone()), config).unwrap();
+    const N: usize = 1000;
+    let grad_offset = (N as u64 * 4).div_ceil(align) * align;
+    let (pool, _) = param_and_grad_buffers(&host, grad_offset + N as u64 * 4);
+    let mut rng = Rng::new(14);
+    let w: Vec<f32> = (0..N).map(|_| rng.sym(1.0) as f32).collect();
+    let g: Vec<f32> = (0..N).map(|_| rng.sym(1.0) as f32).collect();
+    host.queue.write_buffer(&pool, 0, &bytes(&w));
+    host.queue.write_buffer(&pool, grad_offset, &bytes(&g));
+    sam.register_wgpu(&pool, 0, &pool, grad_offset, N, DType::F32).unwrap();
+    // Overlapping ranges of the one buffer are still refused.
+    assert!(sam.register_wgpu(&pool, 0, &pool, 64, 16, DType::F32).is_err());
+    sam.first_step().unwrap();
+    let norm = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let perturbed = read(&host, &pool, 0, N);
+    for i in 0..N {
+        let want = w[i] as f64 + rho * g[i] as f64 / norm;
+        assert!((perturbed[i] as f64 - want).abs() <= 1e-6, "perturbed {i}: {} vs {want}", perturbed[i]);
+    }
+    assert_eq!(read(&host, &pool, grad_offset, N), g, "the gradient was written");
+    let g2: Vec<f32> = g.iter().map(|x| x * 0.5 + 0.25).collect();
+    host.queue.write_buffer(&pool, grad_offset, &bytes(&g2));
+    sam.second_step().unwrap();
+    let stepped = read(&host, &pool, 0, N);
+    for i in 0..N {
+        let want = w[i] as f64 - lr * g2[i] as f64;
+        assert!((stepped[i] as f64 - want).abs() <= 1e-6, "stepped {i}: {} vs {want}", stepped[i]);
+    }
+}

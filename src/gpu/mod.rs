@@ -80,6 +80,10 @@ pub(crate) struct GpuEngine {
     window_uniforms: Vec<WindowUniform>,
     /// The wgpu instance and adapter around a host's Vulkan device, kept as long as the device.
     keep_alive: Option<(wgpu::Instance, wgpu::Adapter)>,
+    /// The host's `VkBuffer` ranges registered so far, `(handle, start, end)`: one `VkBuffer`
+    /// registered twice gets two wgpu wrappers, which wgpu cannot tell apart, so samopt checks
+    /// their overlaps itself.
+    vulkan_ranges: Vec<(u64, u64, u64)>,
     timing: Option<Timing>,
 }
 
@@ -132,7 +136,11 @@ impl GpuEngine {
                 label: Some("samopt window"),
                 entries: &[
                     storage(0, false),
-                    storage(1, true),
+                    // Read-write although the passes only read it: a framework's memory pool may
+                    // place a parameter and its gradient in one buffer, and wgpu refuses a buffer
+                    // bound read-only and read-write in one dispatch, but not read-write twice
+                    // (the ranges are disjoint, checked at registration).
+                    storage(1, false),
                     storage(2, false),
                     storage(3, false),
                     uniform(4),
@@ -189,6 +197,7 @@ impl GpuEngine {
             dummy,
             window_uniforms: Vec::new(),
             keep_alive: None,
+            vulkan_ranges: Vec::new(),
             module,
             layout,
             pipeline_layout,

@@ -225,13 +225,39 @@ impl GpuEngine {
                 )
             })
         };
-        let external = External {
-            param: wrap(param, param_offset, "param")?,
-            param_offset,
-            grad: wrap(grad, grad_offset, "grad")?,
-            grad_offset,
+        let external = if param == grad {
+            // One buffer holding both (a framework's memory pool): one wrapper, so that the
+            // engine sees one buffer and checks the two ranges against each other.
+            // The range that ends last bounds the wrapper (and is checked against the buffer).
+            let both = if param_offset >= grad_offset {
+                wrap(param, param_offset, "param")?
+            } else {
+                wrap(grad, grad_offset, "grad")?
+            };
+            External { param: both.clone(), param_offset, grad: both, grad_offset }
+        } else {
+            External {
+                param: wrap(param, param_offset, "param")?,
+                param_offset,
+                grad: wrap(grad, grad_offset, "grad")?,
+                grad_offset,
+            }
         };
-        self.add_external(external, len, dtype)
+        let ranges = [
+            (param, param_offset, param_offset.saturating_add(bytes)),
+            (grad, grad_offset, grad_offset.saturating_add(bytes)),
+        ];
+        for (name, &(handle, start, end)) in ["param", "grad"].iter().zip(&ranges) {
+            let earlier = self.vulkan_ranges.iter().any(|&(h, s, e)| h == handle && s < end && start < e);
+            if earlier {
+                return Err(Error::invalid(format!(
+                    "{name}: bytes {start}..{end} of VkBuffer {handle:#x} overlap a range registered before"
+                )));
+            }
+        }
+        self.add_external(external, len, dtype)?;
+        self.vulkan_ranges.extend(ranges);
+        Ok(())
     }
 }
 

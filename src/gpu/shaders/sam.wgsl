@@ -55,7 +55,9 @@ struct Step {
 }
 
 @group(0) @binding(0) var<storage, read_write> param: array<vec4<u32>>;
-@group(0) @binding(1) var<storage, read> grad: array<vec4<u32>>;
+// Only read; declared read_write so that a parameter and its gradient may share one buffer (see
+// the bind group layout in mod.rs).
+@group(0) @binding(1) var<storage, read_write> grad: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read_write> backup: array<vec4<u32>>;
 // Per workgroup of a reduction: (bits of the f32 scaled sum of squares q, bits of the partial dot
 // product (second reduction only), non-finite flag, the scale's exponent k as i32 bits); the sum
