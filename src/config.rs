@@ -85,8 +85,11 @@ impl BaseOptimizer {
 /// The most CPU worker threads an optimizer may ask for ([`Config::threads`]).
 pub const MAX_THREADS: usize = 1024;
 
-/// How SAM perturbs the weights and, optionally, how the base optimizer steps. See `SAM.md` for
-/// the formulas; the base optimizers' fields and defaults are PyTorch's.
+/// How SAM perturbs the weights and, optionally, how the base optimizer steps. The formulas are
+/// those of SAM (Foret et al. 2020, arXiv 2010.01412), ASAM (Kwon et al. 2021, arXiv 2102.11600)
+/// and GSAM (Zhuang et al. 2022, arXiv 2203.08065), written out in `src/math.rs`; the base
+/// optimizers' fields and defaults are those of PyTorch's `torch.optim.SGD` and
+/// `torch.optim.AdamW` documentation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// Radius of the neighbourhood, `rho > 0` (0.05; ASAM usually wants about 2.0).

@@ -1,5 +1,6 @@
 //! The built-in base optimizers fused with the restore, over 50-step trajectories, against an
-//! independent float64 implementation of PyTorch's SGD and AdamW (SAM.md's formulas) written here:
+//! independent float64 implementation of SGD and AdamW as PyTorch's documentation of
+//! `torch.optim.SGD` and `torch.optim.AdamW` writes them (and GSAM as arXiv 2203.08065), here:
 //! plain SGD, momentum with dampening, Nesterov, weight decay, AdamW with bias correction, groups
 //! with different decay and learning-rate scales, `set_lr` mid-run, clipping, GSAM; every dtype,
 //! on the CPU and (when an adapter exists) the GPU.

@@ -1,5 +1,6 @@
 //! Shared pieces of the integration tests: typed host buffers, a deterministic generator, and the
-//! float64 reference of SAM's first step, written here from SAM.md independently of the crate.
+//! float64 reference of SAM's first step (SAM, arXiv 2010.01412; ASAM, arXiv 2102.11600), written
+//! here independently of the crate.
 
 #![allow(dead_code)]
 

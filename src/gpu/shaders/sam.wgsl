@@ -383,7 +383,7 @@ fn direction(g2: f32, g1: f32) -> f32 {
     return step.a * g2 - step.b * g1;
 }
 
-// One element of the base update, in PyTorch's order, SGD's cases folded into coefficients (see
+// One element of the base update, in the order of src/math.rs, SGD's cases folded into coefficients (see
 // src/math.rs); m and v are its state.
 fn base_update(w_in: f32, d_in: f32, m: ptr<function, f32>, v: ptr<function, f32>) -> f32 {
     if (BASE == 2u) {
