@@ -423,6 +423,11 @@ fn run_info() -> Result<(), String> {
     }
     println!("backend AUTO picks: the CPU for host buffers (sam_register_host);");
     match adapters.first() {
+        Some(a) if a.device_type == "cpu" => println!(
+            "  the CPU for optimizer-allocated tensors too: [0] {} is a software rasterizer, slower than the CPU \
+             engine (name it in SAMOPT_ADAPTER to use it anyway)",
+            a.name
+        ),
         Some(a) => println!("  the GPU for optimizer-allocated tensors (sam_tensor_create), on [0] {}", a.name),
         None => println!("  the CPU for optimizer-allocated tensors too (no GPU adapter)"),
     }
