@@ -126,7 +126,8 @@ pub struct Optimizer {
     lr: f64,
     /// Per-tensor scalars of the update, reused every step.
     tensor_steps: Vec<TensorStep>,
-    /// The host's all-reduce of the squared gradient norm, for global-norm SAM across workers.
+    /// The host's all-reduce, for parameters sharded across workers: the first step's squared
+    /// norm and (with a base optimizer) the second step's reduction are summed with it.
     allreduce: Option<AllReduce>,
     /// The local squared norm from [`local_sq_norm`](Self::local_sq_norm), for the next
     /// [`first_step_with_norm`](Self::first_step_with_norm).

@@ -89,8 +89,7 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Global-norm SAM across workers whose parameters are sharded (ZeRO, FSDP, tensor parallel),
-    /// step 1 of 2: the local squared norm `sum (T_w g)^2` over this optimizer's tensors (one read
+    /// SAM across workers whose parameters are sharded (ZeRO, FSDP, tensor parallel), step 1 of 2: the local squared norm `sum (T_w g)^2` over this optimizer's tensors (one read
     /// of the gradients, nothing written). The host sums it over the workers with its own engine
     /// (MPI, NCCL, Gloo) and passes the square root to
     /// [`first_step_with_norm`](Self::first_step_with_norm). A NaN or infinity in a local gradient
@@ -101,7 +100,7 @@ impl Optimizer {
         Ok(v)
     }
 
-    /// Global-norm SAM across workers, step 2 of 2: the ascent with the given global norm
+    /// SAM across workers with sharded parameters, step 2 of 2: the ascent with the given norm
     /// (the square root of the all-reduced [`local_sq_norm`](Self::local_sq_norm)s). A NaN or
     /// infinite `global_norm` means a worker's gradient was not finite: [`ErrorKind::NonFinite`],
     /// nothing changed. A norm below this worker's own is refused as an invalid argument.
@@ -132,8 +131,10 @@ impl Optimizer {
 
     /// Installs the host's all-reduce for parameters sharded across workers: from then on
     /// [`first_step`](Self::first_step) sums the local squared gradient norm across the workers
-    /// with it and perturbs with the global norm (one number exchanged, no gradient copied).
-    /// `None` removes it. With replicated parameters, all-reduce the gradients before the first
+    /// with it and perturbs with the norm over all shards (one number exchanged, no gradient
+    /// copied); with a built-in base optimizer, [`second_step`](Self::second_step) sums the
+    /// second gradient's squared norm and GSAM's dot product too (two numbers), so clipping, GSAM
+    /// and skipping a non-finite step are decided the same on every worker. `None` removes it. With replicated parameters, all-reduce the gradients before the first
     /// step instead (exact SAM over the global batch, no exchange here); for per-worker SAM
     /// (m-sharpness) install none.
     ///
