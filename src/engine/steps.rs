@@ -89,10 +89,10 @@ impl Optimizer {
         Ok(())
     }
 
-    /// SAM across workers whose parameters are sharded (ZeRO, FSDP, tensor parallel), step 1 of 2: the local squared norm `sum (T_w g)^2` over this optimizer's tensors (one read
-    /// of the gradients, nothing written). The host sums it over the workers with its own engine
-    /// (MPI, NCCL, Gloo) and passes the square root to
-    /// [`first_step_with_norm`](Self::first_step_with_norm). A NaN or infinity in a local gradient
+    /// SAM across workers whose parameters are sharded (ZeRO, FSDP, tensor parallel), step 1 of 2:
+    /// the local squared norm `sum (T_w g)^2` over this optimizer's tensors (one read of the
+    /// gradients, nothing written). The host sums it over the workers with its own engine (MPI,
+    /// NCCL, Gloo) and passes the square root to [`first_step_with_norm`](Self::first_step_with_norm). A NaN or infinity in a local gradient
     /// returns [`ErrorKind::NonFinite`]; so that every worker learns it, the host then sums NaN.
     pub fn local_sq_norm(&mut self) -> Result<f64> {
         let v = self.checked_local_norm("compute the local norm")?;
