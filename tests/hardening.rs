@@ -43,28 +43,40 @@ fn finding_1_read_only_gradients_are_never_written() {
     const N: usize = 1000;
     let mut rng = Rng::new(1);
     let g: Vec<f32> = (0..N).map(|_| rng.sym(1.0) as f32).collect();
+    // The second shard's gradient at its perturbed point: the mean of the two differs from both.
+    let g_b: Vec<f32> = (0..N).map(|_| rng.sym(1.0) as f32).collect();
     let w0: Vec<f32> = (0..N).map(|_| rng.sym(1.0) as f32).collect();
     for base in [BaseOptimizer::Sgd, BaseOptimizer::AdamW] {
         let lr = 0.1;
         let mut opt = cpu(Config { base, lr, weight_decay: Some(0.0), ..Config::default() });
         let mut w = w0.clone();
-        // SAFETY: the vectors outlive `opt`; `g` is only read.
-        unsafe { opt.register_host(w.as_mut_ptr(), g.as_ptr(), N).unwrap() };
-        for _ in 0..2 {
+        let mut gbuf = g.clone();
+        let gp = gbuf.as_mut_ptr();
+        // SAFETY: the vectors outlive `opt`; samopt only reads the gradient, which the test (the
+        // host) writes between calls through the same pointer.
+        unsafe { opt.register_host(w.as_mut_ptr(), gp.cast_const(), N).unwrap() };
+        for second in [&g, &g_b] {
+            // SAFETY: between calls, through the registered pointer.
+            unsafe { std::ptr::copy_nonoverlapping(g.as_ptr(), gp, N) };
             opt.first_step().unwrap();
+            unsafe { std::ptr::copy_nonoverlapping(second.as_ptr(), gp, N) };
             opt.accumulate_step().unwrap();
         }
-        let before = bits(&g);
         assert_eq!(opt.second_step().unwrap(), SecondStep::Updated);
-        assert!(bits(&g) == before, "{base:?}: the read-only gradient buffer was written");
-        // Both shards' gradients are g, so the step used g: one SGD step, or AdamW's first step
-        // (m/(sqrt(v)+eps) = g/(|g|+eps): a step of lr in the sign of g).
+        // SAFETY: as above.
+        let now = unsafe { std::slice::from_raw_parts(gp, N) };
+        assert!(bits(now) == bits(&g_b), "{base:?}: the read-only gradient buffer was written");
+        // The step used the mean m = (g + g_b) / 2: one SGD step, or AdamW's first step
+        // (m/(sqrt(m^2)+eps): a step of lr in the sign of m).
         for i in 0..N {
+            let m = (g[i] as f64 + g_b[i] as f64) / 2.0;
             let want = match base {
-                BaseOptimizer::Sgd => w0[i] as f64 - lr * g[i] as f64,
-                _ => w0[i] as f64 - lr * (g[i] as f64 / ((g[i] as f64).abs() + 1e-8)),
+                BaseOptimizer::Sgd => w0[i] as f64 - lr * m,
+                _ => w0[i] as f64 - lr * (m / (m.abs() + 1e-8)),
             };
-            assert!((w[i] as f64 - want).abs() <= 1e-6, "{base:?}: w[{i}] = {} vs {want}", w[i]);
+            // AdamW near m = 0 divides rounding noise by |m|: compare where |m| is not tiny.
+            let tol = if base == BaseOptimizer::Sgd || m.abs() > 1e-3 { 1e-5 } else { 2.0 * lr };
+            assert!((w[i] as f64 - want).abs() <= tol, "{base:?}: w[{i}] = {} vs {want}", w[i]);
         }
     }
 
@@ -687,4 +699,27 @@ fn finding_15_versioned_structs() {
         let name = unsafe { CStr::from_ptr(info.0[offset_of!(SamAdapterInfo, name)..].as_ptr().cast()) };
         assert_eq!(name.to_str().unwrap(), samopt::gpu::adapters()[0].name);
     }
+}
+
+// ---- 13 ----
+
+/// The sources cite the papers and PyTorch's documentation for their formulas, not a design note
+/// that is not part of the repository (before: several files pointed to `SAM.md`).
+#[test]
+fn finding_13_sources_cite_what_a_reader_can_find() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut stack: Vec<std::path::PathBuf> =
+        ["src", "tests", "bindings", "examples", "include", "benches"].iter().map(|d| root.join(d)).collect();
+    let mut citing = Vec::new();
+    while let Some(path) = stack.pop() {
+        if path.is_dir() {
+            stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else if let Ok(text) = std::fs::read_to_string(&path) {
+            // This file names it only to look for it.
+            if path.file_name().is_some_and(|n| n != "hardening.rs") && text.contains(concat!("SAM", ".md")) {
+                citing.push(path.display().to_string());
+            }
+        }
+    }
+    assert!(citing.is_empty(), "cite the papers or PyTorch's documentation instead: {citing:?}");
 }
