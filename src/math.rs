@@ -13,7 +13,7 @@
 //! davda54/sam) writes it, `w + ((T_w^2 * g) * scale)` with `scale = rho / (n + eps)`; that the bits
 //! match PyTorch's is not claimed (PyTorch's kernels choose their own vectorisation): the LibTorch
 //! example checks that the two agree within 1e-5 relative over 60 steps (it prints the measured
-//! difference, about 6e-7).
+//! difference: 8.4e-7 when last measured, see the README).
 
 use crate::config::{Config, Norm};
 
