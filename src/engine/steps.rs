@@ -26,11 +26,10 @@ impl Optimizer {
         }
         let local = self.checked_local_norm("take a first step");
         let mut sum_sq = [*local.as_ref().unwrap_or(&f64::NAN)];
-        let allreduce = self.allreduce.as_mut().expect("checked above");
-        let exchanged = allreduce(&mut sum_sq);
+        let exchanged = self.exchange(&mut sum_sq);
         // This worker's own failure says more than the NaN it caused.
         let local = local?;
-        exchanged.map_err(|e| Error::new(ErrorKind::Callback, format!("the all-reduce failed: {e}")))?;
+        exchanged?;
         if !sum_sq[0].is_finite() {
             return Err(Error::new(
                 ErrorKind::NonFinite,
@@ -92,8 +91,9 @@ impl Optimizer {
     /// SAM across workers whose parameters are sharded (ZeRO, FSDP, tensor parallel), step 1 of 2:
     /// the local squared norm `sum (T_w g)^2` over this optimizer's tensors (one read of the
     /// gradients, nothing written). The host sums it over the workers with its own engine (MPI,
-    /// NCCL, Gloo) and passes the square root to [`first_step_with_norm`](Self::first_step_with_norm). A NaN or infinity in a local gradient
-    /// returns [`ErrorKind::NonFinite`]; so that every worker learns it, the host then sums NaN.
+    /// NCCL, Gloo) and passes the square root to [`first_step_with_norm`](Self::first_step_with_norm).
+    /// A NaN or infinity in a local gradient returns [`ErrorKind::NonFinite`]; so that every worker
+    /// learns it, the host then sums NaN.
     pub fn local_sq_norm(&mut self) -> Result<f64> {
         let v = self.checked_local_norm("compute the local norm")?;
         self.local_sum_sq = Some(v);
@@ -134,12 +134,12 @@ impl Optimizer {
     /// with it and perturbs with the norm over all shards (one number exchanged, no gradient
     /// copied); with a built-in base optimizer, [`second_step`](Self::second_step) sums the
     /// second gradient's squared norm and GSAM's dot product too (two numbers), so clipping, GSAM
-    /// and skipping a non-finite step are decided the same on every worker. `None` removes it. With replicated parameters, all-reduce the gradients before the first
-    /// step instead (exact SAM over the global batch, no exchange here); for per-worker SAM
-    /// (m-sharpness) install none.
+    /// and skipping a non-finite step are decided the same on every worker. `None` removes it.
+    /// With replicated parameters, all-reduce the gradients before the first step instead (exact
+    /// SAM over the global batch, no exchange here); for per-worker SAM (m-sharpness) install none.
     ///
-    /// The all-reduce runs inside `first_step`, which holds the optimizer: it must not call this
-    /// optimizer's methods (through the C ABI such a call is refused as re-entrant).
+    /// The all-reduce runs inside `first_step` and `second_step`, which hold the optimizer: it must
+    /// not call this optimizer's methods (through the C ABI such a call is refused as re-entrant).
     pub fn set_allreduce(&mut self, allreduce: Option<AllReduce>) {
         self.allreduce = allreduce;
     }
