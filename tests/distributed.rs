@@ -3,41 +3,11 @@
 
 mod common;
 
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Mutex};
 
-use common::Rng;
+use common::{Rng, ThreadAllReduce};
 use samopt::capi::*;
 use samopt::{Backend, BaseOptimizer, Config, ErrorKind, Optimizer, Phase};
-
-/// An all-reduce (sum) between `n` threads: a barrier and a shared slot.
-#[derive(Clone)]
-struct ThreadAllReduce {
-    barrier: Arc<Barrier>,
-    sum: Arc<Mutex<Vec<f64>>>,
-}
-
-impl ThreadAllReduce {
-    fn new(n: usize) -> Self {
-        ThreadAllReduce { barrier: Arc::new(Barrier::new(n)), sum: Arc::new(Mutex::new(Vec::new())) }
-    }
-    fn run(&self, values: &mut [f64]) {
-        {
-            let mut s = self.sum.lock().unwrap();
-            if s.len() != values.len() {
-                *s = vec![0.0; values.len()];
-            }
-            for (a, v) in s.iter_mut().zip(values.iter()) {
-                *a += v;
-            }
-        }
-        self.barrier.wait();
-        values.copy_from_slice(&self.sum.lock().unwrap());
-        if self.barrier.wait().is_leader() {
-            self.sum.lock().unwrap().clear();
-        }
-        self.barrier.wait();
-    }
-}
 
 /// Each worker holds its own shard of the parameters (different tensors); the norm over the
 /// union equals that of one optimizer holding every tensor, and each worker's perturbation is the

@@ -6,11 +6,11 @@ mod common;
 
 use std::ffi::{CStr, c_char, c_void};
 use std::mem::offset_of;
+use std::sync::Mutex;
 use std::sync::mpsc;
-use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
-use common::Rng;
+use common::{Rng, ThreadAllReduce};
 use samopt::capi::*;
 use samopt::engine::Fault;
 use samopt::{Backend, BaseOptimizer, Config, ErrorKind, Optimizer, Phase, SecondStep};
@@ -243,43 +243,6 @@ fn finding_3_callbacks_calling_back_do_not_deadlock() {
 }
 
 // ---- 4 ----
-
-/// An all-reduce (sum) between the threads of a test.
-#[derive(Clone)]
-struct ThreadAllReduce {
-    barrier: Arc<Barrier>,
-    sum: Arc<Mutex<Vec<f64>>>,
-}
-
-impl ThreadAllReduce {
-    fn new(n: usize) -> Self {
-        ThreadAllReduce { barrier: Arc::new(Barrier::new(n)), sum: Arc::new(Mutex::new(Vec::new())) }
-    }
-    fn install(&self, opt: &mut Optimizer) {
-        let me = self.clone();
-        opt.set_allreduce(Some(Box::new(move |v: &mut [f64]| {
-            me.run(v);
-            Ok(())
-        })));
-    }
-    fn run(&self, values: &mut [f64]) {
-        {
-            let mut s = self.sum.lock().unwrap();
-            if s.len() != values.len() {
-                *s = vec![0.0; values.len()];
-            }
-            for (a, v) in s.iter_mut().zip(values.iter()) {
-                *a += v;
-            }
-        }
-        self.barrier.wait();
-        values.copy_from_slice(&self.sum.lock().unwrap());
-        if self.barrier.wait().is_leader() {
-            self.sum.lock().unwrap().clear();
-        }
-        self.barrier.wait();
-    }
-}
 
 #[derive(Clone, Copy, Debug)]
 enum LocalFailure {

@@ -58,8 +58,11 @@ pub(super) unsafe fn write_adapter_info(out: *mut SamAdapterInfo, a: &crate::gpu
     copy_c_string(&mut info.backend, &a.backend);
     copy_c_string(&mut info.device_type, &a.device_type);
     copy_c_string(&mut info.driver, &a.driver);
-    // SAFETY: the caller's contract.
-    unsafe { write_versioned(out, "out", &[size_of::<SamAdapterInfo>()], info) }
+    // SAFETY: the caller's contract: `struct_size` first, and that many writable bytes.
+    unsafe {
+        let size = out.cast::<usize>().read_unaligned();
+        write_versioned(out, "out", size, "out->struct_size", &[size_of::<SamAdapterInfo>()], info)
+    }
 }
 
 /// Stores in `*out` how many GPU adapters wgpu finds (honouring `WGPU_BACKEND`). Creating the

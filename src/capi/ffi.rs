@@ -164,30 +164,37 @@ pub(crate) unsafe fn read_versioned<T: Copy>(
     Ok(unsafe { value.assume_init() })
 }
 
-/// Writes a caller's versioned output struct (`SamAdapterInfo`) of `struct_size` bytes: the
-/// first `struct_size` bytes of `value` for an older layout, all of `value` and zeros after it
-/// for a newer one. `value.struct_size` is set to the caller's size.
+/// Writes a caller's versioned struct (`SamAdapterInfo` out of a query, `SamConfig` out of
+/// `sam_config_init`) of `size` bytes, `size` being the caller's `sizeof`: the first `size` bytes
+/// of `value` for an older layout, all of `value` and zeros after it for a newer one. Sizes that
+/// are no released layout are refused, nothing written, with a message naming `size_name` (the
+/// argument that gave the size). `value`'s `struct_size` is written as `size`.
 ///
 /// # Safety
-/// A non-null `out` must be writable for `out->struct_size` bytes.
-pub(crate) unsafe fn write_versioned<T: Copy>(out: *mut T, name: &str, sizes: &[usize], value: T) -> Result<()> {
+/// A non-null `out` must be writable for `size` bytes.
+pub(crate) unsafe fn write_versioned<T: Copy>(
+    out: *mut T,
+    name: &str,
+    size: usize,
+    size_name: &str,
+    sizes: &[usize],
+    value: T,
+) -> Result<()> {
     non_null(out, name)?;
     let ours = size_of::<T>();
     let type_name = std::any::type_name::<T>().rsplit("::").next().unwrap_or("struct");
-    // SAFETY: every layout starts with `struct_size` (the caller's contract).
-    let size = unsafe { out.cast::<usize>().read_unaligned() };
     if size > MAX_STRUCT_SIZE || (size < ours && !sizes.contains(&size)) {
         return Err(Error::invalid(format!(
-            "{name}->struct_size = {size}: not the size of any released {type_name} layout ({sizes:?} bytes)"
+            "{size_name} = {size}: not the size of any released {type_name} layout ({sizes:?} bytes)"
         )));
     }
-    let value = std::mem::MaybeUninit::new(value);
-    // SAFETY: `size` writable bytes (the caller's contract); we copy at most `ours` of them from
-    // `value`, then zero the rest, and keep the caller's `struct_size` in place.
+    let mut value = std::mem::MaybeUninit::new(value);
+    // SAFETY: every layout starts with `struct_size`; `size` writable bytes (the caller's
+    // contract), at most `ours` of them from `value`, the rest zeroed.
     unsafe {
+        value.as_mut_ptr().cast::<usize>().write_unaligned(size);
         let dst = out.cast::<u8>();
-        let skip = size_of::<usize>();
-        std::ptr::copy_nonoverlapping(value.as_ptr().cast::<u8>().add(skip), dst.add(skip), size.min(ours) - skip);
+        std::ptr::copy_nonoverlapping(value.as_ptr().cast::<u8>(), dst, size.min(ours));
         if size > ours {
             std::ptr::write_bytes(dst.add(ours), 0, size - ours);
         }

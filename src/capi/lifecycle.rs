@@ -4,7 +4,7 @@ use std::ffi::{CStr, c_char, c_void};
 use std::mem::offset_of;
 use std::sync::Mutex;
 
-use super::ffi::{arg_ref, boundary, non_null, read_versioned, write_out};
+use super::ffi::{arg_ref, boundary, non_null, read_versioned, write_out, write_versioned};
 use super::logging;
 use super::types::{
     SAM_BACKEND_AUTO, SAM_BACKEND_CPU, SAM_BACKEND_GPU, SAM_BASE_ADAMW, SAM_BASE_NONE, SAM_BASE_SGD,
@@ -176,23 +176,8 @@ pub extern "C" fn sam_config_default() -> SamConfig {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sam_config_init(config: *mut SamConfig, size: usize) -> SamStatus {
     boundary("sam_config_init", || {
-        non_null(config, "config")?;
-        let ours = size_of::<SamConfig>();
-        if size > 1 << 16 || (size < ours && !CONFIG_SIZES.contains(&size)) {
-            return Err(Error::invalid(format!(
-                "size = {size}: not the size of any released SamConfig layout ({CONFIG_SIZES:?} bytes)"
-            )));
-        }
-        let defaults = std::mem::MaybeUninit::new(SamConfig { struct_size: size, ..sam_config_default() });
-        // SAFETY: `size` writable bytes (the caller's contract); at most `ours` come from the
-        // defaults, the rest are zeroed.
-        unsafe {
-            std::ptr::copy_nonoverlapping(defaults.as_ptr().cast::<u8>(), config.cast::<u8>(), size.min(ours));
-            if size > ours {
-                std::ptr::write_bytes(config.cast::<u8>().add(ours), 0, size - ours);
-            }
-        }
-        Ok(())
+        // SAFETY: the caller's contract.
+        unsafe { write_versioned(config, "config", size, "size", &CONFIG_SIZES, sam_config_default()) }
     })
 }
 

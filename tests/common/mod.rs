@@ -301,3 +301,46 @@ pub fn optimizer_or_skip(config: samopt::Config) -> Option<samopt::Optimizer> {
         Err(e) => panic!("creating the optimizer: {e}"),
     }
 }
+
+/// An all-reduce (sum) between the threads of a test, each playing a worker: a barrier and a
+/// shared slot.
+#[derive(Clone)]
+pub struct ThreadAllReduce {
+    barrier: std::sync::Arc<std::sync::Barrier>,
+    sum: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
+}
+
+impl ThreadAllReduce {
+    pub fn new(n: usize) -> Self {
+        ThreadAllReduce {
+            barrier: std::sync::Arc::new(std::sync::Barrier::new(n)),
+            sum: std::sync::Arc::new(std::sync::Mutex::new(Vec::new())),
+        }
+    }
+    /// Installs this all-reduce as `opt`'s.
+    pub fn install(&self, opt: &mut samopt::Optimizer) {
+        let me = self.clone();
+        opt.set_allreduce(Some(Box::new(move |v: &mut [f64]| {
+            me.run(v);
+            Ok(())
+        })));
+    }
+    /// Sums `values` over the `n` threads in place; every thread must call it.
+    pub fn run(&self, values: &mut [f64]) {
+        {
+            let mut s = self.sum.lock().unwrap();
+            if s.len() != values.len() {
+                *s = vec![0.0; values.len()];
+            }
+            for (a, v) in s.iter_mut().zip(values.iter()) {
+                *a += v;
+            }
+        }
+        self.barrier.wait();
+        values.copy_from_slice(&self.sum.lock().unwrap());
+        if self.barrier.wait().is_leader() {
+            self.sum.lock().unwrap().clear();
+        }
+        self.barrier.wait();
+    }
+}
