@@ -11,11 +11,12 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
 corpus=$(mktemp -d)
-trap 'rm -rf "$corpus"' EXIT
+# The log stays out of the corpus directory: libFuzzer reads every file there as an input.
+log=$(mktemp)
+trap 'rm -rf "$corpus" "$log"' EXIT
 cd fuzz
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build capi
-log="$corpus/fuzz.log"
 status=0
 cargo fuzz run capi "$corpus" corpus/capi -- -max_total_time="$seconds" -print_final_stats=1 > "$log" 2>&1 || status=$?
 if [ "$status" -ne 0 ]; then

@@ -65,6 +65,8 @@ bash scripts/mpi-example.sh 2
 
 # The C programs under valgrind's memcheck: zero errors, nothing definitely or indirectly lost.
 bash scripts/memcheck.sh
+# The CPU engine's and the C layer's Rust tests under AddressSanitizer and LeakSanitizer (~3 min).
+bash scripts/asan-test.sh
 
 # The C ABI fuzzed for a minute (random call sequences, NULLs, bad lengths, NaN, bad checkpoints).
 bash scripts/fuzz.sh "${SAMOPT_FUZZ_SECONDS:-60}"
