@@ -154,7 +154,8 @@ typedef struct {
     SamBackend backend;
     /**
      * Worker threads of the CPU engine, at most 1024. 0 (default) shares one process-wide pool
-     * with a worker per available core among all handles; a number gives this handle its own.
+     * with a worker per available core among all handles; a number gives this handle its own,
+     * whose threads `sam_destroy` joins.
      */
     uint32_t num_threads;
     /**

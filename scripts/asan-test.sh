@@ -31,7 +31,7 @@ export WGPU_BACKEND=noop VK_ICD_FILENAMES=/nonexistent.json VK_DRIVER_FILES=/non
 # SAM_ERR_OUT_OF_MEMORY) run here too.
 export ASAN_OPTIONS="detect_leaks=1:allocator_may_return_null=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 
-tests=(capi_errors cpu_step hardening checkpoint distributed threads)
+tests=(capi_errors cpu_step hardening checkpoint distributed threads pool)
 # Without the `cli` feature: the tests use the library only, and the command's dependencies would
 # only lengthen the build.
 args=(--release --locked --no-default-features --target "$target" --target-dir target/asan --no-fail-fast --lib)

@@ -561,46 +561,6 @@ fn finding_10_no_undefined_behaviour_at_the_boundary() {
     }
 }
 
-// ---- 12 ----
-
-fn process_threads() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap()
-}
-
-/// Handles share one CPU worker pool by default (before: each started a thread per core, so a
-/// fuzzer or a test suite creating many handles spent its time starting threads); `threads` is
-/// bounded.
-#[test]
-fn finding_12_handles_share_one_worker_pool() {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let before = process_threads();
-    let handles: Vec<Optimizer> = (0..32)
-        .map(|_| {
-            let mut opt = cpu(Config::default());
-            let id = opt.add_tensor(&[1.0f32; 8]).unwrap();
-            opt.write_grad(id, &[0.5f32; 8]).unwrap();
-            opt.first_step().unwrap();
-            opt
-        })
-        .collect();
-    let grown = process_threads().saturating_sub(before);
-    assert!(grown <= cores + 2, "32 handles started {grown} threads on {cores} cores");
-    drop(handles);
-    let e = Optimizer::new(Config { threads: 100_000, ..Config::default() }).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
-    assert!(e.message().contains("threads = 100000"), "{}", e.message());
-    // A handle with its own pool still works, and gives the same bits as the shared one.
-    let run = |threads: usize| {
-        let mut opt = cpu(Config { threads, ..Config::default() });
-        let id = opt.add_tensor(&vec![1.0f32; 300_000]).unwrap();
-        opt.write_grad(id, &(0..300_000).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>()).unwrap();
-        opt.first_step().unwrap();
-        bits(opt.param::<f32>(id).unwrap())
-    };
-    assert!(run(0) == run(3));
-}
-
 // ---- 15 ----
 
 /// `SamConfig` may grow: a larger `struct_size` whose unknown tail is zero is accepted, a set

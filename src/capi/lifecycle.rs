@@ -35,7 +35,8 @@ pub struct SamConfig {
     /// A `SAM_BACKEND_*` value. Default `SAM_BACKEND_AUTO`.
     pub backend: SamBackend,
     /// Worker threads of the CPU engine, at most 1024. 0 (default) shares one process-wide pool
-    /// with a worker per available core among all handles; a number gives this handle its own.
+    /// with a worker per available core among all handles; a number gives this handle its own,
+    /// whose threads `sam_destroy` joins.
     pub num_threads: u32,
     /// The GPU adapter: its index in the list `samopt info` prints, or a case-insensitive part of
     /// its name. NULL (default): the `SAMOPT_ADAPTER` environment variable, else the best adapter

@@ -94,7 +94,7 @@ struct Buffers {
 /// The CPU backend.
 pub(crate) struct CpuEngine {
     /// The process-wide pool, or this engine's own when `threads` is set.
-    pool: Arc<rayon::ThreadPool>,
+    pool: Workers,
     isa: Isa,
     slots: Vec<Slot>,
     /// Per slot: the buffers of an owned tensor (`None` for the host's own buffers).
@@ -134,32 +134,77 @@ pub(crate) struct CpuEngine {
     partials: Vec<f64>,
 }
 
-/// The worker pool for `threads` workers: 0 shares one process-wide pool with a worker per core
-/// (built at the first use), so that many handles (a fuzzer, a test suite, many small models)
-/// do not each start a thread per core; a number gives the handle a pool of its own.
-fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
-    static SHARED: Mutex<Option<Arc<rayon::ThreadPool>>> = Mutex::new(None);
-    let build = |n: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .thread_name(|i| format!("samopt-cpu-{i}"))
-            .build()
-            .map(Arc::new)
-            .map_err(|e| {
-                let n = if n == 0 { "one per core".to_owned() } else { n.to_string() };
-                Error::new(ErrorKind::OutOfMemory, format!("cannot start CPU worker threads ({n}): {e}"))
-            })
-    };
-    if threads != 0 {
-        return build(threads);
+/// An engine's worker pool: the process-wide one, or a pool of its own. Rayon lets a pool's
+/// workers run on after the pool is dropped; an own pool's threads are joined here when the
+/// engine is dropped, so that no samopt code still runs after `sam_destroy` returns (a host may
+/// unload the library then).
+struct Workers {
+    pool: Option<Arc<rayon::ThreadPool>>,
+    /// An own pool's threads, spawned by samopt so that it can join them.
+    threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+}
+
+impl Workers {
+    /// The pool for `threads` workers: 0 shares one process-wide pool with a worker per core
+    /// (built at the first use), so that many handles (a fuzzer, a test suite, many small models)
+    /// do not each start a thread per core; a number gives the handle a pool of its own.
+    fn new(threads: usize) -> Result<Workers> {
+        static SHARED: Mutex<Option<Arc<rayon::ThreadPool>>> = Mutex::new(None);
+        let fail = |n: &str, e: rayon::ThreadPoolBuildError| {
+            Error::new(ErrorKind::OutOfMemory, format!("cannot start CPU worker threads ({n}): {e}"))
+        };
+        let builder = || rayon::ThreadPoolBuilder::new().thread_name(|i| format!("samopt-cpu-{i}"));
+        let spawned = Arc::new(Mutex::new(Vec::new()));
+        if threads != 0 {
+            let handles = spawned.clone();
+            let pool = builder()
+                .num_threads(threads)
+                .spawn_handler(move |thread| {
+                    let mut b = std::thread::Builder::new();
+                    if let Some(name) = thread.name() {
+                        b = b.name(name.to_owned());
+                    }
+                    if let Some(size) = thread.stack_size() {
+                        b = b.stack_size(size);
+                    }
+                    let handle = b.spawn(|| thread.run())?;
+                    handles.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+                    Ok(())
+                })
+                .build()
+                .map_err(|e| fail(&threads.to_string(), e))?;
+            return Ok(Workers { pool: Some(Arc::new(pool)), threads: spawned });
+        }
+        let mut shared = SHARED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if shared.is_none() {
+            *shared = Some(Arc::new(builder().build().map_err(|e| fail("one per core", e))?));
+        }
+        Ok(Workers { pool: shared.clone(), threads: spawned })
     }
-    let mut shared = SHARED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(pool) = shared.as_ref() {
-        return Ok(pool.clone());
+
+    fn pool(&self) -> &rayon::ThreadPool {
+        self.pool.as_ref().expect("the pool lives as long as the engine")
     }
-    let pool = build(0)?;
-    *shared = Some(pool.clone());
-    Ok(pool)
+
+    /// Runs `f` in the pool, as `rayon::ThreadPool::install`.
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool().install(f)
+    }
+
+    fn current_num_threads(&self) -> usize {
+        self.pool().current_num_threads()
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        // Dropping an own pool (its only reference) tells its workers to finish; they have no
+        // work left, so each returns and its thread ends.
+        drop(self.pool.take());
+        for handle in self.threads.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = handle.join();
+        }
+    }
 }
 
 impl CpuEngine {
@@ -172,7 +217,7 @@ impl CpuEngine {
             BaseOptimizer::AdamW => 2,
         };
         Ok(CpuEngine {
-            pool: pool(config.threads)?,
+            pool: Workers::new(config.threads)?,
             isa: Isa::detect(),
             slots: Vec::new(),
             owned: Vec::new(),
