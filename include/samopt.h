@@ -422,7 +422,11 @@ extern "C" {
 
 /**
  * The default configuration: rho 0.05, eps 1e-12, no ASAM (eta 0), p = 2, backend AUTO, all
- * cores, and `struct_size = sizeof(SamConfig)`.
+ * cores (the shared pool), and `struct_size = sizeof(SamConfig)`.
+ *
+ * Returned by value, so it always has the layout of the ABI-1 `SamConfig` (the first released
+ * one): a program built against that header reserved exactly that much. When `SamConfig` grows,
+ * this function keeps returning that layout; `sam_config_init` fills any caller's layout.
  */
 SamConfig sam_config_default(void);
 

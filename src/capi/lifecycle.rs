@@ -134,7 +134,11 @@ pub(super) unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
 }
 
 /// The default configuration: rho 0.05, eps 1e-12, no ASAM (eta 0), p = 2, backend AUTO, all
-/// cores, and `struct_size = sizeof(SamConfig)`.
+/// cores (the shared pool), and `struct_size = sizeof(SamConfig)`.
+///
+/// Returned by value, so it always has the layout of the ABI-1 `SamConfig` (the first released
+/// one): a program built against that header reserved exactly that much. When `SamConfig` grows,
+/// this function keeps returning that layout; `sam_config_init` fills any caller's layout.
 #[unsafe(no_mangle)]
 pub extern "C" fn sam_config_default() -> SamConfig {
     let d = Config::default();
