@@ -255,19 +255,8 @@ pub unsafe extern "C" fn sam_register_host(
     dtype: SamDType,
     out_id: *mut u32,
 ) -> SamStatus {
-    boundary("sam_register_host", || {
-        // SAFETY: the caller's contract.
-        let opt = unsafe { arg_ref(opt, "opt") }?;
-        non_null(param, "param")?;
-        non_null(grad, "grad")?;
-        non_null(out_id, "out_id")?;
-        let dtype = dtype_from_c(dtype)?;
-        let mut inner = opt.lock()?;
-        // SAFETY: the host's promise about the buffers, passed on.
-        let id = unsafe { inner.register_host_raw(param.cast(), grad.cast(), len, dtype) }?;
-        // SAFETY: checked non-null above.
-        unsafe { write_out(out_id, "out_id", id) }
-    })
+    // SAFETY: the caller's contract, passed on; flags 0: `grad` is only read.
+    boundary("sam_register_host", || unsafe { register_host(opt, param, grad.cast_mut(), len, dtype, 0, out_id) })
 }
 
 /// `sam_register_host` with `flags`: `SAM_REGISTER_GRAD_WRITABLE` lets samopt write the gradient
@@ -290,29 +279,44 @@ pub unsafe extern "C" fn sam_register_host_ex(
     flags: SamRegisterFlags,
     out_id: *mut u32,
 ) -> SamStatus {
-    boundary("sam_register_host_ex", || {
-        // SAFETY: the caller's contract.
-        let opt = unsafe { arg_ref(opt, "opt") }?;
-        non_null(param, "param")?;
-        non_null(grad, "grad")?;
-        non_null(out_id, "out_id")?;
-        let dtype = dtype_from_c(dtype)?;
-        if flags & !SAM_REGISTER_GRAD_WRITABLE != 0 {
-            return Err(Error::invalid(format!(
-                "flags = {flags:#x}: unknown bits {:#x} (known: SAM_REGISTER_GRAD_WRITABLE = 1)",
-                flags & !SAM_REGISTER_GRAD_WRITABLE
-            )));
+    // SAFETY: the caller's contract, passed on.
+    boundary("sam_register_host_ex", || unsafe { register_host(opt, param, grad, len, dtype, flags, out_id) })
+}
+
+/// The body of `sam_register_host` and `sam_register_host_ex`.
+///
+/// # Safety
+/// As `sam_register_host_ex`; `grad` is written only with `SAM_REGISTER_GRAD_WRITABLE`.
+unsafe fn register_host(
+    opt: *mut SamOptimizer,
+    param: *mut c_void,
+    grad: *mut c_void,
+    len: usize,
+    dtype: SamDType,
+    flags: SamRegisterFlags,
+    out_id: *mut u32,
+) -> Result<()> {
+    // SAFETY: the caller's contract.
+    let opt = unsafe { arg_ref(opt, "opt") }?;
+    non_null(param, "param")?;
+    non_null(grad, "grad")?;
+    non_null(out_id, "out_id")?;
+    let dtype = dtype_from_c(dtype)?;
+    if flags & !SAM_REGISTER_GRAD_WRITABLE != 0 {
+        return Err(Error::invalid(format!(
+            "flags = {flags:#x}: unknown bits {:#x} (known: SAM_REGISTER_GRAD_WRITABLE = 1)",
+            flags & !SAM_REGISTER_GRAD_WRITABLE
+        )));
+    }
+    let mut inner = opt.lock()?;
+    // SAFETY: the host's promise about the buffers, passed on.
+    let id = unsafe {
+        if flags & SAM_REGISTER_GRAD_WRITABLE != 0 {
+            inner.register_host_writable_raw(param.cast(), grad.cast(), len, dtype)
+        } else {
+            inner.register_host_raw(param.cast(), grad.cast(), len, dtype)
         }
-        let mut inner = opt.lock()?;
-        // SAFETY: the host's promise about the buffers, passed on.
-        let id = unsafe {
-            if flags & SAM_REGISTER_GRAD_WRITABLE != 0 {
-                inner.register_host_writable_raw(param.cast(), grad.cast(), len, dtype)
-            } else {
-                inner.register_host_raw(param.cast(), grad.cast(), len, dtype)
-            }
-        }?;
-        // SAFETY: checked non-null above.
-        unsafe { write_out(out_id, "out_id", id) }
-    })
+    }?;
+    // SAFETY: checked non-null above.
+    unsafe { write_out(out_id, "out_id", id) }
 }
