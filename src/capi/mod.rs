@@ -3,7 +3,7 @@
 //! This layer only translates and checks: every function runs inside one panic boundary, turns
 //! pointers into references through helpers that name the argument when it is NULL, reads enums as
 //! plain integers so that an out-of-range value is an error rather than undefined behaviour, and
-//! hands the work to [`Optimizer`]. A failing call returns a negative [`SamStatus`], sets this
+//! hands the work to [`Optimizer`](crate::Optimizer). A failing call returns a negative [`SamStatus`], sets this
 //! thread's [`sam_last_error`] message and changes nothing.
 //!
 //! A handle may be used from any thread; calls on one handle are serialised by a lock.

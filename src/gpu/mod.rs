@@ -23,7 +23,7 @@
 //!
 //! Files: `adapter` (discovery and choice), `context` (device, error scopes, mapped reads), `arena`
 //! (registration, packing), `pipelines` (entry points, uniforms, windows and bind groups),
-//! `passes` (the [`Passes`](crate::backend::Passes) implementation), `staging` (host buffers),
+//! `passes` (the engine's `Passes` implementation), `staging` (host buffers),
 //! `timing` (timestamp queries), `vulkan` (the host's own Vulkan device).
 
 use crate::config::{BaseOptimizer, Config, Norm};
