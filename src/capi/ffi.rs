@@ -98,6 +98,27 @@ pub(crate) fn non_null<T>(ptr: *const T, name: &str) -> Result<()> {
 /// No versioned struct will grow past this many bytes; a larger `struct_size` is garbage.
 const MAX_STRUCT_SIZE: usize = 1 << 16;
 
+/// The name a message gives a versioned struct type: `SamConfig`, not its module path.
+fn struct_name<T>() -> &'static str {
+    std::any::type_name::<T>().rsplit("::").next().unwrap_or("struct")
+}
+
+/// Refuses a `size` (named `size_name`) that no caller's `T` can have: past [`MAX_STRUCT_SIZE`],
+/// or smaller than this library's `T` without being a released layout (`sizes`). A larger size is
+/// a newer layout, left to the caller to handle.
+fn check_layout_size<T>(size: usize, size_name: &str, sizes: &[usize]) -> Result<()> {
+    let type_name = struct_name::<T>();
+    if size > MAX_STRUCT_SIZE {
+        return Err(Error::invalid(format!("{size_name} = {size}: larger than any {type_name} can grow")));
+    }
+    if size < size_of::<T>() && !sizes.contains(&size) {
+        return Err(Error::invalid(format!(
+            "{size_name} = {size}: not the size of any released {type_name} layout ({sizes:?} bytes)"
+        )));
+    }
+    Ok(())
+}
+
 /// Reads a caller's versioned input struct (`SamConfig`, `SamVulkanDevice`), whose first field is
 /// `struct_size`, the way Linux's `copy_struct_from_user` reads one:
 ///
@@ -122,12 +143,9 @@ pub(crate) unsafe fn read_versioned<T: Copy>(
 ) -> Result<T> {
     non_null(ptr, name)?;
     let ours = size_of::<T>();
-    let type_name = std::any::type_name::<T>().rsplit("::").next().unwrap_or("struct");
     // SAFETY: every layout starts with `struct_size` (the caller's contract).
     let size = unsafe { ptr.cast::<usize>().read_unaligned() };
-    if size > MAX_STRUCT_SIZE {
-        return Err(Error::invalid(format!("{name}->struct_size = {size}: larger than any {type_name} can grow")));
-    }
+    check_layout_size::<T>(size, &format!("{name}->struct_size"), sizes)?;
     if size > ours {
         // SAFETY: `size` bytes are readable (the caller's contract).
         let tail = unsafe { std::slice::from_raw_parts(ptr.cast::<u8>().add(ours), size - ours) };
@@ -135,17 +153,14 @@ pub(crate) unsafe fn read_versioned<T: Copy>(
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
-                    "{name}->struct_size = {size}: this library (samopt {}) knows {type_name} of {ours} bytes, and \
-                     byte {} of the newer fields is set: a newer samopt is needed for it",
+                    "{name}->struct_size = {size}: this library (samopt {}) knows {} of {ours} bytes, and byte {} \
+                     of the newer fields is set: a newer samopt is needed for it",
                     crate::VERSION,
+                    struct_name::<T>(),
                     ours + k
                 ),
             ));
         }
-    } else if !sizes.contains(&size) {
-        return Err(Error::invalid(format!(
-            "{name}->struct_size = {size}: not the size of any released {type_name} layout ({sizes:?} bytes)"
-        )));
     }
     let known = size.min(ours);
     let mut value = std::mem::MaybeUninit::new(default);
@@ -182,12 +197,7 @@ pub(crate) unsafe fn write_versioned<T: Copy>(
 ) -> Result<()> {
     non_null(out, name)?;
     let ours = size_of::<T>();
-    let type_name = std::any::type_name::<T>().rsplit("::").next().unwrap_or("struct");
-    if size > MAX_STRUCT_SIZE || (size < ours && !sizes.contains(&size)) {
-        return Err(Error::invalid(format!(
-            "{size_name} = {size}: not the size of any released {type_name} layout ({sizes:?} bytes)"
-        )));
-    }
+    check_layout_size::<T>(size, size_name, sizes)?;
     let mut value = std::mem::MaybeUninit::new(value);
     // SAFETY: every layout starts with `struct_size`; `size` writable bytes (the caller's
     // contract), at most `ours` of them from `value`, the rest zeroed.

@@ -145,8 +145,6 @@ pub struct Optimizer {
 pub enum Fault {
     /// The norm pass of a first step.
     Norm,
-    /// The perturbation pass.
-    Perturb,
     /// The second step's reduction of the second gradient.
     Reduce,
     /// The second step's fused restore + update.

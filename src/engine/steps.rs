@@ -79,7 +79,6 @@ impl Optimizer {
     }
 
     pub(super) fn perturb_with(&mut self, norm: f64) -> Result<()> {
-        self.take_fault(Fault::Perturb)?;
         let (config, passes) = (&self.config, self.passes.as_mut().expect("a norm pass ran"));
         passes.perturb(&Perturbation::new(config, norm))?;
         self.last_norm = Some(norm);
