@@ -52,6 +52,13 @@ enum SamStatus
      */
     SAM_STEP_SKIPPED = 1,
     /**
+     * Not an error: the step schedule made this a single-gradient step (`sam_first_step`). The
+     * weights were not moved: skip the second forward/backward and call `sam_second_step` now,
+     * which applies the base update with the gradient already in the buffers (and, under
+     * LookSAM, the reused direction). Never returned with `SAM_SCHEDULE_EVERY`.
+     */
+    SAM_STEP_SINGLE_GRADIENT = 2,
+    /**
      * A required pointer argument was NULL.
      */
     SAM_ERR_NULL_POINTER = -1,
@@ -119,8 +126,14 @@ typedef uint32_t SamBackend;
 typedef uint32_t SamBase;
 
 /**
- * Configuration of an optimizer. Always start from `sam_config_default()`, which also sets
- * `struct_size`, then change the fields you need.
+ * Which steps are SAM steps and which take a single gradient: one of the `SAM_SCHEDULE_*` values
+ * (`t` counts the steps from 0; each value cites its paper).
+ */
+typedef uint32_t SamSchedule;
+
+/**
+ * Configuration of an optimizer. Always start from `sam_config_default()` (or
+ * `sam_config_init`), which also sets `struct_size`, then change the fields you need.
  */
 typedef struct {
     /**
@@ -215,6 +228,46 @@ typedef struct {
      * SAM. Needs a built-in base optimizer.
      */
     double gsam_alpha;
+    /**
+     * A `SAM_SCHEDULE_*` value: which steps are SAM steps and which single-gradient steps
+     * (`sam_first_step` returns `SAM_STEP_SINGLE_GRADIENT` for those). Default
+     * `SAM_SCHEDULE_EVERY`.
+     */
+    SamSchedule schedule;
+    /**
+     * The period `k >= 1` of `SAM_SCHEDULE_INTERVAL` and `SAM_SCHEDULE_LOOKSAM` (10).
+     */
+    uint64_t schedule_k;
+    /**
+     * The probability of a SAM step under `SAM_SCHEDULE_RANDOM`, in [0, 1] (0.5).
+     */
+    double schedule_p;
+    /**
+     * The seed of `SAM_SCHEDULE_RANDOM`'s generator (0). The same seed on every worker gives the
+     * same decisions everywhere.
+     */
+    uint64_t schedule_seed;
+    /**
+     * LookSAM's weight of the reused direction, finite and >= 0 (0.7, the paper's).
+     */
+    double looksam_alpha;
+    /**
+     * AE-SAM's forgetting rate of the moving averages, in [0, 1) (0.9, the paper's).
+     */
+    double aesam_delta;
+    /**
+     * AE-SAM's threshold coefficient at step 0 (-1.0).
+     */
+    double aesam_lambda1;
+    /**
+     * AE-SAM's threshold coefficient from step `aesam_planned_steps` on (1.0).
+     */
+    double aesam_lambda2;
+    /**
+     * The steps over which AE-SAM's coefficient moves, usually the planned length of training;
+     * required (>= 1) under `SAM_SCHEDULE_AESAM`. Default 0.
+     */
+    uint64_t aesam_planned_steps;
 } SamConfig;
 
 /**
@@ -411,8 +464,43 @@ typedef void (*SamLogCallback)(SamLogLevel level, const char *message, void *use
 #define SAM_PART_GRAD 1
 
 /**
- * samopt may write the gradient buffer (the only such write: the mean gradient of per-shard SAM
- * without a built-in base optimizer). Without it, registered gradients are only read.
+ * Every step is a SAM step (the default: plain SAM).
+ */
+#define SAM_SCHEDULE_EVERY 0
+
+/**
+ * SAM when `t mod schedule_k == 0`, else a single-gradient step with the plain gradient
+ * (MosaicML Composer's `SAMAlgorithm(interval=k)`).
+ */
+#define SAM_SCHEDULE_INTERVAL 1
+
+/**
+ * SAM with probability `schedule_p`, a Bernoulli trial per step from a SplitMix64 generator
+ * seeded with `schedule_seed` (RST / SS-SAM, Zhao et al. 2022, arXiv 2203.09962); else the
+ * plain gradient.
+ */
+#define SAM_SCHEDULE_RANDOM 2
+
+/**
+ * LookSAM (Liu et al. 2022, arXiv 2203.02714): SAM when `t mod schedule_k == 0`, keeping the
+ * part `g_v` of the perturbed gradient orthogonal to the gradient (one f32 buffer per
+ * parameter); other steps use `g + looksam_alpha (||g|| / ||g_v||) g_v`. Not with ASAM or GSAM. Without a built-in base
+ * optimizer, every gradient must be registered writable (`SAM_REGISTER_GRAD_WRITABLE`): the
+ * single-gradient step leaves that direction in the gradient buffers for the host's optimizer.
+ */
+#define SAM_SCHEDULE_LOOKSAM 3
+
+/**
+ * AE-SAM (Jiang et al. 2023, arXiv 2304.14647): SAM when `||g||^2 >= mu + c_t sqrt(s)` (moving mean `mu` and variance `s` of
+ * `||g||^2` with forgetting rate `aesam_delta`, `c_t` linear from `aesam_lambda1` to
+ * `aesam_lambda2` over `aesam_planned_steps`), else the plain gradient.
+ */
+#define SAM_SCHEDULE_AESAM 4
+
+/**
+ * samopt may write the gradient buffer. It does so in two cases only, both without a built-in
+ * base optimizer: the mean gradient of per-shard SAM, and LookSAM's direction on its
+ * single-gradient steps. Without the flag, registered gradients are only read.
  */
 #define SAM_REGISTER_GRAD_WRITABLE 1
 
@@ -421,18 +509,8 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * The default configuration: rho 0.05, eps 1e-12, no ASAM (eta 0), p = 2, backend AUTO, all
- * cores (the shared pool), and `struct_size = sizeof(SamConfig)`.
- *
- * Returned by value, so it always has the layout of the ABI-1 `SamConfig` (the first released
- * one): a program built against that header reserved exactly that much. When `SamConfig` grows,
- * this function keeps returning that layout; `sam_config_init` fills any caller's layout.
- */
-SamConfig sam_config_default(void);
-
-/**
- * Fills `*config` with the default configuration (as `sam_config_default`) for a caller whose
- * `SamConfig` has `size` bytes: pass `sizeof(SamConfig)`. This is the form that keeps working
+ * Fills `*config` with the default configuration for a caller whose `SamConfig` has `size`
+ * bytes: pass `sizeof(SamConfig)` (the header's inline `sam_config_default()` does). This is the form that keeps working
  * when `SamConfig` grows: a program built against an older header gets exactly its own layout
  * (never more bytes than it reserved), one built against a newer header gets this library's
  * defaults and zeros in the fields this library does not know (which `sam_create` accepts).
@@ -444,7 +522,8 @@ SamConfig sam_config_default(void);
  * # Safety
  * `config` must be NULL or writable for `size` bytes.
  */
-SamStatus sam_config_init(SamConfig *config, size_t size);
+SamStatus sam_config_init(SamConfig *config,
+                          size_t size);
 
 /**
  * Creates an optimizer from `config` and stores its handle in `*out`.
@@ -518,9 +597,19 @@ SamStatus sam_register_host_ex(SamOptimizer *opt,
  * The ascent (first) step: computes one L2 norm over the gradients of every registered tensor,
  * then moves every parameter to `w + e(w)` and keeps `w` for the restore.
  *
- * Returns `SAM_ERR_NON_FINITE`, with no parameter touched, when any gradient (under ASAM, any
- * weight) holds NaN or infinity; `SAM_ERR_INVALID_STATE` when called twice without a second step
- * in between, or with no tensor registered.
+ * Returns `SAM_OK` for a SAM step (compute the gradient at the perturbed weights next), or, when
+ * the config's `schedule` makes this a single-gradient step, `SAM_STEP_SINGLE_GRADIENT`
+ * (positive, not an error): the weights were not moved; skip the second forward/backward and
+ * call `sam_second_step` now. One loop serves every schedule:
+ *
+ * ```c
+ * if (sam_first_step(opt) == SAM_OK) { forward_backward(); }   // the second gradient
+ * sam_second_step(opt);                                        // restore + update, or update
+ * ```
+ *
+ * Returns `SAM_ERR_NON_FINITE`, with no parameter touched and no decision taken, when any
+ * gradient (under ASAM, any weight) holds NaN or infinity; `SAM_ERR_INVALID_STATE` when called
+ * twice without a second step in between, or with no tensor registered.
  *
  * # Safety
  * `opt` must be NULL or a live handle whose registered buffers are valid.
@@ -533,6 +622,11 @@ SamStatus sam_first_step(SamOptimizer *opt);
  * `w + e(w)`; with `SAM_BASE_SGD` or `SAM_BASE_ADAMW` the restore and the base update run as one
  * pass (after one reduction over the second gradient: its norm for `max_grad_norm`, its dot
  * product with the first gradient for GSAM, and a finiteness check).
+ *
+ * After a single-gradient first step (`SAM_STEP_SINGLE_GRADIENT`) nothing is restored: the
+ * built-in base optimizer steps with the gradient in the buffers (LookSAM: plus its reused
+ * direction); with `SAM_BASE_NONE` the host's optimizer does (LookSAM leaves its direction in the
+ * writable gradient buffers).
  *
  * Returns `SAM_OK`; `SAM_STEP_SKIPPED` (positive, not an error) when a built-in base optimizer
  * finds NaN or infinity in the second gradient: weights restored, no update, state untouched;
@@ -608,6 +702,11 @@ SamStatus sam_grad_sq_norm_local(SamOptimizer *opt, double *out);
  * is reused, so the gradients are read once; without it (or after a registration since), this
  * call runs the local norm pass itself.
  *
+ * Returns `SAM_OK` or, as `sam_first_step`, `SAM_STEP_SINGLE_GRADIENT` when the schedule
+ * decides (from `global_norm`, so alike on every worker) on a single-gradient step.
+ * `SAM_SCHEDULE_LOOKSAM` is refused here (`SAM_ERR_UNSUPPORTED`): it needs global sums this
+ * call does not exchange; install `sam_set_allreduce` and call `sam_first_step` instead.
+ *
  * # Safety
  * `opt` must be NULL or a live handle whose registered buffers are valid.
  */
@@ -666,6 +765,36 @@ SamStatus sam_set_lr(SamOptimizer *opt, double lr);
  * `opt` must be NULL or a live handle; `out` NULL or writable.
  */
 SamStatus sam_get_lr(const SamOptimizer *opt, double *out);
+
+/**
+ * Sets rho from the next first step on: the hook for a rho schedule (GSAM ties rho to the
+ * learning rate), called between steps. `rho` must be finite and > 0. Checkpoints carry it.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle.
+ */
+SamStatus sam_set_rho(SamOptimizer *opt, double rho);
+
+/**
+ * Stores the current rho in `*out`.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_get_rho(const SamOptimizer *opt, double *out);
+
+/**
+ * Stores the completed steps of each kind, for logging: SAM steps (two gradients) in
+ * `*out_sam_steps` and single-gradient steps in `*out_single_steps`. Their sum is
+ * `sam_step_count`; gradient evaluations so far are `2 * sam + single`. Either pointer may be
+ * NULL to skip it.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; each out pointer NULL or writable.
+ */
+SamStatus sam_schedule_counts(const SamOptimizer *opt,
+                              uint64_t *out_sam_steps,
+                              uint64_t *out_single_steps);
 
 /**
  * Adds a parameter group, as PyTorch's `param_groups`, and stores its id in `*out_group`: its
@@ -956,3 +1085,24 @@ uint32_t sam_abi_version(void);
 #endif  // __cplusplus
 
 #endif  /* SAMOPT_H */
+
+/* After the include guard's #endif (cbindgen writes the trailer there): guarded on its own. */
+#ifndef SAMOPT_H_CONFIG_DEFAULT
+#define SAMOPT_H_CONFIG_DEFAULT
+
+/**
+ * The default configuration in this header's `SamConfig` layout, with `struct_size` set:
+ * rho 0.05, eps 1e-12, no ASAM, p = 2, backend AUTO, all cores, no base optimizer, every step a
+ * SAM step. Start every configuration here: `SamConfig config = sam_config_default();`.
+ *
+ * Inline, so it fills exactly the layout this program was compiled with (through
+ * `sam_config_init`, which cannot fail for `sizeof(SamConfig)`); the library's exported symbol of
+ * the same name keeps returning the first released layout, for programs built against that
+ * header. Bindings that call the library directly use `sam_config_init`.
+ */
+static inline SamConfig sam_config_default(void) {
+    SamConfig config;
+    sam_config_init(&config, sizeof config);
+    return config;
+}
+#endif  /* SAMOPT_H_CONFIG_DEFAULT */

@@ -135,6 +135,20 @@ pub(crate) trait Passes: Send {
     /// `tensors[k]` holds tensor k's scalars.
     fn update(&mut self, step: &UpdateStep, tensors: &[TensorStep]) -> Result<()>;
 
+    /// LookSAM on a SAM step, after `second_reduce(true)`: `g_v <- g' - c * g` (f32) from the
+    /// second gradient and the first one the perturbation kept, into each tensor's `g_v` state;
+    /// returns this backend's `||g_v||^2`. Reads only; writes only `g_v`.
+    fn look_store(&mut self, c: f32) -> Result<f64>;
+
+    /// A single-gradient step's base update: `w` read in place (the first step did not move it),
+    /// the direction `a * g - b * g_v` (`step.b` is minus LookSAM's reuse coefficient; `g_v` read
+    /// only when `with_gv`), the state updated in place.
+    fn update_single(&mut self, step: &UpdateStep, tensors: &[TensorStep], with_gv: bool) -> Result<()>;
+
+    /// LookSAM without a built-in base optimizer, on a single-gradient step: `g <- g + c * g_v` in
+    /// every gradient buffer (the engine checked that the host registered them writable).
+    fn look_direction(&mut self, c: f32) -> Result<()>;
+
     /// Per-shard SAM: writes back the bits saved by the last `perturb` and adds the (second)
     /// gradient into an f32 accumulator, which `first` starts from zero.
     fn accumulate(&mut self, first: bool) -> Result<()>;
@@ -146,7 +160,7 @@ pub(crate) trait Passes: Send {
     fn write_mean(&mut self, scale: f32, into_grads: bool) -> Result<()>;
 
     /// Copies the base optimizer's state into `out`, tensor by tensor (the momentum buffer or
-    /// Adam's first moment, then the second moment), `len` f32 each.
+    /// Adam's first moment, then the second moment, then LookSAM's `g_v`), `len` f32 each.
     fn export_state(&mut self, out: &mut [f32]) -> Result<()>;
 
     /// Replaces the base optimizer's state with `data`, laid out as [`Passes::export_state`].

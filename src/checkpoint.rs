@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! 0   magic "SAMOPTCK"
-//! 8   u32 version (1)
+//! 8   u32 version (2; version 1 files, written before step schedules, are read too)
 //! 12  u32 reserved (0)
 //! 16  u64 fingerprint of the configuration (every field that shapes the state or the update;
 //!     not the backend, threads or adapter, so a CPU checkpoint resumes on the GPU and back)
@@ -13,9 +13,12 @@
 //! 32  u64 payload bytes P
 //! 40  payload:
 //!       u64 steps, f64 lr, f64 last norm, f64 last second norm (NaN: none)
+//!       (version 2) f64 rho, then the step schedule: u64 decisions t, u64 generator state,
+//!       f64 AE-SAM mean, f64 AE-SAM variance, u64 SAM steps, u64 single-gradient steps,
+//!       f64 LookSAM's local ||g_v||^2 (NaN: none kept yet)
 //!       u32 groups, then per group: f64 lr_scale, f64 weight_decay
 //!       u32 tensors, then per tensor: u64 len, u8 dtype, u32 group, u64 updates, u64 epoch
-//!       the base optimizer's f32 state, tensor by tensor (momentum or first moment, second moment)
+//!       the f32 state, tensor by tensor (momentum or first moment, second moment, LookSAM's g_v)
 //! 40+P u32 CRC-32 (IEEE) of every byte before it
 //! ```
 //!
@@ -26,9 +29,11 @@ use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
 
 const MAGIC: &[u8; 8] = b"SAMOPTCK";
-/// The version this library writes and reads.
-pub const VERSION: u32 = 1;
+/// The version this library writes (it reads this one and version 1).
+pub const VERSION: u32 = 2;
 const HEADER: usize = 40;
+/// The version-2 block of rho and the step schedule.
+const SCHEDULE_BYTES: usize = 64;
 const TRAILER: usize = 4;
 
 /// What a checkpoint holds, besides the backend's state floats.
@@ -41,8 +46,24 @@ pub(crate) struct Snapshot {
     /// `(lr_scale, weight_decay)` per group.
     pub groups: Vec<(f64, f64)>,
     pub tensors: Vec<TensorRecord>,
-    /// The base optimizer's state, tensor by tensor.
+    /// The base optimizer's state (and LookSAM's `g_v`), tensor by tensor.
     pub state: Vec<f32>,
+    /// Version 2: rho and the step schedule; `None` from a version-1 file (plain SAM, the
+    /// configured rho).
+    pub schedule: Option<ScheduleRecord>,
+}
+
+/// The current rho and the step schedule's state, as a checkpoint holds them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct ScheduleRecord {
+    pub rho: f64,
+    pub t: u64,
+    pub rng: u64,
+    pub mean: f64,
+    pub var: f64,
+    pub sam_steps: u64,
+    pub single_steps: u64,
+    pub gv_local_sq: Option<f64>,
 }
 
 /// One tensor's registration and counters.
@@ -116,7 +137,7 @@ pub(crate) fn layout_fingerprint(tensors: &[TensorRecord], groups: usize) -> u64
 
 /// Bytes of a checkpoint with `groups` groups, `tensors` tensors and `state` state floats.
 pub(crate) fn size(groups: usize, tensors: usize, state: usize) -> usize {
-    HEADER + 32 + 4 + 16 * groups + 4 + 29 * tensors + 4 * state + TRAILER
+    HEADER + 32 + SCHEDULE_BYTES + 4 + 16 * groups + 4 + 29 * tensors + 4 * state + TRAILER
 }
 
 /// Writes `s` into `out`, which must hold exactly [`size`] bytes.
@@ -134,6 +155,18 @@ pub(crate) fn encode(s: &Snapshot, config_fingerprint: u64, out: &mut [u8]) {
     for v in [s.lr, s.last_norm.unwrap_or(f64::NAN), s.last_second_norm.unwrap_or(f64::NAN)] {
         w.put(&v.to_le_bytes());
     }
+    let r = s.schedule.expect("this library writes version 2");
+    w.put(&r.rho.to_le_bytes());
+    for v in [r.t, r.rng] {
+        w.put(&v.to_le_bytes());
+    }
+    for v in [r.mean, r.var] {
+        w.put(&v.to_le_bytes());
+    }
+    for v in [r.sam_steps, r.single_steps] {
+        w.put(&v.to_le_bytes());
+    }
+    w.put(&r.gv_local_sq.unwrap_or(f64::NAN).to_le_bytes());
     w.put(&(s.groups.len() as u32).to_le_bytes());
     for &(scale, wd) in &s.groups {
         w.put(&scale.to_le_bytes());
@@ -215,8 +248,8 @@ pub(crate) fn decode(bytes: &[u8], want: &Expected<'_>) -> Result<Snapshot> {
         return Err(format_error("not a samopt checkpoint: wrong magic number"));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-    if version != VERSION {
-        return Err(format_error(format!("checkpoint version {version}; this library reads version {VERSION}")));
+    if version != VERSION && version != 1 {
+        return Err(format_error(format!("checkpoint version {version}; this library reads versions 1 and {VERSION}")));
     }
     let payload = u64::from_le_bytes(bytes[32..40].try_into().unwrap());
     let expected_len = (HEADER as u64).checked_add(payload).and_then(|v| v.checked_add(TRAILER as u64));
@@ -244,6 +277,15 @@ pub(crate) fn decode(bytes: &[u8], want: &Expected<'_>) -> Result<Snapshot> {
     let mut r = Reader { buf: body, at: HEADER };
     let steps = r.u64()?;
     let (lr, norm, second) = (r.f64()?, r.f64()?, r.f64()?);
+    let schedule = if version >= 2 {
+        let rho = r.f64()?;
+        let (t, rng, mean, var) = (r.u64()?, r.u64()?, r.f64()?, r.f64()?);
+        let (sam_steps, single_steps, gv) = (r.u64()?, r.u64()?, r.f64()?);
+        let gv_local_sq = (!gv.is_nan()).then_some(gv);
+        Some(ScheduleRecord { rho, t, rng, mean, var, sam_steps, single_steps, gv_local_sq })
+    } else {
+        None
+    };
     let group_count = r.u32()? as usize;
     if group_count != want.groups {
         return Err(format_error(format!(
@@ -297,7 +339,8 @@ pub(crate) fn decode(bytes: &[u8], want: &Expected<'_>) -> Result<Snapshot> {
     }
     let state: Vec<f32> = body[r.at..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     let opt = |v: f64| (!v.is_nan()).then_some(v);
-    let s = Snapshot { steps, lr, last_norm: opt(norm), last_second_norm: opt(second), groups, tensors, state };
+    let s =
+        Snapshot { steps, lr, last_norm: opt(norm), last_second_norm: opt(second), groups, tensors, state, schedule };
     validate(&s)?;
     Ok(s)
 }
@@ -322,6 +365,25 @@ fn validate(s: &Snapshot) -> Result<()> {
         }
         if !(weight_decay.is_finite() && weight_decay >= 0.0) {
             return bad(format!("group {g}: weight_decay = {weight_decay}: must be finite and >= 0"));
+        }
+    }
+    if let Some(r) = &s.schedule {
+        if !(r.rho.is_finite() && r.rho > 0.0) {
+            return bad(format!("rho = {}: must be finite and > 0", r.rho));
+        }
+        for (name, v) in [("AE-SAM mean", r.mean), ("AE-SAM variance", r.var)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(format!("{name} = {v}: must be finite and >= 0"));
+            }
+        }
+        if let Some(v) = r.gv_local_sq.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+            return bad(format!("LookSAM's ||g_v||^2 = {v}: must be finite and >= 0"));
+        }
+        if r.sam_steps.checked_add(r.single_steps) != Some(s.steps) || r.t < s.steps {
+            return bad(format!(
+                "the schedule's counts ({} SAM, {} single-gradient steps, {} decisions) do not add up to {} steps",
+                r.sam_steps, r.single_steps, r.t, s.steps
+            ));
         }
     }
     if s.steps == u64::MAX {
@@ -363,6 +425,16 @@ mod tests {
                 TensorRecord { len: 2, dtype: DType::BF16, group: 1, updates: 2, epoch: 5 },
             ],
             state: vec![1.0, 2.0, 3.0, 4.0, 5.0],
+            schedule: Some(ScheduleRecord {
+                rho: 0.05,
+                t: 9,
+                rng: 42,
+                mean: 1.0,
+                var: 0.5,
+                sam_steps: 4,
+                single_steps: 3,
+                gv_local_sq: None,
+            }),
         }
     }
 
@@ -381,8 +453,8 @@ mod tests {
         bad[0] = b'X';
         assert!(msg(&bad, &want).contains("magic"));
         let mut bad = buf.clone();
-        bad[8] = 2;
-        assert!(msg(&bad, &want).contains("version 2"));
+        bad[8] = 3;
+        assert!(msg(&bad, &want).contains("version 3"));
         let mut bad = buf.clone();
         bad[60] ^= 1;
         assert!(msg(&bad, &want).starts_with("corrupted"));
@@ -392,5 +464,30 @@ mod tests {
         assert!(msg(&buf, &Expected { tensors: &other, ..want }).contains("tensor 1"));
         assert!(msg(&buf, &Expected { groups: 3, ..want }).contains("groups"));
         assert!(msg(&buf, &Expected { tensors: &s.tensors[..1], ..want }).contains("1 registered here"));
+
+        // Counts that do not add up are refused even with a valid checksum.
+        let mut odd = s.clone();
+        odd.schedule.as_mut().unwrap().single_steps = 4;
+        let mut bytes = vec![0u8; size(2, 2, 5)];
+        encode(&odd, 42, &mut bytes);
+        assert!(msg(&bytes, &want).contains("do not add up"));
+    }
+
+    /// A version-1 file (no rho, no schedule block) still loads, as plain SAM.
+    #[test]
+    fn reads_version_1() {
+        let s = sample();
+        let mut buf = vec![0u8; size(2, 2, 5)];
+        encode(&s, 42, &mut buf);
+        // Version 1 is version 2 without the 64-byte block after the four leading payload fields.
+        let mut v1 = buf[..HEADER + 32].to_vec();
+        v1.extend_from_slice(&buf[HEADER + 32 + SCHEDULE_BYTES..buf.len() - TRAILER]);
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let payload = (v1.len() - HEADER) as u64;
+        v1[32..40].copy_from_slice(&payload.to_le_bytes());
+        let crc = crc32(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let want = Expected { config_fingerprint: 42, tensors: &s.tensors, groups: 2, state: 5 };
+        assert_eq!(decode(&v1, &want).unwrap(), Snapshot { schedule: None, ..s });
     }
 }

@@ -82,6 +82,110 @@ impl BaseOptimizer {
     }
 }
 
+/// When a step is a SAM step (two gradients: the first step perturbs, the host takes a second
+/// gradient at `w + e(w)`) or a single-gradient step (the first step leaves `w` where it is, the
+/// host skips its second forward/backward, and the second step applies the base update with the
+/// direction the schedule defines). `t` counts the first steps that took a decision, from 0; the
+/// sources of each rule are cited on its variant.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Schedule {
+    /// Every step is a SAM step (the default: plain SAM).
+    #[default]
+    Every,
+    /// SAM when `t mod k == 0`, else a single-gradient step with `d = g` (MosaicML Composer).
+    Interval {
+        /// The period, `k >= 1`.
+        k: u64,
+    },
+    /// SAM with probability `p`, a Bernoulli trial per step from a SplitMix64 generator seeded
+    /// with `seed` (RST / SS-SAM, arXiv 2203.09962); else `d = g`. The same seed gives the same
+    /// decisions on every worker and after a checkpoint resume.
+    Random {
+        /// The probability of a SAM step, in `[0, 1]`.
+        p: f64,
+        /// The generator's seed.
+        seed: u64,
+    },
+    /// LookSAM (arXiv 2203.02714): SAM when `t mod k == 0`, keeping `g_v`, the part of the
+    /// perturbed gradient `g_s` orthogonal to `g`; other steps use one gradient and
+    /// `d = g + alpha (||g|| / ||g_v||) g_v`. One f32 buffer per parameter holds `g_v`.
+    LookSam {
+        /// The period, `k >= 1`.
+        k: u64,
+        /// The weight of the reused direction, finite and `>= 0` (the paper: about 0.7).
+        alpha: f64,
+    },
+    /// AE-SAM (arXiv 2304.14647): SAM when `||g||^2 >= mu + c_t sqrt(s)`, with `mu`, `s` moving
+    /// averages (forgetting rate `delta`) of the squared gradient norm's mean and variance and
+    /// `c_t` moving linearly from `lambda1` to `lambda2` over `planned_steps`; else `d = g`.
+    AeSam {
+        /// The forgetting rate of the averages, in `[0, 1)` (0.9 in the paper).
+        delta: f64,
+        /// The threshold's coefficient at step 0, finite.
+        lambda1: f64,
+        /// The threshold's coefficient from step `planned_steps` on, finite.
+        lambda2: f64,
+        /// The steps over which `c_t` moves, `>= 1`: usually the planned length of training.
+        planned_steps: u64,
+    },
+}
+
+impl Schedule {
+    /// Lower-case name, as the CLI spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Schedule::Every => "every",
+            Schedule::Interval { .. } => "interval",
+            Schedule::Random { .. } => "random",
+            Schedule::LookSam { .. } => "looksam",
+            Schedule::AeSam { .. } => "aesam",
+        }
+    }
+
+    /// AE-SAM with the paper's forgetting rate (0.9) and samopt's default threshold, from
+    /// `c = -1` at step 0 to `c = 1` at `planned_steps`.
+    pub fn ae_sam(planned_steps: u64) -> Schedule {
+        Schedule::AeSam { delta: 0.9, lambda1: -1.0, lambda2: 1.0, planned_steps }
+    }
+
+    /// Checks the schedule's own fields; the error names the field and its value.
+    pub fn validate(&self) -> Result<()> {
+        let period = |name: &str, k: u64| {
+            if k == 0 { Err(Error::invalid(format!("{name} = 0: the period is at least 1"))) } else { Ok(()) }
+        };
+        match *self {
+            Schedule::Every => Ok(()),
+            Schedule::Interval { k } => period("schedule_k", k),
+            Schedule::Random { p, .. } => {
+                if (0.0..=1.0).contains(&p) {
+                    Ok(())
+                } else {
+                    Err(Error::invalid(format!("schedule_p = {p}: a probability is in [0, 1]")))
+                }
+            }
+            Schedule::LookSam { k, alpha } => {
+                period("schedule_k", k)?;
+                if alpha.is_finite() && alpha >= 0.0 {
+                    Ok(())
+                } else {
+                    Err(Error::invalid(format!("looksam_alpha = {alpha}: must be finite and >= 0")))
+                }
+            }
+            Schedule::AeSam { delta, lambda1, lambda2, planned_steps } => {
+                if !(0.0..1.0).contains(&delta) {
+                    return Err(Error::invalid(format!("aesam_delta = {delta}: must be in [0, 1)")));
+                }
+                for (name, v) in [("aesam_lambda1", lambda1), ("aesam_lambda2", lambda2)] {
+                    if !v.is_finite() {
+                        return Err(Error::invalid(format!("{name} = {v}: must be finite")));
+                    }
+                }
+                period("aesam_planned_steps", planned_steps)
+            }
+        }
+    }
+}
+
 /// The most CPU worker threads an optimizer may ask for ([`Config::threads`]).
 pub const MAX_THREADS: usize = 1024;
 
@@ -140,6 +244,8 @@ pub struct Config {
     /// GSAM's `alpha`: step with `g' - alpha * g_perp`, `g_perp = g - (g.g' / ||g'||^2) g'`, where
     /// `g` is the first gradient (kept by the first step) and `g'` the second. `None`: plain SAM.
     pub gsam_alpha: Option<f64>,
+    /// Which steps are SAM steps and which take a single gradient (default: every step is SAM).
+    pub schedule: Schedule,
 }
 
 impl Default for Config {
@@ -164,6 +270,7 @@ impl Default for Config {
             adam_eps: 1e-8,
             max_grad_norm: None,
             gsam_alpha: None,
+            schedule: Schedule::Every,
         }
     }
 }
@@ -232,15 +339,34 @@ impl Config {
                  none, clip in the host's optimizer"
             )));
         }
+        self.schedule.validate()?;
+        if let Schedule::LookSam { .. } = self.schedule {
+            if self.adaptive {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    "schedule = looksam with adaptive = true: LookSAM's reuse needs the plain gradient norm, \
+                     ASAM's norm pass computes ||T_w g||; use interval, random or aesam with ASAM",
+                ));
+            }
+            if let Some(a) = self.gsam_alpha {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("schedule = looksam with gsam_alpha = {a}: both replace the descent direction; choose one"),
+                ));
+            }
+        }
         Ok(())
     }
 
     /// A fingerprint of every field that shapes the optimizer's state or update (not `backend`,
     /// `threads`, `adapter`, nor `lr`, which schedules change and checkpoints carry), so a
-    /// checkpoint refuses to load into a differently configured optimizer.
+    /// checkpoint refuses to load into a differently configured optimizer. `rho` is the
+    /// configured one (a rho schedule's current value travels in the checkpoint); the step
+    /// schedule joins the fingerprint only when it is not [`Schedule::Every`], so checkpoints of
+    /// plain SAM keep the fingerprint they had before schedules existed.
     pub fn fingerprint(&self) -> u64 {
         let f = |o: Option<f64>| o.unwrap_or(f64::NAN);
-        crate::checkpoint::Fnv::new()
+        let h = crate::checkpoint::Fnv::new()
             .f64(self.rho)
             .f64(self.eps)
             .u64(self.adaptive as u64)
@@ -255,17 +381,43 @@ impl Config {
             .f64(self.beta2)
             .f64(self.adam_eps)
             .f64(f(self.max_grad_norm))
-            .f64(f(self.gsam_alpha))
-            .finish()
+            .f64(f(self.gsam_alpha));
+        let h = match self.schedule {
+            Schedule::Every => h,
+            Schedule::Interval { k } => h.u64(1).u64(k),
+            Schedule::Random { p, seed } => h.u64(2).f64(p).u64(seed),
+            Schedule::LookSam { k, alpha } => h.u64(3).u64(k).f64(alpha),
+            Schedule::AeSam { delta, lambda1, lambda2, planned_steps } => {
+                h.u64(4).f64(delta).f64(lambda1).f64(lambda2).u64(planned_steps)
+            }
+        };
+        h.finish()
     }
 
-    /// f32 state values per parameter element: 1 for SGD with momentum, 2 for AdamW, else 0.
+    /// f32 state values per parameter element: the base optimizer's (1 for SGD with momentum, 2
+    /// for AdamW, else 0), then LookSAM's `g_v` (1).
     pub fn state_per_element(&self) -> usize {
+        self.base_state_per_element() + self.looksam() as usize
+    }
+
+    /// The base optimizer's f32 state values per parameter element.
+    pub fn base_state_per_element(&self) -> usize {
         match self.base {
             BaseOptimizer::AdamW => 2,
             BaseOptimizer::Sgd if self.momentum != 0.0 => 1,
             _ => 0,
         }
+    }
+
+    /// Whether the schedule is LookSAM (which keeps `g_v` and the first gradient).
+    pub fn looksam(&self) -> bool {
+        matches!(self.schedule, Schedule::LookSam { .. })
+    }
+
+    /// Whether the first step keeps a copy of the first gradient for the second step: GSAM and
+    /// LookSAM.
+    pub fn keeps_first_grad(&self) -> bool {
+        self.gsam_alpha.is_some() || self.looksam()
     }
 
     /// The weight decay of group 0: the configured one, or the base optimizer's default.
@@ -300,6 +452,32 @@ mod tests {
             (Config { max_grad_norm: Some(0.0), base: BaseOptimizer::Sgd, ..Config::default() }, "max_grad_norm"),
             (Config { max_grad_norm: Some(1.0), ..Config::default() }, "max_grad_norm"),
             (Config { gsam_alpha: Some(0.1), ..Config::default() }, "gsam_alpha"),
+            (Config { schedule: Schedule::Interval { k: 0 }, ..Config::default() }, "schedule_k"),
+            (Config { schedule: Schedule::LookSam { k: 0, alpha: 0.7 }, ..Config::default() }, "schedule_k"),
+            (Config { schedule: Schedule::Random { p: 1.5, seed: 0 }, ..Config::default() }, "schedule_p"),
+            (Config { schedule: Schedule::Random { p: -0.1, seed: 0 }, ..Config::default() }, "schedule_p"),
+            (Config { schedule: Schedule::Random { p: f64::NAN, seed: 0 }, ..Config::default() }, "schedule_p"),
+            (Config { schedule: Schedule::LookSam { k: 5, alpha: -0.5 }, ..Config::default() }, "looksam_alpha"),
+            (Config { schedule: Schedule::LookSam { k: 5, alpha: f64::NAN }, ..Config::default() }, "looksam_alpha"),
+            (
+                Config { schedule: Schedule::LookSam { k: 5, alpha: 0.7 }, adaptive: true, ..Config::default() },
+                "schedule",
+            ),
+            (
+                Config {
+                    schedule: Schedule::AeSam { delta: 1.0, lambda1: -1.0, lambda2: 1.0, planned_steps: 10 },
+                    ..Config::default()
+                },
+                "aesam_delta",
+            ),
+            (
+                Config {
+                    schedule: Schedule::AeSam { delta: 0.9, lambda1: f64::NAN, lambda2: 1.0, planned_steps: 10 },
+                    ..Config::default()
+                },
+                "aesam_lambda1",
+            ),
+            (Config { schedule: Schedule::ae_sam(0), ..Config::default() }, "aesam_planned_steps"),
         ];
         for (c, name) in &more {
             let e = c.validate().unwrap_err();

@@ -47,9 +47,9 @@ pub mod error;
 pub mod gpu;
 mod math;
 
-pub use config::{Backend, BaseOptimizer, Config, Norm};
+pub use config::{Backend, BaseOptimizer, Config, Norm, Schedule};
 pub use dtype::{DType, Element};
-pub use engine::{GroupId, Optimizer, Phase, SecondStep, TensorId};
+pub use engine::{FirstStep, GroupId, Optimizer, Phase, SecondStep, TensorId};
 pub use error::{Error, ErrorKind, Result};
 pub use half;
 

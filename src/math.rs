@@ -43,20 +43,20 @@ pub(crate) struct Perturbation {
 }
 
 impl Perturbation {
-    /// The perturbation for a configuration and the global ascent norm `n`.
+    /// The perturbation for a configuration, the current `rho` and the global ascent norm `n`.
     ///
     /// A zero norm means every (scaled) gradient element is zero: the perturbation is zero for
     /// every `eps`, where `rho / (0 + 0) * 0` would be NaN. The scale is capped at f32's largest
     /// value, so that a norm below `rho / f32::MAX` (gradients of subnormal size, `eps = 0`) gives
     /// a finite perturbation instead of `0 * inf`.
-    pub fn new(config: &Config, norm: f64) -> Perturbation {
+    pub fn new(config: &Config, rho: f64, norm: f64) -> Perturbation {
         let sign = config.norm == Norm::LInf;
         let scale = if sign {
-            config.rho
+            rho
         } else if norm == 0.0 {
             0.0
         } else {
-            (config.rho / (norm + config.eps)).min(f32::MAX as f64)
+            (rho / (norm + config.eps)).min(f32::MAX as f64)
         };
         Perturbation { adaptive: config.adaptive, eta: config.eta as f32, sign, scale: scale as f32 }
     }

@@ -29,7 +29,7 @@ fn try_create(config: &SamConfig) -> (SamStatus, *mut SamOptimizer) {
 
 #[test]
 fn create_rejects_bad_configs() {
-    let d = sam_config_default();
+    let d = SamConfig::default();
     let cases: Vec<(SamConfig, SamStatus, Vec<&str>)> = vec![
         (SamConfig { struct_size: 12, ..d }, SamStatus::SAM_ERR_INVALID_ARGUMENT, vec!["struct_size = 12"]),
         (SamConfig { struct_size: 0, ..d }, SamStatus::SAM_ERR_INVALID_ARGUMENT, vec!["struct_size = 0"]),
@@ -78,7 +78,7 @@ fn null_handles_and_outputs() {
         );
         sam_destroy(null_mut()); // a no-op
     }
-    let opt = create(&sam_config_default());
+    let opt = create(&SamConfig::default());
     // SAFETY: NULL outputs are what is tested; the handle is live.
     unsafe {
         expect_err(sam_grad_norm(opt, null_mut()), SamStatus::SAM_ERR_NULL_POINTER, &["out is NULL"]);
@@ -99,7 +99,7 @@ fn null_handles_and_outputs() {
 /// the tensors registered before.
 #[test]
 fn register_rejects_bad_buffers() {
-    let opt = create(&sam_config_default());
+    let opt = create(&SamConfig::default());
     let mut a = vec![0f32; 64];
     let mut b = vec![0f32; 64];
     let mut c = vec![0f32; 64];
@@ -225,7 +225,7 @@ fn register_rejects_bad_buffers() {
 #[test]
 fn call_order() {
     let mut t = Tensor { param: Buf::from_f64(Ty::F32, &[1.0, 2.0]), grad: Buf::from_f64(Ty::F32, &[0.5, 0.5]) };
-    let opt = create(&sam_config_default());
+    let opt = create(&SamConfig::default());
     // SAFETY: live handle; the buffers outlive it.
     unsafe {
         expect_err(sam_first_step(opt), SamStatus::SAM_ERR_INVALID_STATE, &["no tensor is registered"]);
@@ -264,7 +264,7 @@ fn non_finite_gradients_change_nothing() {
             let mut rng = Rng::new(3);
             let mut tensors: Vec<Tensor> =
                 [5usize, 100_000, 9].iter().map(|&n| Tensor::random(ty, n, &mut rng)).collect();
-            let opt = create(&SamConfig { adaptive, ..sam_config_default() });
+            let opt = create(&SamConfig { adaptive, ..SamConfig::default() });
             register_all(opt, &mut tensors);
             // SAFETY: live handle; the buffers outlive it.
             unsafe {
@@ -299,7 +299,7 @@ fn non_finite_gradients_change_nothing() {
 fn non_finite_weight_under_asam() {
     let mut t =
         Tensor { param: Buf::from_f64(Ty::F32, &[1.0, f64::INFINITY]), grad: Buf::from_f64(Ty::F32, &[0.5, 0.0]) };
-    let opt = create(&SamConfig { adaptive: true, ..sam_config_default() });
+    let opt = create(&SamConfig { adaptive: true, ..SamConfig::default() });
     register_all(opt, std::slice::from_mut(&mut t));
     // SAFETY: live handle.
     unsafe {
@@ -311,7 +311,7 @@ fn non_finite_weight_under_asam() {
 
 #[test]
 fn last_error_is_per_thread() {
-    let (s, _) = try_create(&SamConfig { rho: -3.0, ..sam_config_default() });
+    let (s, _) = try_create(&SamConfig { rho: -3.0, ..SamConfig::default() });
     assert_eq!(s, SamStatus::SAM_ERR_INVALID_ARGUMENT);
     let other = std::thread::spawn(last_error).join().unwrap();
     assert_eq!(other, "", "another thread saw this thread's error");
@@ -330,7 +330,7 @@ fn versions() {
 /// skipped-step status; and their errors.
 #[test]
 fn base_optimizer_c_api() {
-    let d = sam_config_default();
+    let d = SamConfig::default();
     assert!(d.weight_decay.is_nan(), "weight decay defaults to the base optimizer's own default");
     assert_eq!((d.base, d.lr, d.beta1, d.beta2, d.adam_eps), (SAM_BASE_NONE, 1e-3, 0.9, 0.999, 1e-8));
     for (config, needle) in [
@@ -395,7 +395,7 @@ fn state_c_api() {
         momentum: 0.9,
         lr: 0.1,
         backend: SAM_BACKEND_CPU,
-        ..sam_config_default()
+        ..SamConfig::default()
     });
     let mut w = [1.0f32, 2.0, 3.0];
     let g = [0.5f32, 0.25, -1.0];

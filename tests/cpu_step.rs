@@ -41,7 +41,7 @@ fn thousands_of_small_tensors() {
 #[test]
 fn zero_gradient_gives_zero_perturbation() {
     let mut t = Tensor { param: Buf::from_f64(Ty::F32, &[1.0, -2.0]), grad: Buf::from_f64(Ty::F32, &[0.0, 0.0]) };
-    let opt = create(&sam_config_default());
+    let opt = create(&SamConfig::default());
     register_all(opt, std::slice::from_mut(&mut t));
     // SAFETY: live handle.
     assert_eq!(unsafe { sam_first_step(opt) }, SamStatus::SAM_OK);
@@ -115,7 +115,7 @@ fn norm_accuracy_at_1e8_and_thread_count_independence() {
     let mut seen: Option<(u64, Vec<u32>)> = None;
     for threads in [1u32, 2, 3] {
         param.fill(0.25);
-        let opt = create(&SamConfig { num_threads: threads, ..sam_config_default() });
+        let opt = create(&SamConfig { num_threads: threads, ..SamConfig::default() });
         let mut id = 0;
         let mut norm = 0.0;
         // SAFETY: buffers outlive the optimizer.

@@ -257,7 +257,7 @@ fn c_api() {
     unsafe extern "C" fn fail(_: *mut f64, _: usize, _: *mut std::ffi::c_void) -> i32 {
         7
     }
-    let opt = common::create(&SamConfig { backend: SAM_BACKEND_CPU, ..sam_config_default() });
+    let opt = common::create(&SamConfig { backend: SAM_BACKEND_CPU, ..SamConfig::default() });
     let mut w = [3.0f32, 4.0];
     // Accumulation without a base optimizer writes the mean here: registered writable.
     let mut g = [3.0f32, 4.0];

@@ -396,7 +396,7 @@ fn finding_6_auto_honours_choices_and_skips_software_adapters() {
         }
     }
     unsafe {
-        let config = sam_config_default();
+        let config = SamConfig::default();
         let mut handles = Vec::new();
         for _ in 0..2 {
             let mut opt = std::ptr::null_mut();

@@ -94,7 +94,7 @@ fn finding_1_read_only_gradients_are_never_written() {
     assert!(bits(&w) == bits(&w0));
 
     // The C flag: unknown bits are refused by name.
-    let opt = common::create(&SamConfig { backend: SAM_BACKEND_CPU, ..sam_config_default() });
+    let opt = common::create(&SamConfig { backend: SAM_BACKEND_CPU, ..SamConfig::default() });
     let (mut w, mut g) = ([1f32; 4], [1f32; 4]);
     let mut id = 0;
     // SAFETY: live handle, arrays outlive it.
@@ -113,7 +113,7 @@ fn finding_1_read_only_gradients_are_never_written() {
 #[test]
 fn finding_2_zero_gradient_with_zero_eps() {
     for (adaptive, norm_p) in [(false, 2.0), (true, 2.0), (false, f64::INFINITY)] {
-        let c = SamConfig { backend: SAM_BACKEND_CPU, eps: 0.0, adaptive, norm_p, ..sam_config_default() };
+        let c = SamConfig { backend: SAM_BACKEND_CPU, eps: 0.0, adaptive, norm_p, ..SamConfig::default() };
         let opt = common::create(&c);
         let mut w = [1.0f32, -2.0, 3.0];
         let g = [0f32; 3];
@@ -192,7 +192,7 @@ unsafe extern "C" fn reentrant_log(_level: SamLogLevel, _message: *const c_char,
 #[test]
 fn finding_3_callbacks_calling_back_do_not_deadlock() {
     let results = within(60, "a callback calling back into samopt", || {
-        let config = SamConfig { backend: SAM_BACKEND_CPU, ..sam_config_default() };
+        let config = SamConfig { backend: SAM_BACKEND_CPU, ..SamConfig::default() };
         let (opt, other) = (common::create(&config), common::create(&config));
         let mut w = [3.0f32, 4.0];
         let g = [3.0f32, 4.0];
@@ -222,7 +222,7 @@ fn finding_3_callbacks_calling_back_do_not_deadlock() {
     // The log callback: AUTO's fallback to the CPU is logged while samopt holds the handle.
     let software_or_none = samopt::gpu::adapters().first().is_none_or(|a| a.device_type == "cpu");
     let logged = within(60, "a log callback calling back into samopt", || {
-        let opt = common::create(&sam_config_default());
+        let opt = common::create(&SamConfig::default());
         let mut id = 0;
         // SAFETY: live handle; the callback gets it as `user`.
         unsafe {
@@ -283,7 +283,7 @@ fn finding_4_every_first_step_joins_the_exchange() {
             let failing = std::thread::spawn(move || {
                 let mut opt = make(!matches!(failure, LocalFailure::NoTensor), 0.25);
                 match failure {
-                    LocalFailure::WrongPhase => opt.first_step().unwrap(),
+                    LocalFailure::WrongPhase => drop(opt.first_step().unwrap()),
                     LocalFailure::DeviceError => opt.inject_fault(Fault::Norm),
                     LocalFailure::NonFinite => opt.write_grad(0, &[f32::NAN; N]).unwrap(),
                     LocalFailure::NoTensor => {}
@@ -503,7 +503,7 @@ struct RawConfig([u8; size_of::<SamConfig>()]);
 
 impl RawConfig {
     fn new() -> RawConfig {
-        let c = sam_config_default();
+        let c = SamConfig::default();
         let mut raw = RawConfig([0; size_of::<SamConfig>()]);
         // SAFETY: plain bytes of a valid config (padding copied as it is).
         unsafe {
@@ -542,7 +542,7 @@ fn finding_10_no_undefined_behaviour_at_the_boundary() {
     assert_eq!(st, SamStatus::SAM_ERR_INVALID_ARGUMENT);
     assert!(common::last_error().contains("struct_size = 8"), "{}", common::last_error());
 
-    let opt = common::create(&SamConfig { backend: SAM_BACKEND_CPU, base: SAM_BASE_SGD, ..sam_config_default() });
+    let opt = common::create(&SamConfig { backend: SAM_BACKEND_CPU, base: SAM_BASE_SGD, ..SamConfig::default() });
     let mut w = [1f32; 3];
     let g = [0.5f32; 3];
     let (mut id, mut size, mut written) = (0, 0, 0);
@@ -597,13 +597,24 @@ fn finding_15_versioned_structs() {
         // SAFETY: readable for OURS bytes.
         assert_eq!(unsafe { sam_create(raw.ptr(), &mut opt) }, SamStatus::SAM_ERR_INVALID_ARGUMENT);
     }
-    // The config a program built against this header makes: the same as sam_config_default.
-    let mut c = sam_config_default();
+    // The config a program built against this header makes (the header's inline
+    // sam_config_default calls sam_config_init): the defaults, in today's layout.
+    let mut c = SamConfig::default();
     c.rho = 0.0;
     // SAFETY: a SamConfig.
     assert_eq!(unsafe { sam_config_init(&mut c, OURS) }, SamStatus::SAM_OK);
     // (Debug text: weight_decay's default is NaN, which no == matches.)
-    assert_eq!(format!("{c:?}"), format!("{:?}", sam_config_default()));
+    assert_eq!(format!("{c:?}"), format!("{:?}", SamConfig::default()));
+    // The exported symbol keeps the ABI-1 layout for programs built against that header, and a
+    // config of that size is read with today's defaults for the rest.
+    let old = sam_config_default();
+    assert_eq!(old.struct_size, size_of::<SamConfigAbi1>());
+    assert!(size_of::<SamConfigAbi1>() < OURS);
+    // SAFETY: a SamConfigAbi1 is readable for its struct_size.
+    unsafe {
+        assert_eq!(sam_create((&old as *const SamConfigAbi1).cast(), &mut opt), SamStatus::SAM_OK);
+        sam_destroy(opt);
+    }
 
     // SamAdapterInfo: a caller with a larger struct gets ours and a zeroed tail.
     let mut n = 0;

@@ -22,7 +22,7 @@ fn one_handle_many_threads() {
     let mut rng = Rng::new(4);
     let mut tensors: Vec<Tensor> = [3usize, 40_000].iter().map(|&n| Tensor::random(Ty::F32, n, &mut rng)).collect();
     let before: Vec<Vec<u8>> = tensors.iter().map(|t| t.param.bytes().to_vec()).collect();
-    let opt = create(&SamConfig { num_threads: 2, ..sam_config_default() });
+    let opt = create(&SamConfig { num_threads: 2, ..SamConfig::default() });
     register_all(opt, &mut tensors);
     let h = Arc::new(Handle(opt));
     let workers: Vec<_> = (0..4)
@@ -83,7 +83,7 @@ fn separate_handles_in_parallel() {
         let mut tensors: Vec<Tensor> =
             [17usize, 100_000].iter().map(|&n| Tensor::random(Ty::BF16, n, &mut rng)).collect();
         let opt =
-            create(&SamConfig { base: SAM_BASE_SGD, lr: 0.1, momentum: 0.9, num_threads: 1, ..sam_config_default() });
+            create(&SamConfig { base: SAM_BASE_SGD, lr: 0.1, momentum: 0.9, num_threads: 1, ..SamConfig::default() });
         register_all(opt, &mut tensors);
         for _ in 0..20 {
             for t in tensors.iter_mut() {

@@ -187,7 +187,7 @@ fn host_vulkan_buffers_in_place() {
         desc.device = device.handle().as_raw() as *mut c_void;
         desc.device_extension_count = ext_ptrs.len() as u32;
         desc.device_extensions = ext_ptrs.as_ptr();
-        let config = SamConfig { base: SAM_BASE_SGD, lr: 0.1, momentum: 0.9, rho: 0.1, ..sam_config_default() };
+        let config = SamConfig { base: SAM_BASE_SGD, lr: 0.1, momentum: 0.9, rho: 0.1, ..SamConfig::default() };
         let mut opt = std::ptr::null_mut();
         // Bad descriptions: each refused with a message naming the field, no optimizer made.
         let too_few: Vec<*const i8> = ext_ptrs[..ext_ptrs.len().saturating_sub(1)].to_vec();

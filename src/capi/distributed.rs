@@ -2,7 +2,7 @@
 
 use std::ffi::c_void;
 
-use super::ffi::{arg_ref, boundary, non_null, write_out};
+use super::ffi::{arg_ref, boundary, boundary_status, non_null, write_out};
 use super::types::{SamOptimizer, SamStatus};
 use crate::error::{Error, ErrorKind};
 
@@ -110,13 +110,19 @@ pub unsafe extern "C" fn sam_grad_sq_norm_local(opt: *mut SamOptimizer, out: *mu
 /// is reused, so the gradients are read once; without it (or after a registration since), this
 /// call runs the local norm pass itself.
 ///
+/// Returns `SAM_OK` or, as `sam_first_step`, `SAM_STEP_SINGLE_GRADIENT` when the schedule
+/// decides (from `global_norm`, so alike on every worker) on a single-gradient step.
+/// `SAM_SCHEDULE_LOOKSAM` is refused here (`SAM_ERR_UNSUPPORTED`): it needs global sums this
+/// call does not exchange; install `sam_set_allreduce` and call `sam_first_step` instead.
+///
 /// # Safety
 /// `opt` must be NULL or a live handle whose registered buffers are valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sam_first_step_with_norm(opt: *mut SamOptimizer, global_norm: f64) -> SamStatus {
-    boundary("sam_first_step_with_norm", || {
+    boundary_status("sam_first_step_with_norm", || {
         // SAFETY: the caller's contract.
-        unsafe { arg_ref(opt, "opt") }?.lock()?.first_step_with_norm(global_norm)
+        let step = unsafe { arg_ref(opt, "opt") }?.lock()?.first_step_with_norm(global_norm)?;
+        Ok(super::steps::first_status(step))
     })
 }
 

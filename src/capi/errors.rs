@@ -44,6 +44,7 @@ pub extern "C" fn sam_status_string(status: i32) -> *const c_char {
     let s: &'static std::ffi::CStr = match status {
         0 => c"ok",
         1 => c"step skipped: non-finite second gradient",
+        2 => c"single-gradient step: skip the second forward/backward",
         -1 => c"null pointer",
         -2 => c"invalid argument",
         -3 => c"invalid state",
@@ -81,6 +82,7 @@ mod tests {
         for s in [
             SamStatus::SAM_OK,
             SamStatus::SAM_STEP_SKIPPED,
+            SamStatus::SAM_STEP_SINGLE_GRADIENT,
             SamStatus::SAM_ERR_NULL_POINTER,
             SamStatus::SAM_ERR_INVALID_ARGUMENT,
             SamStatus::SAM_ERR_INVALID_STATE,

@@ -8,14 +8,16 @@ use super::ffi::{arg_ref, boundary, non_null, read_versioned, write_out, write_v
 use super::logging;
 use super::types::{
     SAM_BACKEND_AUTO, SAM_BACKEND_CPU, SAM_BACKEND_GPU, SAM_BASE_ADAMW, SAM_BASE_NONE, SAM_BASE_SGD,
-    SAM_REGISTER_GRAD_WRITABLE, SamBackend, SamBase, SamDType, SamOptimizer, SamRegisterFlags, SamStatus, dtype_from_c,
+    SAM_REGISTER_GRAD_WRITABLE, SAM_SCHEDULE_AESAM, SAM_SCHEDULE_EVERY, SAM_SCHEDULE_INTERVAL, SAM_SCHEDULE_LOOKSAM,
+    SAM_SCHEDULE_RANDOM, SamBackend, SamBase, SamDType, SamOptimizer, SamRegisterFlags, SamSchedule, SamStatus,
+    dtype_from_c,
 };
-use crate::config::{Backend, BaseOptimizer, Config, Norm};
+use crate::config::{Backend, BaseOptimizer, Config, Norm, Schedule};
 use crate::engine::Optimizer;
 use crate::error::{Error, Result};
 
-/// Configuration of an optimizer. Always start from `sam_config_default()`, which also sets
-/// `struct_size`, then change the fields you need.
+/// Configuration of an optimizer. Always start from `sam_config_default()` (or
+/// `sam_config_init`), which also sets `struct_size`, then change the fields you need.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamConfig {
@@ -71,10 +73,105 @@ pub struct SamConfig {
     /// the first gradient (the first step keeps a copy) and `g'` the second; 0 (default) is plain
     /// SAM. Needs a built-in base optimizer.
     pub gsam_alpha: f64,
+
+    // ---- Added in samopt 0.2 (the second `SamConfig` layout): step schedules ----
+    /// A `SAM_SCHEDULE_*` value: which steps are SAM steps and which single-gradient steps
+    /// (`sam_first_step` returns `SAM_STEP_SINGLE_GRADIENT` for those). Default
+    /// `SAM_SCHEDULE_EVERY`.
+    pub schedule: SamSchedule,
+    /// The period `k >= 1` of `SAM_SCHEDULE_INTERVAL` and `SAM_SCHEDULE_LOOKSAM` (10).
+    pub schedule_k: u64,
+    /// The probability of a SAM step under `SAM_SCHEDULE_RANDOM`, in [0, 1] (0.5).
+    pub schedule_p: f64,
+    /// The seed of `SAM_SCHEDULE_RANDOM`'s generator (0). The same seed on every worker gives the
+    /// same decisions everywhere.
+    pub schedule_seed: u64,
+    /// LookSAM's weight of the reused direction, finite and >= 0 (0.7, the paper's).
+    pub looksam_alpha: f64,
+    /// AE-SAM's forgetting rate of the moving averages, in [0, 1) (0.9, the paper's).
+    pub aesam_delta: f64,
+    /// AE-SAM's threshold coefficient at step 0 (-1.0).
+    pub aesam_lambda1: f64,
+    /// AE-SAM's threshold coefficient from step `aesam_planned_steps` on (1.0).
+    pub aesam_lambda2: f64,
+    /// The steps over which AE-SAM's coefficient moves, usually the planned length of training;
+    /// required (>= 1) under `SAM_SCHEDULE_AESAM`. Default 0.
+    pub aesam_planned_steps: u64,
 }
 
-/// The sizes of every released `SamConfig` layout, oldest first (ABI 1: today's).
-pub(super) const CONFIG_SIZES: [usize; 1] = [size_of::<SamConfig>()];
+/// The first released `SamConfig` layout (ABI 1, samopt 0.1), which the exported symbol
+/// `sam_config_default` returns by value forever: a program built against that header reserved
+/// exactly this many bytes for the result. The header hides this type and that symbol behind an
+/// inline `sam_config_default()` that fills the header's own layout through `sam_config_init`.
+#[doc(hidden)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamConfigAbi1 {
+    pub struct_size: usize,
+    pub rho: f64,
+    pub eps: f64,
+    pub eta: f64,
+    pub norm_p: f64,
+    pub adaptive: bool,
+    pub backend: SamBackend,
+    pub num_threads: u32,
+    pub adapter: *const c_char,
+    pub base: SamBase,
+    pub lr: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub adam_eps: f64,
+    pub max_grad_norm: f64,
+    pub gsam_alpha: f64,
+}
+
+/// The sizes of every released `SamConfig` layout, oldest first: ABI 1 (samopt 0.1), then
+/// today's, which adds the step schedule.
+pub(super) const CONFIG_SIZES: [usize; 2] = [size_of::<SamConfigAbi1>(), size_of::<SamConfig>()];
+
+impl Default for SamConfig {
+    /// The default configuration in today's layout, as the header's `sam_config_default()` gives
+    /// it to C: rho 0.05, eps 1e-12, no ASAM, p = 2, backend AUTO, all cores, no base optimizer,
+    /// every step a SAM step, `struct_size = size_of::<SamConfig>()`.
+    fn default() -> SamConfig {
+        let d = Config::default();
+        SamConfig {
+            struct_size: size_of::<SamConfig>(),
+            rho: d.rho,
+            eps: d.eps,
+            eta: d.eta,
+            norm_p: d.norm.p(),
+            adaptive: d.adaptive,
+            backend: SAM_BACKEND_AUTO,
+            num_threads: 0,
+            adapter: std::ptr::null(),
+            base: SAM_BASE_NONE,
+            lr: d.lr,
+            momentum: d.momentum,
+            dampening: d.dampening,
+            nesterov: d.nesterov,
+            weight_decay: f64::NAN,
+            beta1: d.beta1,
+            beta2: d.beta2,
+            adam_eps: d.adam_eps,
+            max_grad_norm: 0.0,
+            gsam_alpha: 0.0,
+            schedule: SAM_SCHEDULE_EVERY,
+            schedule_k: 10,
+            schedule_p: 0.5,
+            schedule_seed: 0,
+            looksam_alpha: 0.7,
+            aesam_delta: 0.9,
+            aesam_lambda1: -1.0,
+            aesam_lambda2: 1.0,
+            aesam_planned_steps: 0,
+        }
+    }
+}
 
 /// Reads a caller's config, honouring its `struct_size` (see [`read_versioned`]).
 ///
@@ -83,7 +180,7 @@ pub(super) const CONFIG_SIZES: [usize; 1] = [size_of::<SamConfig>()];
 pub(super) unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
     let bools = [("adaptive", offset_of!(SamConfig, adaptive)), ("nesterov", offset_of!(SamConfig, nesterov))];
     // SAFETY: the caller's contract.
-    let c = unsafe { read_versioned(ptr, "config", &CONFIG_SIZES, sam_config_default(), &bools) }?;
+    let c = unsafe { read_versioned(ptr, "config", &CONFIG_SIZES, SamConfig::default(), &bools) }?;
     let backend = match c.backend {
         SAM_BACKEND_AUTO => Backend::Auto,
         SAM_BACKEND_CPU => Backend::Cpu,
@@ -108,7 +205,25 @@ pub(super) unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
             return Err(Error::invalid(format!("config->base = {other}: not a SamBase (0 NONE, 1 SGD, 2 ADAMW)")));
         }
     };
+    let schedule = match c.schedule {
+        SAM_SCHEDULE_EVERY => Schedule::Every,
+        SAM_SCHEDULE_INTERVAL => Schedule::Interval { k: c.schedule_k },
+        SAM_SCHEDULE_RANDOM => Schedule::Random { p: c.schedule_p, seed: c.schedule_seed },
+        SAM_SCHEDULE_LOOKSAM => Schedule::LookSam { k: c.schedule_k, alpha: c.looksam_alpha },
+        SAM_SCHEDULE_AESAM => Schedule::AeSam {
+            delta: c.aesam_delta,
+            lambda1: c.aesam_lambda1,
+            lambda2: c.aesam_lambda2,
+            planned_steps: c.aesam_planned_steps,
+        },
+        other => {
+            return Err(Error::invalid(format!(
+                "config->schedule = {other}: not a SamSchedule (0 EVERY, 1 INTERVAL, 2 RANDOM, 3 LOOKSAM, 4 AESAM)"
+            )));
+        }
+    };
     let config = Config {
+        schedule,
         base,
         lr: c.lr,
         momentum: c.momentum,
@@ -133,41 +248,40 @@ pub(super) unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
     Ok(config)
 }
 
-/// The default configuration: rho 0.05, eps 1e-12, no ASAM (eta 0), p = 2, backend AUTO, all
-/// cores (the shared pool), and `struct_size = sizeof(SamConfig)`.
-///
-/// Returned by value, so it always has the layout of the ABI-1 `SamConfig` (the first released
-/// one): a program built against that header reserved exactly that much. When `SamConfig` grows,
-/// this function keeps returning that layout; `sam_config_init` fills any caller's layout.
+/// The default configuration in the first released `SamConfig` layout (ABI 1), for programs
+/// built against that header. The header replaces this symbol with an inline function of the same
+/// name that fills the header's own layout through `sam_config_init`, so
+/// `SamConfig c = sam_config_default();` is right whichever header a program was built against.
+/// Bindings that call the symbol directly get the ABI-1 layout: use `sam_config_init`.
 #[unsafe(no_mangle)]
-pub extern "C" fn sam_config_default() -> SamConfig {
-    let d = Config::default();
-    SamConfig {
-        struct_size: size_of::<SamConfig>(),
+pub extern "C" fn sam_config_default() -> SamConfigAbi1 {
+    let d = SamConfig::default();
+    SamConfigAbi1 {
+        struct_size: size_of::<SamConfigAbi1>(),
         rho: d.rho,
         eps: d.eps,
         eta: d.eta,
-        norm_p: d.norm.p(),
+        norm_p: d.norm_p,
         adaptive: d.adaptive,
-        backend: SAM_BACKEND_AUTO,
-        num_threads: 0,
-        adapter: std::ptr::null(),
-        base: SAM_BASE_NONE,
+        backend: d.backend,
+        num_threads: d.num_threads,
+        adapter: d.adapter,
+        base: d.base,
         lr: d.lr,
         momentum: d.momentum,
         dampening: d.dampening,
         nesterov: d.nesterov,
-        weight_decay: f64::NAN,
+        weight_decay: d.weight_decay,
         beta1: d.beta1,
         beta2: d.beta2,
         adam_eps: d.adam_eps,
-        max_grad_norm: 0.0,
-        gsam_alpha: 0.0,
+        max_grad_norm: d.max_grad_norm,
+        gsam_alpha: d.gsam_alpha,
     }
 }
 
-/// Fills `*config` with the default configuration (as `sam_config_default`) for a caller whose
-/// `SamConfig` has `size` bytes: pass `sizeof(SamConfig)`. This is the form that keeps working
+/// Fills `*config` with the default configuration for a caller whose `SamConfig` has `size`
+/// bytes: pass `sizeof(SamConfig)` (the header's inline `sam_config_default()` does). This is the form that keeps working
 /// when `SamConfig` grows: a program built against an older header gets exactly its own layout
 /// (never more bytes than it reserved), one built against a newer header gets this library's
 /// defaults and zeros in the fields this library does not know (which `sam_create` accepts).
@@ -182,7 +296,7 @@ pub extern "C" fn sam_config_default() -> SamConfig {
 pub unsafe extern "C" fn sam_config_init(config: *mut SamConfig, size: usize) -> SamStatus {
     boundary("sam_config_init", || {
         // SAFETY: the caller's contract.
-        unsafe { write_versioned(config, "config", size, "size", &CONFIG_SIZES, sam_config_default()) }
+        unsafe { write_versioned(config, "config", size, "size", &CONFIG_SIZES, SamConfig::default()) }
     })
 }
 

@@ -51,6 +51,63 @@ pub unsafe extern "C" fn sam_get_lr(opt: *const SamOptimizer, out: *mut f64) -> 
     })
 }
 
+/// Sets rho from the next first step on: the hook for a rho schedule (GSAM ties rho to the
+/// learning rate), called between steps. `rho` must be finite and > 0. Checkpoints carry it.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_set_rho(opt: *mut SamOptimizer, rho: f64) -> SamStatus {
+    boundary("sam_set_rho", || {
+        // SAFETY: the caller's contract.
+        unsafe { arg_ref(opt, "opt") }?.lock()?.set_rho(rho)
+    })
+}
+
+/// Stores the current rho in `*out`.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_get_rho(opt: *const SamOptimizer, out: *mut f64) -> SamStatus {
+    boundary("sam_get_rho", || {
+        // SAFETY: the caller's contract.
+        let rho = unsafe { arg_ref(opt, "opt") }?.lock()?.rho();
+        // SAFETY: the caller's contract.
+        unsafe { write_out(out, "out", rho) }
+    })
+}
+
+/// Stores the completed steps of each kind, for logging: SAM steps (two gradients) in
+/// `*out_sam_steps` and single-gradient steps in `*out_single_steps`. Their sum is
+/// `sam_step_count`; gradient evaluations so far are `2 * sam + single`. Either pointer may be
+/// NULL to skip it.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; each out pointer NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_schedule_counts(
+    opt: *const SamOptimizer,
+    out_sam_steps: *mut u64,
+    out_single_steps: *mut u64,
+) -> SamStatus {
+    boundary("sam_schedule_counts", || {
+        // SAFETY: the caller's contract.
+        let opt = unsafe { arg_ref(opt, "opt") }?.lock()?;
+        let (sam, single) = (opt.sam_steps(), opt.single_steps());
+        // SAFETY: the caller's contract: NULL or writable.
+        unsafe {
+            if let Some(p) = out_sam_steps.as_mut() {
+                *p = sam;
+            }
+            if let Some(p) = out_single_steps.as_mut() {
+                *p = single;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Adds a parameter group, as PyTorch's `param_groups`, and stores its id in `*out_group`: its
 /// tensors step with learning rate `lr * lr_scale` and weight decay `weight_decay` (`NAN`: group
 /// 0's, the config's). Group 0 exists from the start and holds every tensor until

@@ -24,6 +24,11 @@ pub enum SamStatus {
     /// weights exactly, and skipped the base update (its state and step count untouched). A
     /// loss-scaled loop lowers its scale and goes on.
     SAM_STEP_SKIPPED = 1,
+    /// Not an error: the step schedule made this a single-gradient step (`sam_first_step`). The
+    /// weights were not moved: skip the second forward/backward and call `sam_second_step` now,
+    /// which applies the base update with the gradient already in the buffers (and, under
+    /// LookSAM, the reused direction). Never returned with `SAM_SCHEDULE_EVERY`.
+    SAM_STEP_SINGLE_GRADIENT = 2,
     /// A required pointer argument was NULL.
     SAM_ERR_NULL_POINTER = -1,
     /// An argument had a value the call cannot accept; the message names it.
@@ -97,10 +102,39 @@ pub const SAM_PART_PARAM: SamTensorPart = 0;
 /// The gradient `g`.
 pub const SAM_PART_GRAD: SamTensorPart = 1;
 
+/// Which steps are SAM steps and which take a single gradient: one of the `SAM_SCHEDULE_*` values
+/// (`t` counts the steps from 0; each value cites its paper).
+pub type SamSchedule = u32;
+
+/// Every step is a SAM step (the default: plain SAM).
+pub const SAM_SCHEDULE_EVERY: SamSchedule = 0;
+
+/// SAM when `t mod schedule_k == 0`, else a single-gradient step with the plain gradient
+/// (MosaicML Composer's `SAMAlgorithm(interval=k)`).
+pub const SAM_SCHEDULE_INTERVAL: SamSchedule = 1;
+
+/// SAM with probability `schedule_p`, a Bernoulli trial per step from a SplitMix64 generator
+/// seeded with `schedule_seed` (RST / SS-SAM, Zhao et al. 2022, arXiv 2203.09962); else the
+/// plain gradient.
+pub const SAM_SCHEDULE_RANDOM: SamSchedule = 2;
+
+/// LookSAM (Liu et al. 2022, arXiv 2203.02714): SAM when `t mod schedule_k == 0`, keeping the
+/// part `g_v` of the perturbed gradient orthogonal to the gradient (one f32 buffer per
+/// parameter); other steps use `g + looksam_alpha (||g|| / ||g_v||) g_v`. Not with ASAM or GSAM. Without a built-in base
+/// optimizer, every gradient must be registered writable (`SAM_REGISTER_GRAD_WRITABLE`): the
+/// single-gradient step leaves that direction in the gradient buffers for the host's optimizer.
+pub const SAM_SCHEDULE_LOOKSAM: SamSchedule = 3;
+
+/// AE-SAM (Jiang et al. 2023, arXiv 2304.14647): SAM when `||g||^2 >= mu + c_t sqrt(s)` (moving mean `mu` and variance `s` of
+/// `||g||^2` with forgetting rate `aesam_delta`, `c_t` linear from `aesam_lambda1` to
+/// `aesam_lambda2` over `aesam_planned_steps`), else the plain gradient.
+pub const SAM_SCHEDULE_AESAM: SamSchedule = 4;
+
 /// Flags of `sam_register_host_ex`, or-ed together.
 pub type SamRegisterFlags = u32;
-/// samopt may write the gradient buffer (the only such write: the mean gradient of per-shard SAM
-/// without a built-in base optimizer). Without it, registered gradients are only read.
+/// samopt may write the gradient buffer. It does so in two cases only, both without a built-in
+/// base optimizer: the mean gradient of per-shard SAM, and LookSAM's direction on its
+/// single-gradient steps. Without the flag, registered gradients are only read.
 pub const SAM_REGISTER_GRAD_WRITABLE: SamRegisterFlags = 1;
 
 /// An optimizer handle: create with `sam_create`, free with `sam_destroy`.

@@ -513,3 +513,162 @@ pub(crate) unsafe fn first_non_finite(t: &HostTensor, adaptive: bool) -> Option<
         }
     }
 }
+
+// ---- Step schedules: LookSAM's g_v, and the single-gradient step ----
+
+dispatch! {
+    /// [`look_store_segment_any`] for `isa`.
+    ///
+    /// # Safety
+    /// As [`look_store_segment_any`]; `isa` must come from [`Isa::detect`].
+    unsafe fn look_store_segment(slot: &Slot, seg: &Segment, bufs: Buffers, look: usize, c: f32) -> f64 = look_store_segment_any
+}
+
+dispatch! {
+    /// [`update_single_segment_any`] for `isa`.
+    ///
+    /// # Safety
+    /// As [`update_single_segment_any`]; `isa` must come from [`Isa::detect`].
+    unsafe fn update_single_segment(slot: &Slot, seg: &Segment, bufs: Buffers, job: &UpdateJob<'_>, look: Option<usize>) = update_single_segment_any
+}
+
+dispatch! {
+    /// [`look_direction_segment_any`] for `isa`.
+    ///
+    /// # Safety
+    /// As [`look_direction_segment_any`]; `isa` must come from [`Isa::detect`].
+    unsafe fn look_direction_segment(slot: &Slot, seg: &Segment, bufs: Buffers, look: usize, c: f32) = look_direction_segment_any
+}
+
+/// The segment's f32 state vector `k` (0: momentum or Adam's first moment, 1: Adam's second
+/// moment, then LookSAM's `g_v`).
+///
+/// # Safety
+/// The segment lies inside its tensor, the state holds vector `k`, and no other thread touches
+/// the range meanwhile.
+#[inline(always)]
+unsafe fn state_slice<'a>(slot: &Slot, seg: &Segment, bufs: Buffers, k: usize) -> &'a mut [f32] {
+    unsafe { std::slice::from_raw_parts_mut(bufs.state.at(slot.state + k * slot.host.len + seg.start), seg.len) }
+}
+
+/// LookSAM on a SAM step: `g_v = g' - c * g` (f32), with `g'` the second gradient, `g` the first
+/// one kept by the perturbation and `c = (g . g') / ||g||^2`, into state vector `look`; returns
+/// the segment's `||g_v||^2` (f64 over eight lanes, as the norm pass).
+///
+/// # Safety
+/// As [`segment_slices`], and the first gradient was kept (`bufs.first` is set); the segment's
+/// state range is this caller's alone.
+#[inline(always)]
+unsafe fn look_store_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, look: usize, c: f32) -> f64 {
+    #[inline(always)]
+    unsafe fn typed<T: Element>(slot: &Slot, seg: &Segment, bufs: Buffers, look: usize, c: f32) -> f64 {
+        let (_, g2) = unsafe { segment_slices::<T>(&slot.host, seg) };
+        let (_, g1) = unsafe { engine_slices::<T>(slot, seg, bufs) };
+        let g1: &[T] = g1.expect("LookSAM keeps the first gradient");
+        let gv = unsafe { state_slice(slot, seg, bufs, look) };
+        let (mut f2, mut f1) = ([0f32; BLOCK], [0f32; BLOCK]);
+        let mut sum = 0.0;
+        for ((b2, b1), vb) in g2.chunks(BLOCK).zip(g1.chunks(BLOCK)).zip(gv.chunks_mut(BLOCK)) {
+            let n = b2.len();
+            T::widen(b2, &mut f2[..n]);
+            T::widen(b1, &mut f1[..n]);
+            for ((v, &x2), &x1) in vb.iter_mut().zip(&f2[..n]).zip(&f1[..n]) {
+                *v = x2 - c * x1;
+            }
+            sum += sum_sq(vb, vb, false, 0.0);
+        }
+        sum
+    }
+    unsafe {
+        match slot.host.dtype {
+            DType::F32 => typed::<f32>(slot, seg, bufs, look, c),
+            DType::F16 => typed::<f16>(slot, seg, bufs, look, c),
+            DType::BF16 => typed::<bf16>(slot, seg, bufs, look, c),
+        }
+    }
+}
+
+/// A single-gradient step's base update over one segment: `w` read in place (nothing was
+/// perturbed), the direction `a * g - b * g_v` from the gradient and (LookSAM, state vector
+/// `look`) `g_v`, with `b = -(the reuse coefficient)`, through the same [`fused`] arithmetic as a
+/// SAM step's update.
+///
+/// # Safety
+/// As [`segment_slices`]; the segment's state ranges are this caller's alone.
+#[inline(always)]
+unsafe fn update_single_segment_any(
+    slot: &Slot,
+    seg: &Segment,
+    bufs: Buffers,
+    job: &UpdateJob<'_>,
+    look: Option<usize>,
+) {
+    #[inline(always)]
+    unsafe fn typed<T: Element>(slot: &Slot, seg: &Segment, bufs: Buffers, job: &UpdateJob<'_>, look: Option<usize>) {
+        let (w, g) = unsafe { segment_slices::<T>(&slot.host, seg) };
+        let adamw = job.base == BaseOptimizer::AdamW;
+        let mut m: &mut [f32] = if job.has_state { unsafe { state_slice(slot, seg, bufs, 0) } } else { &mut [] };
+        let mut v: &mut [f32] = if adamw { unsafe { state_slice(slot, seg, bufs, 1) } } else { &mut [] };
+        let mut gv: &[f32] = match look {
+            Some(k) => unsafe { state_slice(slot, seg, bufs, k) },
+            None => &[],
+        };
+        let (s, t) = (job.step, job.tensor);
+        let (mut wf, mut out, mut f2) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+        let (mut w, mut g) = (w, g);
+        while !w.is_empty() {
+            let n = w.len().min(BLOCK);
+            let part = |len: usize| if len == 0 { 0 } else { n };
+            let (nm, nv, ng) = (part(m.len()), part(v.len()), part(gv.len()));
+            T::widen(&w[..n], &mut wf[..n]);
+            T::widen(&g[..n], &mut f2[..n]);
+            let (mb, mr) = std::mem::take(&mut m).split_at_mut(nm);
+            let (vb, vr) = std::mem::take(&mut v).split_at_mut(nv);
+            fused(&mut out[..n], &wf[..n], &f2[..n], &gv[..ng], mb, vb, adamw, s, t);
+            let (wb, wr) = std::mem::take(&mut w).split_at_mut(n);
+            T::narrow(&out[..n], wb);
+            (w, m, v) = (wr, mr, vr);
+            (g, gv) = (&g[n..], &gv[ng..]);
+        }
+    }
+    unsafe {
+        match slot.host.dtype {
+            DType::F32 => typed::<f32>(slot, seg, bufs, job, look),
+            DType::F16 => typed::<f16>(slot, seg, bufs, job, look),
+            DType::BF16 => typed::<bf16>(slot, seg, bufs, job, look),
+        }
+    }
+}
+
+/// LookSAM without a built-in base optimizer, on a single-gradient step: `g <- g + c * g_v` in the
+/// host's gradient buffer (rounded to its dtype), so that the host's optimizer steps with
+/// LookSAM's direction.
+///
+/// # Safety
+/// The gradient buffer was registered writable (the engine checked it); the ranges are this
+/// caller's alone.
+#[inline(always)]
+unsafe fn look_direction_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, look: usize, c: f32) {
+    #[inline(always)]
+    unsafe fn typed<T: Element>(slot: &Slot, seg: &Segment, bufs: Buffers, look: usize, c: f32) {
+        let g =
+            unsafe { std::slice::from_raw_parts_mut(slot.host.grad.cast_mut().cast::<T>().add(seg.start), seg.len) };
+        let gv = unsafe { state_slice(slot, seg, bufs, look) };
+        let mut gf = [0f32; BLOCK];
+        for (gb, vb) in g.chunks_mut(BLOCK).zip(gv.chunks(BLOCK)) {
+            let n = gb.len();
+            T::widen(gb, &mut gf[..n]);
+            for (x, &v) in gf[..n].iter_mut().zip(vb) {
+                *x += c * v;
+            }
+            T::narrow(&gf[..n], gb);
+        }
+    }
+    unsafe {
+        match slot.host.dtype {
+            DType::F32 => typed::<f32>(slot, seg, bufs, look, c),
+            DType::F16 => typed::<f16>(slot, seg, bufs, look, c),
+            DType::BF16 => typed::<bf16>(slot, seg, bufs, look, c),
+        }
+    }
+}

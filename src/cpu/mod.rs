@@ -27,7 +27,8 @@ use crate::math::{Perturbation, TensorStep, UpdateStep};
 mod kernels;
 pub(crate) use kernels::{Isa, first_non_finite};
 use kernels::{
-    UpdateJob, accumulate_segment, mean_segment, norm_segment, perturb_segment, reduce_segment, update_segment,
+    UpdateJob, accumulate_segment, look_direction_segment, look_store_segment, mean_segment, norm_segment,
+    perturb_segment, reduce_segment, update_segment, update_single_segment,
 };
 
 /// Elements per unit of parallel work.
@@ -113,10 +114,18 @@ pub(crate) struct CpuEngine {
     /// Whether the next `second_reduce` and `update` read `mean_slots` (cleared by them, by
     /// `restore` and `perturb`).
     use_mean: bool,
+    /// GSAM: the update's direction reads the first gradient.
     gsam: bool,
+    /// GSAM or LookSAM: the perturbation keeps a copy of the first gradient.
+    keep_first: bool,
     base: BaseOptimizer,
-    /// f32 state per element: 0 (none, or SGD without momentum), 1 (momentum), 2 (Adam).
+    /// f32 state per element: the base optimizer's (0 none or SGD without momentum, 1 momentum,
+    /// 2 Adam), then LookSAM's `g_v` (1).
     state_per_elem: usize,
+    /// The base optimizer's share of `state_per_elem`.
+    base_state: usize,
+    /// LookSAM: `g_v` is state vector `base_state` of each tensor.
+    look: bool,
     state: Vec<f32>,
     /// Per-chunk partial sums of the second step's reduction: `(||g'||^2, g . g')`.
     partials2: Vec<[f64; 2]>,
@@ -211,11 +220,6 @@ impl CpuEngine {
     /// A CPU engine with `config.threads` workers (0: one per available core), holding the state
     /// the configured base optimizer needs.
     pub fn new(config: &Config) -> Result<CpuEngine> {
-        let state_per_elem = match config.base {
-            BaseOptimizer::None => 0,
-            BaseOptimizer::Sgd => (config.momentum != 0.0) as usize,
-            BaseOptimizer::AdamW => 2,
-        };
         Ok(CpuEngine {
             pool: Workers::new(config.threads)?,
             isa: Isa::detect(),
@@ -227,8 +231,11 @@ impl CpuEngine {
             mean_slots: Vec::new(),
             use_mean: false,
             gsam: config.gsam_alpha.is_some(),
+            keep_first: config.keeps_first_grad(),
             base: config.base,
-            state_per_elem,
+            state_per_elem: config.state_per_element(),
+            base_state: config.base_state_per_element(),
+            look: config.looksam(),
             state: Vec::new(),
             partials2: Vec::new(),
             acc: Vec::new(),
@@ -248,7 +255,7 @@ impl CpuEngine {
     fn buffers(&mut self) -> Buffers {
         Buffers {
             backup: Shared(self.backup.as_mut_ptr()),
-            first: self.gsam.then_some(Shared(self.first_grads.as_mut_ptr())),
+            first: self.keep_first.then_some(Shared(self.first_grads.as_mut_ptr())),
             state: Shared(self.state.as_mut_ptr()),
         }
     }
@@ -281,7 +288,7 @@ impl Passes for CpuEngine {
         let backup_word = self.backup.len();
         // Reserve everything before changing anything, so a failure leaves the engine as it was.
         let new_chunks = host.len.div_ceil(CHUNK) + 1;
-        let first_words = if self.gsam { words } else { 0 };
+        let first_words = if self.keep_first { words } else { 0 };
         let state_len = self.state_per_elem * host.len;
         self.backup
             .try_reserve_exact(words)
@@ -436,8 +443,12 @@ impl Passes for CpuEngine {
     }
 
     fn update(&mut self, step: &UpdateStep, tensors: &[TensorStep]) -> Result<()> {
-        let (isa, bufs, base) = (self.isa, self.buffers(), self.base);
-        let has_state = self.state_per_elem > 0;
+        let (isa, mut bufs, base) = (self.isa, self.buffers(), self.base);
+        // Only GSAM's direction reads the first gradient (LookSAM keeps it for `look_store`).
+        if !self.gsam {
+            bufs.first = None;
+        }
+        let has_state = self.base_state > 0;
         let this = &*self;
         let slots = if self.use_mean { &self.mean_slots } else { &self.slots };
         this.pool.install(|| {
@@ -451,6 +462,56 @@ impl Passes for CpuEngine {
             })
         });
         self.use_mean = false;
+        Ok(())
+    }
+
+    fn look_store(&mut self, c: f32) -> Result<f64> {
+        let (isa, bufs, look) = (self.isa, self.buffers(), self.base_state);
+        let slots = &self.slots;
+        let segments = &self.segments;
+        let chunks = &self.chunks;
+        self.pool.install(|| {
+            self.partials.par_iter_mut().zip(chunks.par_iter()).for_each(|(partial, chunk)| {
+                let mut sum = 0.0;
+                for seg in &segments[chunk.clone()] {
+                    // SAFETY: the segment lies inside its tensor; chunks are disjoint, so each
+                    // worker writes its own range of g_v.
+                    sum += unsafe { look_store_segment(isa, &slots[seg.tensor], seg, bufs, look, c) };
+                }
+                *partial = sum;
+            })
+        });
+        Ok(self.partials.iter().sum())
+    }
+
+    fn update_single(&mut self, step: &UpdateStep, tensors: &[TensorStep], with_gv: bool) -> Result<()> {
+        let (isa, bufs, base) = (self.isa, self.buffers(), self.base);
+        let has_state = self.base_state > 0;
+        let look = (self.look && with_gv).then_some(self.base_state);
+        let this = &*self;
+        this.pool.install(|| {
+            this.chunks.par_iter().for_each(|chunk| {
+                for seg in this.chunk_segments(chunk) {
+                    let job = UpdateJob { step, tensor: &tensors[seg.tensor], base, has_state };
+                    // SAFETY: disjoint ranges of the tensor and its state.
+                    unsafe { update_single_segment(isa, &this.slots[seg.tensor], seg, bufs, &job, look) };
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn look_direction(&mut self, c: f32) -> Result<()> {
+        let (isa, bufs, look) = (self.isa, self.buffers(), self.base_state);
+        let this = &*self;
+        this.pool.install(|| {
+            this.chunks.par_iter().for_each(|chunk| {
+                for seg in this.chunk_segments(chunk) {
+                    // SAFETY: the engine checked that every gradient is writable; disjoint ranges.
+                    unsafe { look_direction_segment(isa, &this.slots[seg.tensor], seg, bufs, look, c) };
+                }
+            })
+        });
         Ok(())
     }
 
@@ -571,7 +632,7 @@ mod tests {
                         .add_host(HostTensor { param: w.as_mut_ptr().cast(), grad: g.as_ptr().cast(), len: n, dtype })
                         .unwrap();
                     let sum = engine.ascent_norm(&config).unwrap().sum_sq;
-                    engine.perturb(&Perturbation::new(&config, sum.sqrt())).unwrap();
+                    engine.perturb(&Perturbation::new(&config, config.rho, sum.sqrt())).unwrap();
                     results.push((sum.to_bits(), w));
                 }
                 assert!(results[0] == results[1], "{dtype:?} adaptive {adaptive} {norm:?}");

@@ -21,8 +21,11 @@ use crate::gpu::GpuEngine;
 use crate::math::TensorStep;
 
 mod registry;
+mod schedule;
 mod snapshot;
 mod steps;
+
+use schedule::ScheduleState;
 
 /// Identifies a registered tensor: its index in registration order, from 0.
 pub type TensorId = u32;
@@ -30,6 +33,18 @@ pub type TensorId = u32;
 /// Identifies a parameter group: 0 is the default group, further ones come from
 /// [`Optimizer::add_group`].
 pub type GroupId = u32;
+
+/// What a successful first step did, as the step schedule decided ([`Config::schedule`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirstStep {
+    /// A SAM step: the weights are at `w + e(w)`; the host computes the gradient there, then
+    /// calls the second step.
+    Perturbed,
+    /// A single-gradient step: the weights were not moved. The host skips the second
+    /// forward/backward and calls the second step now, which applies the base update with the
+    /// schedule's direction (C: `SAM_STEP_SINGLE_GRADIENT`).
+    SingleGradient,
+}
 
 /// What a successful second step did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +77,8 @@ pub enum Phase {
     /// Per-shard SAM: at `w` again, with perturbed gradients accumulated; the next shard's first
     /// step, or the second step that applies their mean, follows.
     Accumulating,
+    /// A single-gradient step: at `w` (not perturbed); the second step applies the update.
+    Single,
 }
 
 /// An all-reduce over the workers of a data-parallel job: sums `values` in place across them.
@@ -119,8 +136,16 @@ pub struct Optimizer {
     last_norm: Option<f64>,
     /// The norm of the last second gradient, before clipping.
     last_second_norm: Option<f64>,
-    /// Completed SAM steps whose second step was not skipped.
+    /// Completed steps whose second step was not skipped (SAM and single-gradient steps).
     steps: u64,
+    /// The current rho ([`Optimizer::set_rho`]); `config.rho` is the configured one.
+    rho: f64,
+    /// The step schedule's counters and statistics.
+    schedule: ScheduleState,
+    /// This step's global squared ascent norm and (LookSAM) global `||g_v||^2`, from the first
+    /// step, for the second.
+    step_grad_sq: f64,
+    step_gv_sq: Option<f64>,
     groups: Vec<Group>,
     /// The current learning rate (groups scale it).
     lr: f64,
@@ -181,8 +206,13 @@ impl Optimizer {
             Backend::Gpu => Some(Box::new(GpuEngine::new(&config)?)),
             Backend::Auto => None,
         };
-        let (weight_decay, lr) = (config.effective_weight_decay(), config.lr);
+        let (weight_decay, lr, rho) = (config.effective_weight_decay(), config.lr, config.rho);
+        let schedule = ScheduleState::new(&config.schedule);
         Ok(Optimizer {
+            rho,
+            schedule,
+            step_grad_sq: 0.0,
+            step_gv_sq: None,
             backend: config.backend,
             config,
             passes,
@@ -330,10 +360,22 @@ impl Optimizer {
         self.tensors.get(id as usize).map(|t| (t.len, t.dtype))
     }
 
-    /// Number of completed SAM steps: second steps that were not [skipped](SecondStep::Skipped).
-    /// With a built-in base optimizer, the number of updates applied, as PyTorch counts them.
+    /// Number of completed steps, SAM and single-gradient: second steps that were not
+    /// [skipped](SecondStep::Skipped). With a built-in base optimizer, the number of updates
+    /// applied, as PyTorch counts them.
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// Completed SAM steps (two gradients), of [`steps`](Self::steps).
+    pub fn sam_steps(&self) -> u64 {
+        self.schedule.sam_steps
+    }
+
+    /// Completed single-gradient steps (one gradient), of [`steps`](Self::steps). Gradient
+    /// evaluations so far: `2 * sam_steps() + single_steps()`.
+    pub fn single_steps(&self) -> u64 {
+        self.schedule.single_steps
     }
 
     /// The L2 norm `||T_w * g||_2` of the last successful first step, over every registered
@@ -373,15 +415,17 @@ impl Optimizer {
             Phase::Accumulating => Err(Error::state(format!(
                 "cannot {action} between shards: finish the accumulation with second_step first"
             ))),
+            Phase::Single => Err(Error::state(format!(
+                "cannot {action} during a single-gradient step: call second_step first (the first step \
+                 returned single-gradient: the weights were not moved)"
+            ))),
         }
     }
 
     /// A first step (or its norm) may start at `w`: idle, or between shards.
     fn expect_step_start(&self, action: &str) -> Result<()> {
         match self.phase {
-            Phase::Perturbed => {
-                Err(Error::state(format!("cannot {action} while the weights are perturbed: call second_step first")))
-            }
+            Phase::Perturbed | Phase::Single => self.expect_idle(action),
             Phase::Idle | Phase::Accumulating => Ok(()),
         }
     }

@@ -1,8 +1,9 @@
 //! The optimizer's side of checkpoints: what it saves, and the checks before a load replaces
 //! its state (the format itself is `crate::checkpoint`).
 
+use super::ScheduleState;
 use super::{Group, Optimizer};
-use crate::checkpoint::{self, Expected, Snapshot, TensorRecord};
+use crate::checkpoint::{self, Expected, ScheduleRecord, Snapshot, TensorRecord};
 use crate::config::BaseOptimizer;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -51,6 +52,16 @@ impl Optimizer {
             groups: self.groups.iter().map(|g| (g.lr_scale, g.weight_decay)).collect(),
             tensors: self.records(),
             state,
+            schedule: Some(ScheduleRecord {
+                rho: self.rho,
+                t: self.schedule.t,
+                rng: self.schedule.rng,
+                mean: self.schedule.mean,
+                var: self.schedule.var,
+                sam_steps: self.schedule.sam_steps,
+                single_steps: self.schedule.single_steps,
+                gv_local_sq: self.schedule.gv_local_sq,
+            }),
         };
         checkpoint::encode(&snapshot, self.config.fingerprint(), &mut out[..size]);
         Ok(size)
@@ -71,8 +82,9 @@ impl Optimizer {
             state: self.state_len(),
         };
         let s = checkpoint::decode(bytes, &want)?;
+        let per = self.config.state_per_element();
         if self.config.base == BaseOptimizer::AdamW {
-            // Adam's second moments, each tensor's second half of its state, are >= 0.
+            // Adam's second moments, each tensor's second state vector, are >= 0.
             let mut at = 0;
             for (k, t) in self.tensors.iter().enumerate() {
                 let v = &s.state[at + t.len..at + 2 * t.len];
@@ -82,15 +94,41 @@ impl Optimizer {
                         format!("invalid value: tensor {k}, element {i}: Adam's second moment {} is negative", v[i]),
                     ));
                 }
-                at += 2 * t.len;
+                at += per * t.len;
             }
         }
+        let schedule = match s.schedule {
+            Some(r) => {
+                if r.gv_local_sq.is_some() && !self.config.looksam() {
+                    return Err(Error::new(ErrorKind::Io, "invalid value: a LookSAM g_v norm without LookSAM"));
+                }
+                let state = ScheduleState {
+                    t: r.t,
+                    rng: r.rng,
+                    mean: r.mean,
+                    var: r.var,
+                    sam_steps: r.sam_steps,
+                    single_steps: r.single_steps,
+                    gv_local_sq: r.gv_local_sq,
+                };
+                (r.rho, state)
+            }
+            // Version 1: plain SAM (the fingerprint matched, so the schedule is `every`), every
+            // completed step a SAM step, at the configured rho.
+            None => {
+                let mut state = ScheduleState::new(&self.config.schedule);
+                state.t = s.steps;
+                state.sam_steps = s.steps;
+                (self.config.rho, state)
+            }
+        };
         if !s.state.is_empty() {
             // Creates the backend under AUTO (the optimizer has registrations, so it exists).
             self.passes()?.import_state(&s.state)?;
         }
         self.steps = s.steps;
         self.lr = s.lr;
+        (self.rho, self.schedule) = schedule;
         self.last_norm = s.last_norm;
         self.last_second_norm = s.last_second_norm;
         for (g, &(lr_scale, weight_decay)) in self.groups.iter_mut().zip(&s.groups) {

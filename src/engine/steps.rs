@@ -1,44 +1,91 @@
 //! The steps of SAM: the first step (norm, perturbation), the distributed variants, the second
 //! step (restore, or restore fused with the base update), and the learning rate.
 
-use super::{AllReduce, Fault, Optimizer, Phase, SecondStep};
+use super::{AllReduce, Fault, FirstStep, Optimizer, Phase, SecondStep};
 use crate::backend::SecondNorm;
-use crate::config::BaseOptimizer;
+use crate::config::{BaseOptimizer, Schedule};
 use crate::error::{Error, ErrorKind, Result};
 use crate::math::{Perturbation, TensorStep, UpdateStep};
 
 impl Optimizer {
-    /// The ascent: computes one global norm over every registered gradient, then moves every
-    /// parameter to `w + e(w)`, saving `w`.
+    /// The ascent: computes one global norm over every registered gradient, then, on a SAM step,
+    /// moves every parameter to `w + e(w)`, saving `w`. The step schedule
+    /// ([`Config::schedule`](crate::Config::schedule)) decides from that norm whether this is a
+    /// SAM step ([`FirstStep::Perturbed`]: the host computes the gradient at the perturbed
+    /// weights) or a single-gradient step ([`FirstStep::SingleGradient`]: nothing moved; the host
+    /// skips its second forward/backward and calls [`second_step`](Self::second_step) now). With
+    /// the default schedule every step is a SAM step.
     ///
     /// A NaN or infinity in any gradient (under ASAM, in any weight too) is found by the norm pass
     /// itself; the call then returns [`ErrorKind::NonFinite`] and no parameter is touched, so a
-    /// loss-scaled loop can lower its scale and retry.
+    /// loss-scaled loop can lower its scale and retry. A failed call takes no decision.
     ///
     /// With an all-reduce installed ([`set_allreduce`](Self::set_allreduce)) every call joins the
     /// exchange exactly once, whatever fails locally (wrong phase, no tensor, a device error, a
     /// non-finite gradient): the failing worker contributes NaN, so every worker refuses the step
-    /// together and none is left waiting in the collective.
-    pub fn first_step(&mut self) -> Result<()> {
+    /// together and none is left waiting in the collective. Every worker decides from the same
+    /// global numbers, so all take the same kind of step.
+    pub fn first_step(&mut self) -> Result<FirstStep> {
+        let look = self.config.looksam();
         if self.allreduce.is_none() {
+            self.check_schedule_start()?;
             let sum_sq = self.checked_local_norm("take a first step")?;
-            return self.perturb_with(sum_sq.sqrt());
+            let gv = self.schedule.gv_local_sq;
+            return self.begin_step(sum_sq, gv);
         }
-        let local = self.checked_local_norm("take a first step");
-        let mut sum_sq = [*local.as_ref().unwrap_or(&f64::NAN)];
-        let exchanged = self.exchange(&mut sum_sq);
+        let local = self.check_schedule_start().and_then(|()| self.checked_local_norm("take a first step"));
+        // LookSAM's reuse needs the global ||g_v|| too: a second number in the same exchange.
+        let mut v = [*local.as_ref().unwrap_or(&f64::NAN), self.schedule.gv_local_sq.unwrap_or(0.0)];
+        let n = if look { 2 } else { 1 };
+        let exchanged = self.exchange(&mut v[..n]);
         // This worker's own failure says more than the NaN it caused.
         let local = local?;
         exchanged?;
-        if !sum_sq[0].is_finite() {
+        if !v[0].is_finite() || !v[1].is_finite() {
             return Err(Error::new(
                 ErrorKind::NonFinite,
                 "the global gradient norm is NaN or infinite: another worker's gradient holds NaN or infinity, \
                  or its first step failed; no parameter was changed",
             ));
         }
-        self.check_global(sum_sq[0], local, "the all-reduced squared norm")?;
-        self.perturb_with(sum_sq[0].sqrt())
+        self.check_global(v[0], local, "the all-reduced squared norm")?;
+        let gv = self.schedule.gv_local_sq.map(|_| v[1]);
+        self.begin_step(v[0], gv)
+    }
+
+    /// What the schedule needs before a step may start: LookSAM without a built-in base optimizer
+    /// writes its direction into the gradient buffers, so every gradient must be writable.
+    fn check_schedule_start(&self) -> Result<()> {
+        if self.config.looksam()
+            && self.config.base == BaseOptimizer::None
+            && let Some(k) = self.tensors.iter().position(|t| !t.grad_writable)
+        {
+            return Err(Error::state(format!(
+                "schedule = looksam without a built-in base optimizer writes LookSAM's direction into the gradient \
+                 buffers for the host's optimizer, but tensor {k}'s gradient was registered read-only: register it \
+                 with a writable gradient (sam_register_host_ex with SAM_REGISTER_GRAD_WRITABLE), or use a built-in \
+                 base optimizer"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Decides the step from the global squared norm (and LookSAM's global `||g_v||^2`), then
+    /// perturbs on a SAM step. The decision is kept only when the step started.
+    fn begin_step(&mut self, grad_sq: f64, gv_sq: Option<f64>) -> Result<FirstStep> {
+        let mut next = self.schedule;
+        let sam = next.decide(&self.config.schedule, grad_sq);
+        if sam {
+            self.perturb_with(grad_sq.sqrt())?;
+        } else {
+            self.last_norm = Some(grad_sq.sqrt());
+            self.local_sum_sq = None;
+            self.phase = Phase::Single;
+        }
+        self.schedule = next;
+        self.step_grad_sq = grad_sq;
+        self.step_gv_sq = gv_sq;
+        Ok(if sam { FirstStep::Perturbed } else { FirstStep::SingleGradient })
     }
 
     /// The local squared norm `sum (T_w g)^2` over this optimizer's tensors: the norm pass, with
@@ -80,7 +127,7 @@ impl Optimizer {
 
     pub(super) fn perturb_with(&mut self, norm: f64) -> Result<()> {
         let (config, passes) = (&self.config, self.passes.as_mut().expect("a norm pass ran"));
-        passes.perturb(&Perturbation::new(config, norm))?;
+        passes.perturb(&Perturbation::new(config, self.rho, norm))?;
         self.last_norm = Some(norm);
         self.local_sum_sq = None;
         self.phase = Phase::Perturbed;
@@ -107,8 +154,18 @@ impl Optimizer {
     /// The gradients must not change between the two calls: the local norm of the first is
     /// reused, so the gradients are read once. Without a preceding `local_sq_norm` (or after a
     /// registration since), the local norm pass runs here.
-    pub fn first_step_with_norm(&mut self, global_norm: f64) -> Result<()> {
+    /// The step schedule decides as in [`first_step`](Self::first_step), from `global_norm`.
+    /// LookSAM is refused here ([`ErrorKind::Unsupported`]): its reuse needs global sums this path
+    /// does not exchange; install an all-reduce with [`set_allreduce`](Self::set_allreduce) instead.
+    pub fn first_step_with_norm(&mut self, global_norm: f64) -> Result<FirstStep> {
         self.expect_step_start("take a first step")?;
+        if self.config.looksam() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "schedule = looksam with first_step_with_norm: LookSAM needs the global ||g_v|| and g.g' as well; \
+                 install the all-reduce (set_allreduce / sam_set_allreduce) and call first_step",
+            ));
+        }
         if !global_norm.is_finite() {
             return Err(Error::new(
                 ErrorKind::NonFinite,
@@ -125,7 +182,7 @@ impl Optimizer {
             None => self.checked_local_norm("take a first step")?,
         };
         self.check_global(global_norm * global_norm, local, "global_norm^2")?;
-        self.perturb_with(global_norm)
+        self.begin_step(global_norm * global_norm, None)
     }
 
     /// Installs the host's all-reduce for parameters sharded across workers: from then on
@@ -154,11 +211,21 @@ impl Optimizer {
     /// ([`register_host_writable_raw`](Self::register_host_writable_raw)), checked here at the
     /// first shard, before anything changes.
     pub fn accumulate_step(&mut self) -> Result<()> {
-        if self.phase != Phase::Perturbed {
+        if self.phase != Phase::Perturbed && self.phase != Phase::Single {
             return Err(Error::state("accumulate_step without a first step: call first_step for the shard first"));
         }
         if self.config.gsam_alpha.is_some() {
             return Err(Error::new(ErrorKind::Unsupported, "per-shard accumulation with GSAM is not supported"));
+        }
+        if self.config.schedule != Schedule::Every {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "per-shard accumulation with schedule = {}: the shards of one step would take separate \
+                     decisions; per-shard SAM needs schedule = every",
+                    self.config.schedule.name()
+                ),
+            ));
         }
         if self.config.base == BaseOptimizer::None
             && let Some(k) = self.tensors.iter().position(|t| !t.grad_writable)
@@ -183,22 +250,26 @@ impl Optimizer {
 
     /// The second step: restores every parameter to exactly the bits it had before the first step
     /// and, with a built-in base optimizer, updates it with the gradient the host computed at the
-    /// perturbed point, in the same pass.
+    /// perturbed point, in the same pass. After a single-gradient first step there is nothing to
+    /// restore: the base optimizer steps with the schedule's direction (`g`, or LookSAM's
+    /// `g + alpha (||g|| / ||g_v||) g_v`), and without one the host's optimizer does (LookSAM
+    /// leaves its direction in the writable gradient buffers).
     ///
     /// With a base optimizer the second gradient is first reduced (its norm for clipping, its dot
-    /// product with the first gradient for GSAM, and a finiteness check); a NaN or infinity there
-    /// makes the step [`SecondStep::Skipped`]: restored, no update, state untouched. Without one,
-    /// the host runs its own optimizer afterwards.
+    /// product with the first gradient for GSAM and LookSAM, and a finiteness check); a NaN or
+    /// infinity there makes the step [`SecondStep::Skipped`]: restored, no update, state untouched.
+    /// Without one, the host runs its own optimizer afterwards.
     ///
     /// If the fused update fails (a device error), the weights are restored to `w` when the
     /// backend still can, the step is over (a retry is refused, so momentum is never applied
     /// twice) and not counted; the base optimizer's state may be partly updated on a device that
     /// failed midway, so the error says to load a checkpoint to continue exactly.
     pub fn second_step(&mut self) -> Result<SecondStep> {
-        // Sharded parameters: the reduction of g' spans the workers too, so that clipping, GSAM
-        // and the decision to skip are the same on every worker. Every call joins that exchange
-        // once, contributing NaN when it fails locally, as the first step does.
-        let exchange = self.allreduce.is_some() && self.config.base != BaseOptimizer::None;
+        // Sharded parameters: the reduction of g' spans the workers too, so that clipping, GSAM,
+        // LookSAM and the decision to skip are the same on every worker. Every call joins that
+        // exchange once, contributing NaN when it fails locally, as the first step does.
+        let exchange = self.allreduce.is_some() && (self.config.base != BaseOptimizer::None || self.config.looksam());
+        let single = self.phase == Phase::Single;
         let reduced = self.second_reduction();
         if exchange {
             let mut v = match &reduced {
@@ -206,28 +277,37 @@ impl Optimizer {
                 _ => [f64::NAN; 2],
             };
             let exchanged = self.exchange(&mut v);
-            // With a base optimizer the reduction is `Some` when it succeeds.
+            // With an exchange the reduction is `Some` when it succeeds.
             let failed = match (reduced, exchanged) {
                 (Err(e), _) | (Ok(_), Err(e)) => Some(e),
                 (Ok(_), Ok(())) => None,
             };
             if let Some(e) = failed {
                 // The step ends here on every worker: the others see NaN and skip it.
-                if self.phase != Phase::Idle {
+                if self.phase == Phase::Single {
+                    self.phase = Phase::Idle;
+                } else if self.phase != Phase::Idle {
                     self.phase = Phase::Idle;
                     self.shards = 0;
                     self.passes.as_mut().expect("a first step ran").restore()?;
                 }
                 return Err(e);
             }
-            return self.apply_update(SecondNorm { sum_sq: v[0], dot: v[1] });
+            let r = SecondNorm { sum_sq: v[0], dot: v[1] };
+            return if single { self.apply_single(r) } else { self.apply_update(r) };
         }
         match reduced? {
             None => {
                 self.phase = Phase::Idle;
                 self.steps += 1;
+                if single {
+                    self.schedule.single_steps += 1;
+                } else {
+                    self.schedule.sam_steps += 1;
+                }
                 Ok(SecondStep::Restored)
             }
+            Some(r) if single => self.apply_single(r),
             Some(r) => self.apply_update(r),
         }
     }
@@ -238,10 +318,18 @@ impl Optimizer {
         allreduce(values).map_err(|e| Error::new(ErrorKind::Callback, format!("the all-reduce failed: {e}")))
     }
 
+    /// Whether a single-gradient step's update needs the plain `||g||^2` from a reduction: the
+    /// first step's norm is `||T_w g||` under ASAM, and clipping needs `||g||`.
+    fn single_needs_plain_norm(&self) -> bool {
+        self.config.adaptive && self.config.max_grad_norm.is_some() && self.config.base != BaseOptimizer::None
+    }
+
     /// The second step up to its reduction: the phase check, the mean of accumulated shards, and
-    /// then either the plain restore (no base optimizer: `None`, the step is done but not yet
-    /// counted) or the reduction of g' (`Some`).
+    /// then either the plain restore (no base optimizer, no LookSAM: `None`, the step is done but
+    /// not yet counted) or the reduction of g' (`Some`). A single-gradient step reduces nothing
+    /// (`Some` of zeros) unless [`single_needs_plain_norm`](Self::single_needs_plain_norm).
     fn second_reduction(&mut self) -> Result<Option<SecondNorm>> {
+        let look = self.config.looksam();
         match self.phase {
             Phase::Idle => {
                 return Err(Error::state("second step without a first step: call first_step before second_step"));
@@ -251,6 +339,17 @@ impl Optimizer {
                     "{} shards are accumulated: accumulate the last shard with accumulate_step before second_step",
                     self.shards
                 )));
+            }
+            Phase::Single => {
+                if self.config.base == BaseOptimizer::None && !look {
+                    return Ok(None);
+                }
+                if self.single_needs_plain_norm() {
+                    self.take_fault(Fault::Reduce)?;
+                    let passes = self.passes.as_mut().expect("a first step ran");
+                    return passes.second_reduce(false).map(|r| Some(SecondNorm { sum_sq: r.sum_sq, dot: 0.0 }));
+                }
+                return Ok(Some(SecondNorm { sum_sq: 0.0, dot: 0.0 }));
             }
             _ => {}
         }
@@ -263,7 +362,7 @@ impl Optimizer {
             passes.write_mean(1.0 / self.shards as f32, config.base == BaseOptimizer::None)?;
             self.shards = 0;
         }
-        if config.base == BaseOptimizer::None {
+        if config.base == BaseOptimizer::None && !look {
             if !accumulated {
                 passes.restore()?;
             }
@@ -271,16 +370,50 @@ impl Optimizer {
         }
         self.take_fault(Fault::Reduce)?;
         let passes = self.passes.as_mut().expect("a first step ran");
-        passes.second_reduce(self.config.gsam_alpha.is_some()).map(Some)
+        passes.second_reduce(self.config.keeps_first_grad()).map(Some)
     }
 
-    /// The rest of a second step with a base optimizer, from the (global) reduction of g'.
+    /// LookSAM on a SAM step whose second gradient is finite: keeps `g_v`, the part of `g'`
+    /// orthogonal to the first gradient, for the single-gradient steps that follow.
+    fn keep_orthogonal(&mut self, reduced: &SecondNorm) -> Result<()> {
+        // g_v = g' - (g.g' / ||g||^2) g; a zero g has no direction to remove.
+        let c = if self.step_grad_sq > 0.0 { reduced.dot / self.step_grad_sq } else { 0.0 };
+        let passes = self.passes.as_mut().expect("a first step ran");
+        let gv = passes.look_store(c as f32)?;
+        self.schedule.gv_local_sq = Some(gv);
+        Ok(())
+    }
+
+    /// The rest of a second step with a base optimizer (or LookSAM), from the (global) reduction
+    /// of g'.
     fn apply_update(&mut self, reduced: SecondNorm) -> Result<SecondStep> {
         let config = &self.config;
         if !reduced.sum_sq.is_finite() {
             self.passes.as_mut().expect("a first step ran").restore()?;
             self.phase = Phase::Idle;
+            if config.base == BaseOptimizer::None {
+                // The host's optimizer sees the non-finite gradient and decides; g_v stays as it was.
+                self.steps += 1;
+                self.schedule.sam_steps += 1;
+                return Ok(SecondStep::Restored);
+            }
             return Ok(SecondStep::Skipped);
+        }
+        if config.looksam() {
+            let kept = self.keep_orthogonal(&reduced);
+            if let Err(e) = kept {
+                self.phase = Phase::Idle;
+                self.passes.as_mut().expect("a first step ran").restore()?;
+                return Err(e);
+            }
+        }
+        let config = &self.config;
+        if config.base == BaseOptimizer::None {
+            self.passes.as_mut().expect("a first step ran").restore()?;
+            self.phase = Phase::Idle;
+            self.steps += 1;
+            self.schedule.sam_steps += 1;
+            return Ok(SecondStep::Restored);
         }
         let norm = reduced.sum_sq.sqrt();
         // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
@@ -295,11 +428,7 @@ impl Optimizer {
             None => (clip, 0.0),
         };
         let step = UpdateStep::new(config, a, b);
-        self.tensor_steps.clear();
-        for t in &self.tensors {
-            let g = self.groups[t.group as usize];
-            self.tensor_steps.push(TensorStep::new(config, self.lr * g.lr_scale, g.weight_decay, t.updates + 1));
-        }
+        self.fill_tensor_steps();
         let updated = self.take_fault(Fault::Update).and_then(|()| {
             let passes = self.passes.as_mut().expect("a first step ran");
             passes.update(&step, &self.tensor_steps)
@@ -321,12 +450,76 @@ impl Optimizer {
                 ),
             ));
         }
+        self.finish_update(norm);
+        self.schedule.sam_steps += 1;
+        Ok(SecondStep::Updated)
+    }
+
+    /// The per-tensor scalars of the next update (each tensor's group and update count).
+    fn fill_tensor_steps(&mut self) {
+        self.tensor_steps.clear();
+        for t in &self.tensors {
+            let g = self.groups[t.group as usize];
+            self.tensor_steps.push(TensorStep::new(&self.config, self.lr * g.lr_scale, g.weight_decay, t.updates + 1));
+        }
+    }
+
+    /// Counts an applied update of norm `norm`.
+    fn finish_update(&mut self, norm: f64) {
         for t in &mut self.tensors {
             t.updates += 1;
         }
         self.last_second_norm = Some(norm);
         self.phase = Phase::Idle;
         self.steps += 1;
+    }
+
+    /// The second step of a single-gradient step: the base update (or, without one, LookSAM's
+    /// direction into the gradients) with the gradient of the first step. `reduced` is the global
+    /// reduction: zeros, or the plain `||g||^2` under ASAM with clipping, or NaN when another
+    /// worker failed (then every worker skips the step).
+    fn apply_single(&mut self, reduced: SecondNorm) -> Result<SecondStep> {
+        self.phase = Phase::Idle;
+        if !reduced.sum_sq.is_finite() {
+            return Ok(SecondStep::Skipped);
+        }
+        let grad_sq = if self.single_needs_plain_norm() { reduced.sum_sq } else { self.step_grad_sq };
+        let norm = grad_sq.sqrt();
+        // LookSAM: d = g + alpha (||g|| / ||g_v||) g_v; before the first kept g_v (or with g_v = 0)
+        // there is nothing to reuse and d = g.
+        let reuse = match (self.config.schedule, self.step_gv_sq) {
+            (Schedule::LookSam { alpha, .. }, Some(gv_sq)) if gv_sq > 0.0 => alpha * norm / gv_sq.sqrt(),
+            _ => 0.0,
+        };
+        if self.config.base == BaseOptimizer::None {
+            if reuse != 0.0 {
+                self.take_fault(Fault::Update)?;
+                self.passes.as_mut().expect("a first step ran").look_direction(reuse as f32)?;
+            }
+            self.steps += 1;
+            self.schedule.single_steps += 1;
+            return Ok(SecondStep::Restored);
+        }
+        let clip = self.config.max_grad_norm.map_or(1.0, |m| (m / (norm + 1e-6)).min(1.0));
+        // The update's direction is a*g - b*g_v: b carries minus the (clipped) reuse coefficient.
+        let step = UpdateStep::new(&self.config, clip, -(clip * reuse));
+        self.fill_tensor_steps();
+        let updated = self.take_fault(Fault::Update).and_then(|()| {
+            let passes = self.passes.as_mut().expect("a first step ran");
+            passes.update_single(&step, &self.tensor_steps, reuse != 0.0)
+        });
+        if let Err(e) = updated {
+            return Err(Error::new(
+                e.kind(),
+                format!(
+                    "{}; the single-gradient step is over (not counted); weights and state may be partly updated on \
+                     a device that failed midway: load a checkpoint to continue exactly",
+                    e.message()
+                ),
+            ));
+        }
+        self.finish_update(norm);
+        self.schedule.single_steps += 1;
         Ok(SecondStep::Updated)
     }
 
@@ -343,6 +536,21 @@ impl Optimizer {
     /// The current learning rate.
     pub fn lr(&self) -> f64 {
         self.lr
+    }
+
+    /// Sets rho from the next first step on: the hook for a rho schedule (GSAM ties rho to the
+    /// learning rate), called between steps. Checkpoints carry the current value.
+    pub fn set_rho(&mut self, rho: f64) -> Result<()> {
+        if !(rho.is_finite() && rho > 0.0) {
+            return Err(Error::invalid(format!("rho = {rho}: must be finite and > 0")));
+        }
+        self.rho = rho;
+        Ok(())
+    }
+
+    /// The current rho.
+    pub fn rho(&self) -> f64 {
+        self.rho
     }
 
     /// The L2 norm of the last applied second gradient (before clipping); `None` before the first

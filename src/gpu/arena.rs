@@ -56,6 +56,8 @@ pub(super) struct Arena {
     /// The base optimizer's f32 state: momentum buffer or Adam's first moment, second moment.
     pub(super) state_m: Option<wgpu::Buffer>,
     pub(super) state_v: Option<wgpu::Buffer>,
+    /// LookSAM's `g_v`, f32 laid out as the state.
+    pub(super) look: Option<wgpu::Buffer>,
     /// `(first word, tensor)` of every member, in order.
     pub(super) members: Vec<(u64, usize)>,
 }
@@ -256,9 +258,10 @@ impl GpuEngine {
                     grad,
                     grad_offset,
                     backup: make("samopt backups", U::STORAGE | U::COPY_SRC),
-                    first_grad: self.gsam.then(|| make("samopt first grads", U::STORAGE)),
+                    first_grad: self.keep_first.then(|| make("samopt first grads", U::STORAGE)),
                     state_m: has_m.then(|| state("samopt state m")),
                     state_v: has_v.then(|| state("samopt state v")),
+                    look: self.look.then(|| state("samopt looksam g_v")),
                     members: members.clone(),
                 };
                 for &(offset, k) in members {
@@ -273,7 +276,9 @@ impl GpuEngine {
                     if let Home::Packed { arena: old, offset: old_offset } = t.home {
                         let pw = per_word(t.dtype);
                         let old = &self.arenas[old];
-                        for (src, dst) in [(&old.state_m, &arena.state_m), (&old.state_v, &arena.state_v)] {
+                        for (src, dst) in
+                            [(&old.state_m, &arena.state_m), (&old.state_v, &arena.state_v), (&old.look, &arena.look)]
+                        {
                             if let (Some(src), Some(dst)) = (src, dst) {
                                 enc.copy_buffer_to_buffer(
                                     src,
@@ -301,8 +306,14 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// f32 state values per element: 0, 1 (momentum) or 2 (Adam).
+    /// f32 state values per element: the base optimizer's 0, 1 (momentum) or 2 (Adam), then
+    /// LookSAM's `g_v`.
     pub(super) fn state_per_elem(&self) -> usize {
+        self.base_state_per_elem() + self.look as usize
+    }
+
+    /// The base optimizer's f32 state values per element.
+    pub(super) fn base_state_per_elem(&self) -> usize {
         match self.base {
             BaseOptimizer::AdamW => 2,
             BaseOptimizer::Sgd if self.momentum => 1,
@@ -310,10 +321,16 @@ impl GpuEngine {
         }
     }
 
+    /// An arena's f32 state buffers in checkpoint order: momentum or first moment, second
+    /// moment, `g_v`, each where the configuration has it.
+    pub(super) fn state_buffers(arena: &Arena) -> impl Iterator<Item = &wgpu::Buffer> {
+        [&arena.state_m, &arena.state_v, &arena.look].into_iter().flatten()
+    }
+
     /// Window size in words for an arena of `dtype`: one storage binding, or half of one for a
     /// half-precision arena whose f32 state takes twice the bytes of its words.
     pub(super) fn window_words_for(&self, dtype: DType) -> u64 {
-        let has_state = self.momentum || self.base == BaseOptimizer::AdamW;
+        let has_state = self.momentum || self.base == BaseOptimizer::AdamW || self.look;
         if dtype != DType::F32 && has_state { (self.window_words / 2 / 64 * 64).max(64) } else { self.window_words }
     }
 }

@@ -55,11 +55,15 @@ pub(crate) struct GpuEngine {
     base: BaseOptimizer,
     momentum: bool,
     gsam: bool,
+    /// GSAM or LookSAM: the perturbation keeps the first gradient.
+    keep_first: bool,
+    /// LookSAM: each arena holds `g_v`.
+    look: bool,
     module: wgpu::ShaderModule,
     layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
     /// `[entry][dtype]`, compiled when a dtype first appears.
-    pipelines: [[Option<wgpu::ComputePipeline>; 3]; 6],
+    pipelines: [[Option<wgpu::ComputePipeline>; 3]; 9],
     step_uniform: wgpu::Buffer,
     /// The host copy of the `Step` uniform: each pass changes its own fields.
     step: StepUniform,
@@ -193,6 +197,8 @@ impl GpuEngine {
             base: config.base,
             momentum: config.base == BaseOptimizer::Sgd && config.momentum != 0.0,
             gsam: config.gsam_alpha.is_some(),
+            keep_first: config.keeps_first_grad(),
+            look: config.looksam(),
             step: bytemuck::Zeroable::zeroed(),
             dummy,
             window_uniforms: Vec::new(),

@@ -11,6 +11,65 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::math::{Perturbation, TensorStep, UpdateStep};
 
 impl GpuEngine {
+    /// The update of a SAM step (`Entry::Update`: w from the backup) or of a single-gradient step
+    /// (`Entry::UpdateSingle`: w in place): the step's scalars, each window's, one pass, and the
+    /// staged hosts' weights back.
+    fn run_update(&mut self, entry: Entry, step: &UpdateStep, tensors: &[TensorStep]) -> Result<()> {
+        self.step.a = step.a;
+        self.step.b = step.b;
+        self.step.nd = step.nd;
+        self.step.nb = step.nb;
+        self.step.beta1 = step.beta1;
+        self.step.one_minus_beta1 = step.one_minus_beta1;
+        self.step.beta2 = step.beta2;
+        self.step.one_minus_beta2 = step.one_minus_beta2;
+        self.step.adam_eps = step.adam_eps;
+        self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&self.step));
+        let prepared = self.prepared.as_ref().expect("prepared by the first step");
+        // Every member of an arena is of one cohort, so its first member's scalars are the arena's.
+        let mut uniforms = std::mem::take(&mut self.window_uniforms);
+        uniforms.clear();
+        for (i, w) in prepared.windows.iter().enumerate() {
+            let t = &tensors[self.arenas[w.arena].members[0].1];
+            uniforms.push(WindowUniform {
+                quads: w.quads,
+                slot: w.slot,
+                index: i as u32,
+                pad0: 0,
+                lr: t.lr,
+                weight_decay: t.weight_decay,
+                keep: t.keep,
+                take: t.take,
+                decay: t.decay,
+                step_size: t.step_size,
+                bias2_sqrt: t.bias2_sqrt,
+                pad1: 0,
+            });
+        }
+        let single = entry == Entry::UpdateSingle;
+        let result =
+            self.ctx.checked(if single { "the single-gradient update pass" } else { "the update pass" }, || {
+                for (i, u) in uniforms.iter().enumerate() {
+                    self.ctx.queue.write_buffer(
+                        &prepared.window_uniforms,
+                        i as u64 * prepared.stride,
+                        bytemuck::bytes_of(u),
+                    );
+                }
+                let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+                self.record_pass(&mut enc, entry, self.all_windows(), Some(2));
+                self.ctx.queue.submit([enc.finish()]);
+                self.download_staged_params()
+            });
+        self.window_uniforms = uniforms;
+        if result.is_err() && !single {
+            // The host's weights go back to w; the device state may have moved. (A single step
+            // wrote nothing to the host before the download.)
+            self.restore_staged_hosts();
+        }
+        result
+    }
+
     /// After a norm pass raised a flag: the first bad element, as (tensor, element).
     fn locate(&self) -> Result<Option<(usize, usize)>> {
         let prepared = self.prepared.as_ref().expect("prepared by the norm pass");
@@ -214,57 +273,58 @@ impl Passes for GpuEngine {
     }
 
     fn update(&mut self, step: &UpdateStep, tensors: &[TensorStep]) -> Result<()> {
-        self.step.a = step.a;
-        self.step.b = step.b;
-        self.step.nd = step.nd;
-        self.step.nb = step.nb;
-        self.step.beta1 = step.beta1;
-        self.step.one_minus_beta1 = step.one_minus_beta1;
-        self.step.beta2 = step.beta2;
-        self.step.one_minus_beta2 = step.one_minus_beta2;
-        self.step.adam_eps = step.adam_eps;
+        self.run_update(Entry::Update, step, tensors)
+    }
+
+    fn look_store(&mut self, c: f32) -> Result<f64> {
+        self.step.b = c;
         self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&self.step));
         let prepared = self.prepared.as_ref().expect("prepared by the first step");
-        // Every member of an arena is of one cohort, so its first member's scalars are the arena's.
-        let mut uniforms = std::mem::take(&mut self.window_uniforms);
-        uniforms.clear();
-        for (i, w) in prepared.windows.iter().enumerate() {
-            let t = &tensors[self.arenas[w.arena].members[0].1];
-            uniforms.push(WindowUniform {
-                quads: 0,
-                slot: w.slot,
-                index: i as u32,
-                pad0: 0,
-                lr: t.lr,
-                weight_decay: t.weight_decay,
-                keep: t.keep,
-                take: t.take,
-                decay: t.decay,
-                step_size: t.step_size,
-                bias2_sqrt: t.bias2_sqrt,
-                pad1: 0,
-            });
-        }
-        let result = self.ctx.checked("the update pass", || {
-            for (i, (u, w)) in uniforms.iter_mut().zip(&prepared.windows).enumerate() {
-                u.quads = w.quads;
-                self.ctx.queue.write_buffer(
-                    &prepared.window_uniforms,
-                    i as u64 * prepared.stride,
-                    bytemuck::bytes_of(u),
-                );
-            }
+        let bytes = 16 * prepared.slots as u64;
+        let mut sum_sq = 0.0f64;
+        self.ctx.checked("LookSAM's g_v pass", || {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            self.record_pass(&mut enc, Entry::Update, self.all_windows(), Some(2));
+            self.record_pass(&mut enc, Entry::LookStore, self.all_windows(), None);
+            enc.copy_buffer_to_buffer(&prepared.partials, 0, &prepared.partials_readback, 0, bytes);
             self.ctx.queue.submit([enc.finish()]);
-            self.download_staged_params()
-        });
-        self.window_uniforms = uniforms;
-        if result.is_err() {
-            // The host's weights go back to w; the device state may have moved.
-            self.restore_staged_hosts();
-        }
-        result
+            map_read(&self.ctx, &prepared.partials_readback, 0, bytes, |b| {
+                for &[q, _, _, k] in bytemuck::cast_slice::<u8, [u32; 4]>(b) {
+                    sum_sq += unscaled(q, k);
+                }
+            })
+        })?;
+        Ok(sum_sq)
+    }
+
+    fn update_single(&mut self, step: &UpdateStep, tensors: &[TensorStep], with_gv: bool) -> Result<()> {
+        // The LOOK pipeline always reads g_v; without one to reuse its coefficient is zero.
+        let step = if with_gv { *step } else { UpdateStep { b: 0.0, ..*step } };
+        self.run_update(Entry::UpdateSingle, &step, tensors)
+    }
+
+    fn look_direction(&mut self, c: f32) -> Result<()> {
+        self.step.b = c;
+        self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&self.step));
+        self.ctx.checked("LookSAM's direction pass", || {
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            self.record_pass(&mut enc, Entry::LookDirection, self.all_windows(), None);
+            self.ctx.queue.submit([enc.finish()]);
+            // Staged host tensors get the direction in their own (writable) gradient buffers.
+            let jobs: Vec<(&wgpu::Buffer, u64, *mut u8, usize)> = self
+                .tensors
+                .iter()
+                .filter_map(|t| {
+                    let s = t.staged.as_ref()?;
+                    let (buffer, offset) = self.location(t, Part::Grad);
+                    Some((buffer, offset, s.host.grad.cast_mut(), t.host_bytes()))
+                })
+                .collect();
+            if jobs.is_empty() {
+                return self.ctx.wait();
+            }
+            // SAFETY: the engine checked that the host registered every gradient writable.
+            unsafe { self.download(&jobs) }
+        })
     }
 
     fn accumulate(&mut self, _first: bool) -> Result<()> {
@@ -290,8 +350,7 @@ impl Passes for GpuEngine {
         for t in &self.tensors {
             if let Home::Packed { arena, offset } = t.home {
                 let a = &self.arenas[arena];
-                for (k, buffer) in [&a.state_m, &a.state_v].into_iter().take(per_tensor).enumerate() {
-                    let buffer = buffer.as_ref().expect("the arena holds the configured state");
+                for (k, buffer) in GpuEngine::state_buffers(a).enumerate() {
                     let dst = out[at + k * t.len..at + (k + 1) * t.len].as_mut_ptr().cast::<u8>();
                     jobs.push((buffer, offset * a.per_word() * 4, dst, t.len * 4));
                 }
@@ -315,8 +374,7 @@ impl Passes for GpuEngine {
             for t in &self.tensors {
                 let Home::Packed { arena, offset } = t.home else { unreachable!("packed by prepare") };
                 let a = &self.arenas[arena];
-                for (k, buffer) in [&a.state_m, &a.state_v].into_iter().take(per_tensor).enumerate() {
-                    let buffer = buffer.as_ref().expect("the arena holds the configured state");
+                for (k, buffer) in GpuEngine::state_buffers(a).enumerate() {
                     let values = &data[at + k * t.len..at + (k + 1) * t.len];
                     self.upload(buffer, offset * a.per_word() * 4, bytemuck::cast_slice(values));
                 }

@@ -17,6 +17,8 @@ pub(super) struct WindowRes {
     pub(super) groups: u32,
     pub(super) slot: u32,
     pub(super) bind_group: wgpu::BindGroup,
+    /// LookSAM: the same bindings with `g_v` in place of the backup, for the schedule's passes.
+    pub(super) look_bind_group: Option<wgpu::BindGroup>,
 }
 
 /// What the windows need, rebuilt when the registrations change.
@@ -77,12 +79,40 @@ pub(super) enum Entry {
     Locate = 3,
     SecondReduce = 4,
     Update = 5,
+    UpdateSingle = 6,
+    LookStore = 7,
+    LookDirection = 8,
 }
 
-pub(super) const ENTRIES: [Entry; 6] =
-    [Entry::Norm, Entry::Perturb, Entry::Restore, Entry::Locate, Entry::SecondReduce, Entry::Update];
-pub(super) const ENTRY_NAMES: [&str; 6] =
-    ["ascent_norm", "perturb", "restore", "locate_non_finite", "second_reduce", "update"];
+impl Entry {
+    /// Whether the pass reads LookSAM's `g_v` from binding 2 (the look bind group).
+    pub(super) fn uses_look(self, look: bool) -> bool {
+        look && matches!(self, Entry::UpdateSingle | Entry::LookStore | Entry::LookDirection)
+    }
+}
+
+pub(super) const ENTRIES: [Entry; 9] = [
+    Entry::Norm,
+    Entry::Perturb,
+    Entry::Restore,
+    Entry::Locate,
+    Entry::SecondReduce,
+    Entry::Update,
+    Entry::UpdateSingle,
+    Entry::LookStore,
+    Entry::LookDirection,
+];
+pub(super) const ENTRY_NAMES: [&str; 9] = [
+    "ascent_norm",
+    "perturb",
+    "restore",
+    "locate_non_finite",
+    "second_reduce",
+    "update",
+    "update_single",
+    "look_store",
+    "look_direction",
+];
 
 pub(super) fn dtype_index(d: DType) -> usize {
     match d {
@@ -101,8 +131,17 @@ impl GpuEngine {
     /// Compiles the pipelines a dtype needs, once.
     pub(super) fn compile(&mut self, dtype: DType) -> Result<()> {
         let d = dtype_index(dtype);
+        let base = self.base != BaseOptimizer::None;
         for entry in ENTRIES {
-            if self.base == BaseOptimizer::None && matches!(entry, Entry::SecondReduce | Entry::Update) {
+            let needed = match entry {
+                Entry::Norm | Entry::Perturb | Entry::Restore | Entry::Locate => true,
+                // LookSAM reduces g.g' without a base optimizer too.
+                Entry::SecondReduce => base || self.look,
+                Entry::Update | Entry::UpdateSingle => base,
+                Entry::LookStore => self.look,
+                Entry::LookDirection => self.look && !base,
+            };
+            if !needed {
                 continue;
             }
             let slot = if entry == Entry::Restore { 0 } else { d };
@@ -122,6 +161,8 @@ impl GpuEngine {
                 ("BASE", base),
                 ("MOMENTUM", flag(self.momentum)),
                 ("GSAM", flag(self.gsam)),
+                ("KEEP_FIRST", flag(self.keep_first)),
+                ("LOOK", flag(self.look)),
             ];
             let pipeline = self.ctx.checked("compiling a SAM pipeline", || {
                 Ok(self.ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -210,41 +251,47 @@ impl GpuEngine {
                     })
                 };
                 let range = |buffer| range_at(buffer, 0);
-                let bind_group = d.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("samopt window"),
-                    layout: &self.layout,
-                    entries: &[
-                        wgpu::BindGroupEntry { binding: 0, resource: range_at(&arena.param, arena.param_offset) },
-                        wgpu::BindGroupEntry { binding: 1, resource: range_at(&arena.grad, arena.grad_offset) },
-                        wgpu::BindGroupEntry { binding: 2, resource: range(&arena.backup) },
-                        wgpu::BindGroupEntry { binding: 3, resource: partials.as_entire_binding() },
-                        wgpu::BindGroupEntry {
-                            binding: 4,
-                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                buffer: &uniforms,
-                                offset: i as u64 * stride,
-                                size: wgpu::BufferSize::new(size_of::<WindowUniform>() as u64),
-                            }),
-                        },
-                        wgpu::BindGroupEntry { binding: 5, resource: self.step_uniform.as_entire_binding() },
-                        wgpu::BindGroupEntry { binding: 6, resource: first_bad.as_entire_binding() },
-                        wgpu::BindGroupEntry {
-                            binding: 7,
-                            resource: match &arena.first_grad {
-                                Some(b) => range(b),
-                                None => self.dummy.as_entire_binding(),
+                // Binding 2: the backup, or (LookSAM's passes) g_v, laid out as the state.
+                let make_group = |saved: wgpu::BindingResource<'_>| {
+                    d.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("samopt window"),
+                        layout: &self.layout,
+                        entries: &[
+                            wgpu::BindGroupEntry { binding: 0, resource: range_at(&arena.param, arena.param_offset) },
+                            wgpu::BindGroupEntry { binding: 1, resource: range_at(&arena.grad, arena.grad_offset) },
+                            wgpu::BindGroupEntry { binding: 2, resource: saved },
+                            wgpu::BindGroupEntry { binding: 3, resource: partials.as_entire_binding() },
+                            wgpu::BindGroupEntry {
+                                binding: 4,
+                                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                    buffer: &uniforms,
+                                    offset: i as u64 * stride,
+                                    size: wgpu::BufferSize::new(size_of::<WindowUniform>() as u64),
+                                }),
                             },
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 8,
-                            resource: state_range(&arena.state_m, &self.dummy, (first, n, pw)),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 9,
-                            resource: state_range(&arena.state_v, &self.dummy, (first, n, pw)),
-                        },
-                    ],
-                });
+                            wgpu::BindGroupEntry { binding: 5, resource: self.step_uniform.as_entire_binding() },
+                            wgpu::BindGroupEntry { binding: 6, resource: first_bad.as_entire_binding() },
+                            wgpu::BindGroupEntry {
+                                binding: 7,
+                                resource: match &arena.first_grad {
+                                    Some(b) => range(b),
+                                    None => self.dummy.as_entire_binding(),
+                                },
+                            },
+                            wgpu::BindGroupEntry {
+                                binding: 8,
+                                resource: state_range(&arena.state_m, &self.dummy, (first, n, pw)),
+                            },
+                            wgpu::BindGroupEntry {
+                                binding: 9,
+                                resource: state_range(&arena.state_v, &self.dummy, (first, n, pw)),
+                            },
+                        ],
+                    })
+                };
+                let bind_group = make_group(range(&arena.backup));
+                let look_bind_group =
+                    arena.look.is_some().then(|| make_group(state_range(&arena.look, &self.dummy, (first, n, pw))));
                 windows.push(WindowRes {
                     arena: a,
                     first_word: first,
@@ -252,6 +299,7 @@ impl GpuEngine {
                     groups,
                     slot,
                     bind_group,
+                    look_bind_group,
                 });
             }
             Ok(Prepared {
@@ -289,7 +337,12 @@ impl GpuEngine {
         for i in windows {
             let w = &prepared.windows[i];
             pass.set_pipeline(self.pipeline(entry, self.arenas[w.arena].dtype));
-            pass.set_bind_group(0, &w.bind_group, &[]);
+            let group = if entry.uses_look(self.look) {
+                w.look_bind_group.as_ref().expect("LookSAM arenas hold g_v")
+            } else {
+                &w.bind_group
+            };
+            pass.set_bind_group(0, group, &[]);
             pass.dispatch_workgroups(w.groups, 1, 1);
         }
     }

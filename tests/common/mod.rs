@@ -252,7 +252,7 @@ pub fn config(adaptive: bool, p_inf: bool) -> SamConfig {
         adaptive,
         eta: if adaptive { 0.01 } else { 0.0 },
         norm_p: if p_inf { f64::INFINITY } else { 2.0 },
-        ..sam_config_default()
+        ..SamConfig::default()
     }
 }
 

@@ -1,7 +1,8 @@
 // SAM's GPU passes over one window of one arena: the ascent norm, the perturbation, the restore,
 // (only after a norm pass saw NaN or infinity) the search for the first non-finite element, and
 // with a built-in base optimizer the second gradient's reduction and the restore fused with
-// PyTorch's SGD or AdamW update.
+// PyTorch's SGD or AdamW update; for the step schedules, the single-gradient step's update and
+// LookSAM's two passes (keeping g_v, and writing its direction into the gradients).
 //
 // An arena holds the tensors of one dtype end to end, each padded to 16 bytes with zeros; a window
 // is the part of an arena one storage binding can hold. Padding is inert: its gradient is zero, so
@@ -20,7 +21,9 @@ override ADAPTIVE: bool = false;  // ASAM
 override SIGN: bool = false;      // p = infinity
 override BASE: u32 = 0u;          // 0 none, 1 SGD, 2 AdamW
 override MOMENTUM: bool = false;  // SGD with a momentum buffer (in state_m)
-override GSAM: bool = false;      // keep the first gradient; direction a*g' - b*g
+override GSAM: bool = false;      // the update's direction a*g' - b*g reads the first gradient
+override KEEP_FIRST: bool = false; // GSAM or LookSAM: the perturbation keeps the first gradient
+override LOOK: bool = false;      // LookSAM: binding 2 holds g_v in the schedule's passes
 
 const WORKGROUP: u32 = 256u;
 
@@ -58,6 +61,8 @@ struct Step {
 // Only read; declared read_write so that a parameter and its gradient may share one buffer (see
 // the bind group layout in mod.rs).
 @group(0) @binding(1) var<storage, read_write> grad: array<vec4<u32>>;
+// The backup of w; in LookSAM's passes (look_store, update_single, look_direction) the bind group
+// puts g_v here instead, f32 laid out as the state (see look_at).
 @group(0) @binding(2) var<storage, read_write> backup: array<vec4<u32>>;
 // Per workgroup of a reduction: (bits of the f32 scaled sum of squares q, bits of the partial dot
 // product (second reduction only), non-finite flag, the scale's exponent k as i32 bits); the sum
@@ -310,7 +315,7 @@ fn perturb(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
         let w = param[i];
         let g = grad[i];
         backup[i] = w;
-        if (GSAM) {
+        if (KEEP_FIRST) {
             first_grad[i] = g;
         }
         param[i] = vec4<u32>(perturbed_word(w.x, g.x), perturbed_word(w.y, g.y),
@@ -362,14 +367,14 @@ fn second_reduce(
     for (var i = wid.x * WORKGROUP + lid; i < window.quads; i += stride) {
         let g2 = grad[i];
         var g1 = vec4<u32>(0u);
-        if (GSAM) {
+        if (KEEP_FIRST) {
             g1 = first_grad[i];
         }
         for (var k = 0u; k < 4u; k++) {
             for (var h = 0u; h < per_word(); h++) {
                 let x = element(g2[k], h);
                 sum = ssq_add(sum, x);
-                if (GSAM) {
+                if (KEEP_FIRST) {
                     dot_sum += element(g1[k], h) * x;
                 }
                 bad |= u32(non_finite(g2[k], h));
@@ -451,5 +456,130 @@ fn update(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
                 state_v[pw * i + q] = v[q];
             }
         }
+    }
+}
+
+// ---- step schedules ----
+//
+// Element e of a quad (e = k * pw + h: word k, half h) has its f32 state at vec4 pw*i + e/4,
+// lane e%4; g_v is laid out the same way, in binding 2 for these passes.
+
+fn look_at(i: u32, q: u32) -> vec4<f32> {
+    return bitcast<vec4<f32>>(backup[per_word() * i + q]);
+}
+
+// A single-gradient step: w read in place (nothing was perturbed), direction a*g - b*g_v (b is
+// minus LookSAM's reuse coefficient; g_v read only when LOOK), the state updated in place.
+@compute @workgroup_size(256)
+fn update_single(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let stride = nwg.x * WORKGROUP;
+    let has_m = MOMENTUM || BASE == 2u;
+    let pw = per_word();
+    for (var i = gid.x; i < window.quads; i += stride) {
+        let wq = param[i];
+        let g = grad[i];
+        var m = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+        var v = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+        var gv = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+        for (var q = 0u; q < pw; q++) {
+            if (has_m) {
+                m[q] = state_m[pw * i + q];
+            }
+            if (BASE == 2u) {
+                v[q] = state_v[pw * i + q];
+            }
+            if (LOOK) {
+                gv[q] = look_at(i, q);
+            }
+        }
+        var out = vec4<u32>(0u);
+        for (var k = 0u; k < 4u; k++) {
+            var word = 0u;
+            for (var h = 0u; h < pw; h++) {
+                let e = k * pw + h;
+                var mk = m[e / 4u][e % 4u];
+                var vk = v[e / 4u][e % 4u];
+                var d = step.a * element(g[k], h);
+                if (LOOK) {
+                    d = direction(element(g[k], h), gv[e / 4u][e % 4u]);
+                }
+                let r = base_update(element(wq[k], h), d, &mk, &vk);
+                m[e / 4u][e % 4u] = mk;
+                v[e / 4u][e % 4u] = vk;
+                if (DTYPE == 0u) {
+                    word = bitcast<u32>(r);
+                } else {
+                    word |= to_half(r) << (16u * h);
+                }
+            }
+            out[k] = word;
+        }
+        param[i] = out;
+        for (var q = 0u; q < pw; q++) {
+            if (has_m) {
+                state_m[pw * i + q] = m[q];
+            }
+            if (BASE == 2u) {
+                state_v[pw * i + q] = v[q];
+            }
+        }
+    }
+}
+
+// LookSAM on a SAM step: g_v = g' - c*g (c = step.b = g.g'/||g||^2) into binding 2, and the
+// workgroup's ||g_v||^2 as a scaled sum.
+@compute @workgroup_size(256)
+fn look_store(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let stride = nwg.x * WORKGROUP;
+    let pw = per_word();
+    var sum = ssq_zero();
+    for (var i = wid.x * WORKGROUP + lid; i < window.quads; i += stride) {
+        let g2 = grad[i];
+        let g1 = first_grad[i];
+        for (var q = 0u; q < pw; q++) {
+            var out = vec4<f32>(0.0);
+            for (var j = 0u; j < 4u; j++) {
+                let e = 4u * q + j;
+                let x = element(g2[e / pw], e % pw) - step.b * element(g1[e / pw], e % pw);
+                out[j] = x;
+                sum = ssq_add(sum, x);
+            }
+            backup[pw * i + q] = bitcast<vec4<u32>>(out);
+        }
+    }
+    finish_reduction(lid, wid.x, sum, 0.0, 0u);
+}
+
+// LookSAM without a built-in base, on a single-gradient step: g <- g + c*g_v (c = step.b) in the
+// gradient buffer, rounded to its dtype, for the host's optimizer.
+@compute @workgroup_size(256)
+fn look_direction(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let stride = nwg.x * WORKGROUP;
+    let pw = per_word();
+    for (var i = gid.x; i < window.quads; i += stride) {
+        let g = grad[i];
+        var gv = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+        for (var q = 0u; q < pw; q++) {
+            gv[q] = look_at(i, q);
+        }
+        var out = vec4<u32>(0u);
+        for (var k = 0u; k < 4u; k++) {
+            var word = 0u;
+            for (var h = 0u; h < pw; h++) {
+                let e = k * pw + h;
+                let r = element(g[k], h) + step.b * gv[e / 4u][e % 4u];
+                if (DTYPE == 0u) {
+                    word = bitcast<u32>(r);
+                } else {
+                    word |= to_half(r) << (16u * h);
+                }
+            }
+            out[k] = word;
+        }
+        grad[i] = out;
     }
 }
