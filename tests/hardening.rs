@@ -365,18 +365,23 @@ fn finding_8_checkpoints_check_what_they_load() {
     }
     let mut ck = vec![0u8; opt.state_size()];
     opt.save_state(&mut ck).unwrap();
-    // Layout: a 40-byte header; steps @40, lr @48, norms @56 @64, 1 group @72 (lr_scale @76,
-    // weight_decay @84), 1 tensor @92 (len @96, dtype @104, group @105, updates @109, epoch
-    // @117), then the state: m (3 floats) @125, v (3 floats) @137.
-    let cases: [(&str, usize, Vec<u8>); 8] = [
-        ("updates", 109, u64::MAX.to_le_bytes().to_vec()),
-        ("updates", 109, 4u64.to_le_bytes().to_vec()),
+    // Layout: a 40-byte header; steps @40, lr @48, norms @56 @64, rho @72, the schedule's t @80,
+    // generator @88, AE-SAM mean @96 and variance @104, SAM steps @112, single steps @120, g_v
+    // norm @128; 1 group @136 (lr_scale @140, weight_decay @148), 1 tensor @156 (len @160, dtype
+    // @168, group @169, updates @173, epoch @181), then the state: m (3 floats) @189, v @201.
+    let cases: [(&str, usize, Vec<u8>); 12] = [
+        ("updates", 173, u64::MAX.to_le_bytes().to_vec()),
+        ("updates", 173, 4u64.to_le_bytes().to_vec()),
         ("lr", 48, (-1.0f64).to_le_bytes().to_vec()),
         ("lr", 48, f64::NAN.to_le_bytes().to_vec()),
-        ("lr_scale", 76, f64::INFINITY.to_le_bytes().to_vec()),
+        ("rho", 72, 0f64.to_le_bytes().to_vec()),
+        ("SAM steps", 112, 2u64.to_le_bytes().to_vec()),
+        ("AE-SAM variance", 104, (-1.0f64).to_le_bytes().to_vec()),
+        ("g_v norm without LookSAM", 128, 1.0f64.to_le_bytes().to_vec()),
+        ("lr_scale", 140, f64::INFINITY.to_le_bytes().to_vec()),
         ("fingerprint", 24, 12345u64.to_le_bytes().to_vec()),
-        ("second moment", 137, (-1.0f32).to_le_bytes().to_vec()),
-        ("state value", 125, f32::NAN.to_le_bytes().to_vec()),
+        ("second moment", 201, (-1.0f32).to_le_bytes().to_vec()),
+        ("state value", 189, f32::NAN.to_le_bytes().to_vec()),
     ];
     for (what, at, bytes) in cases {
         let bad = tampered(&ck, at, &bytes);
