@@ -6,14 +6,16 @@
 //   sam.register_host(weights, grads);     // any contiguous container of float (or pointer + length)
 //   for (...) {
 //       forward_backward();                // gradient at w
-//       sam.first_step();                  // w -> w + e(w)
-//       forward_backward();                // gradient at w + e(w)
+//       if (sam.first_step() == samopt::First::Perturbed)   // w -> w + e(w), unless the schedule
+//           forward_backward();            // gradient at w + e(w)     says: single-gradient step
 //       sam.second_step();                 // w restored (and updated, with a built-in base optimizer)
 //   }
 //
 // Every failing call throws samopt::Error, which carries the SamStatus and samopt's message (which
 // names the argument and the value); a failing call changes nothing. Non-fatal outcomes are
-// returned: second_step() says whether a non-finite second gradient made samopt skip the update.
+// returned: first_step() says whether the step schedule (config.schedule) made this a
+// single-gradient step, second_step() whether a non-finite second gradient made samopt skip the
+// update.
 #ifndef SAMOPT_HPP
 #define SAMOPT_HPP
 
@@ -74,7 +76,8 @@ inline void set_log_callback(SamLogCallback callback, void *user = nullptr) {
     check(sam_set_log_callback(callback, user));
 }
 
-/// A SamConfig that starts as sam_config_default(); set its fields directly.
+/// A SamConfig that starts as sam_config_default() (this header's layout); set its fields
+/// directly, e.g. `config.schedule = SAM_SCHEDULE_LOOKSAM; config.schedule_k = 5;`.
 struct Config : SamConfig {
     Config() : SamConfig(sam_config_default()) {}
 };
@@ -86,6 +89,15 @@ struct dtype_of {
     static_assert(std::is_same<T, float>::value,
                   "samopt infers SAM_DTYPE_F32 from float only: pass SAM_DTYPE_F16 or SAM_DTYPE_BF16 explicitly");
     static constexpr SamDType value = SAM_DTYPE_F32;
+};
+
+/// What a first step did, as the step schedule decided.
+enum class First {
+    /// A SAM step: the weights are at w + e(w); compute the gradient there, then second_step().
+    Perturbed,
+    /// A single-gradient step (SAM_STEP_SINGLE_GRADIENT): the weights were not moved; skip the
+    /// second forward/backward and call second_step() now.
+    SingleGradient,
 };
 
 /// What a second step did.
@@ -162,8 +174,9 @@ public:
     }
 
     /// sam_register_host_ex with SAM_REGISTER_GRAD_WRITABLE: as register_host, and samopt may write
-    /// the gradient buffer (only per-shard SAM without a built-in base optimizer does: it leaves
-    /// the mean of the shards' gradients there for the caller's optimizer). Returns the id.
+    /// the gradient buffer (only without a built-in base optimizer: per-shard SAM leaves the mean
+    /// of the shards' gradients there, LookSAM its direction on single-gradient steps, for the
+    /// caller's optimizer). Returns the id.
     uint32_t register_host_writable(void *param, void *grad, size_t len, SamDType dtype) {
         uint32_t id = 0;
         check(sam_register_host_ex(handle_, param, grad, len, dtype, SAM_REGISTER_GRAD_WRITABLE, &id));
@@ -182,9 +195,11 @@ public:
                                       std::size(params), dtype);
     }
 
-    /// sam_first_step: one global norm, then w -> w + e(w). Throws with SAM_ERR_NON_FINITE (and
-    /// nothing changed) on NaN or infinity in a gradient.
-    void first_step() { check(sam_first_step(handle_)); }
+    /// sam_first_step: one global norm, then w -> w + e(w) on a SAM step. Returns
+    /// First::SingleGradient when the schedule makes this a single-gradient step (nothing moved:
+    /// skip the second forward/backward). Throws with SAM_ERR_NON_FINITE (and nothing changed) on
+    /// NaN or infinity in a gradient.
+    First first_step() { return first_of(check(sam_first_step(handle_))); }
 
     /// sam_second_step: restore (and update, with a built-in base optimizer).
     Step second_step() { return check(sam_second_step(handle_)) == SAM_STEP_SKIPPED ? Step::Skipped : Step::Done; }
@@ -196,8 +211,11 @@ public:
         return v;
     }
 
-    /// Sharded parameters, step 2 of 2: the ascent with the norm over all shards.
-    void first_step_with_norm(double global_norm) { check(sam_first_step_with_norm(handle_, global_norm)); }
+    /// Sharded parameters, step 2 of 2: the ascent with the norm over all shards (the schedule
+    /// decides as in first_step()).
+    First first_step_with_norm(double global_norm) {
+        return first_of(check(sam_first_step_with_norm(handle_, global_norm)));
+    }
 
     /// Installs the host's all-reduce (sum over workers) so that first_step() uses the norm over
     /// all workers' shards, for parameters sharded across workers (not for replicated ones:
@@ -224,7 +242,7 @@ public:
         return n;
     }
 
-    /// Completed SAM steps (skipped ones excluded).
+    /// Completed steps, SAM and single-gradient (skipped ones excluded).
     uint64_t step_count() const {
         uint64_t n = 0;
         check(sam_step_count(handle_, &n));
@@ -251,6 +269,22 @@ public:
         double v = 0;
         check(sam_get_lr(handle_, &v));
         return v;
+    }
+
+    /// rho from the next first step on (a rho schedule); sam_set_rho.
+    void set_rho(double rho) { check(sam_set_rho(handle_, rho)); }
+
+    double rho() const {
+        double v = 0;
+        check(sam_get_rho(handle_, &v));
+        return v;
+    }
+
+    /// Completed SAM steps (two gradients) and single-gradient steps; sam_schedule_counts.
+    std::pair<uint64_t, uint64_t> schedule_counts() const {
+        uint64_t sam = 0, single = 0;
+        check(sam_schedule_counts(handle_, &sam, &single));
+        return {sam, single};
     }
 
     /// A parameter group with its learning-rate scale and weight decay (NAN: group 0's).
@@ -302,6 +336,9 @@ public:
 
 private:
     explicit Optimizer(SamOptimizer *handle) noexcept : handle_(handle) {}
+    static First first_of(SamStatus status) {
+        return status == SAM_STEP_SINGLE_GRADIENT ? First::SingleGradient : First::Perturbed;
+    }
     SamOptimizer *handle_ = nullptr;
 };
 

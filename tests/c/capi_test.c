@@ -203,11 +203,107 @@ static void check_gpu(void) {
     sam_destroy(opt);
 }
 
+/* Step schedules through C: LookSAM (k = 3, alpha 0.5) with the built-in SGD over 7 steps against
+ * a double reference written here; the single-gradient status; the counters; sam_set_rho; and
+ * bad schedules refused by name. */
+static void check_schedule(void) {
+    enum { N = 5, STEPS = 7 };
+    float w[N] = {0.5f, -1.0f, 0.25f, 2.0f, -0.75f}, g[N];
+    double rw[N], gv[N] = {0};
+    int have_gv = 0;
+    for (int i = 0; i < N; i++) rw[i] = w[i];
+    SamConfig config = sam_config_default();
+    config.base = SAM_BASE_SGD;
+    config.lr = 0.1;
+    config.rho = 0.2;
+    config.schedule = SAM_SCHEDULE_LOOKSAM;
+    config.schedule_k = 3;
+    config.looksam_alpha = 0.5;
+    SamOptimizer *opt = NULL;
+    EXPECT(sam_create(&config, &opt) == SAM_OK, "create with LookSAM");
+    if (!opt) return;
+    uint32_t id;
+    EXPECT(sam_register_host(opt, w, g, N, SAM_DTYPE_F32, &id) == SAM_OK, "register");
+    EXPECT(sam_set_rho(opt, 0.1) == SAM_OK, "set rho");
+    double rho = 0;
+    EXPECT(sam_get_rho(opt, &rho) == SAM_OK && rho == 0.1, "get rho %g", rho);
+    for (int t = 0; t < STEPS; t++) {
+        double g1[N], g2[N], n1 = 0, n2 = 0, d12 = 0;
+        for (int i = 0; i < N; i++) {
+            g1[i] = (float)(0.5 * uniform());
+            g2[i] = (float)(0.5 * uniform());
+            g[i] = (float)g1[i];
+            n1 += g1[i] * g1[i];
+        }
+        SamStatus first = sam_first_step(opt);
+        int sam = t % 3 == 0;
+        EXPECT(first == (sam ? SAM_OK : SAM_STEP_SINGLE_GRADIENT), "step %d: first step returned %d", t, (int)first);
+        double d[N];
+        if (sam) {
+            for (int i = 0; i < N; i++) {
+                double want = (float)(rw[i] + 0.1 * g1[i] / sqrt(n1));
+                EXPECT(fabs(w[i] - want) <= 1e-6, "step %d: perturbed w[%d] = %g, want %g", t, i, w[i], want);
+                g[i] = (float)g2[i];
+                n2 += g2[i] * g2[i];
+                d12 += g1[i] * g2[i];
+            }
+            (void)n2;
+            for (int i = 0; i < N; i++) {
+                gv[i] = g2[i] - d12 / n1 * g1[i];
+                d[i] = g2[i];
+            }
+            have_gv = 1;
+        } else {
+            double nv = 0;
+            for (int i = 0; i < N; i++) nv += gv[i] * gv[i];
+            for (int i = 0; i < N; i++) d[i] = g1[i] + (have_gv ? 0.5 * sqrt(n1) / sqrt(nv) * gv[i] : 0.0);
+        }
+        EXPECT(sam_second_step(opt) == SAM_OK, "step %d: second step", t);
+        for (int i = 0; i < N; i++) {
+            rw[i] = (float)(rw[i] - 0.1 * d[i]);
+            EXPECT(fabs(w[i] - rw[i]) <= 1e-6, "step %d: w[%d] = %.9g, reference %.9g", t, i, w[i], rw[i]);
+        }
+    }
+    uint64_t sams = 0, singles = 0, steps = 0;
+    EXPECT(sam_schedule_counts(opt, &sams, &singles) == SAM_OK && sams == 3 && singles == 4, "counts %llu %llu",
+           (unsigned long long)sams, (unsigned long long)singles);
+    EXPECT(sam_step_count(opt, &steps) == SAM_OK && steps == STEPS, "step count");
+    EXPECT(sam_set_rho(opt, -1.0) == SAM_ERR_INVALID_ARGUMENT && strstr(sam_last_error(), "rho = -1"), "bad rho");
+    sam_destroy(opt);
+
+    /* Bad schedules: refused by name, nothing created. */
+    struct {
+        SamSchedule schedule;
+        uint64_t k;
+        double p, alpha;
+        const char *needle;
+    } bad[] = {
+        {SAM_SCHEDULE_INTERVAL, 0, 0.5, 0.7, "config->schedule_k = 0"},
+        {SAM_SCHEDULE_RANDOM, 1, 1.5, 0.7, "config->schedule_p = 1.5"},
+        {SAM_SCHEDULE_RANDOM, 1, NAN, 0.7, "config->schedule_p = NaN"},
+        {SAM_SCHEDULE_LOOKSAM, 2, 0.5, -1.0, "config->looksam_alpha = -1"},
+        {SAM_SCHEDULE_AESAM, 1, 0.5, 0.7, "config->aesam_planned_steps = 0"},
+        {9, 1, 0.5, 0.7, "config->schedule = 9"},
+    };
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+        SamConfig c = sam_config_default();
+        c.schedule = bad[k].schedule;
+        c.schedule_k = bad[k].k;
+        c.schedule_p = bad[k].p;
+        c.looksam_alpha = bad[k].alpha;
+        opt = NULL;
+        EXPECT(sam_create(&c, &opt) == SAM_ERR_INVALID_ARGUMENT && opt == NULL &&
+                   strstr(sam_last_error(), bad[k].needle) != NULL,
+               "bad schedule %zu: %s", k, sam_last_error());
+    }
+}
+
 int main(void) {
     for (int adaptive = 0; adaptive <= 1; adaptive++)
         for (int sign = 0; sign <= 1; sign++) check_f32_step(adaptive, sign);
     check_f16_and_non_finite();
     check_errors();
+    check_schedule();
     check_gpu();
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;

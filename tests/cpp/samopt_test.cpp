@@ -235,11 +235,46 @@ static void gpu_device_tensors() {
     }
 }
 
+// Step schedules through the wrapper: interval 2 with the built-in SGD, First::SingleGradient on
+// odd steps (weights not moved), the update with the plain gradient against a double reference.
+static void schedules() {
+    samopt::Config config;
+    config.base = SAM_BASE_SGD;
+    config.lr = 0.5;
+    config.schedule = SAM_SCHEDULE_INTERVAL;
+    config.schedule_k = 2;
+    samopt::Optimizer sam(config);
+    std::vector<float> w{1.0f, -2.0f, 0.5f}, g(3);
+    std::vector<double> ref(w.begin(), w.end());
+    sam.register_host(w, g);
+    for (int t = 0; t < 4; t++) {
+        for (int i = 0; i < 3; i++) g[i] = 0.1f * static_cast<float>(i + t);
+        const std::vector<float> before = w;
+        samopt::First first = sam.first_step();
+        EXPECT(first == (t % 2 == 0 ? samopt::First::Perturbed : samopt::First::SingleGradient));
+        if (first == samopt::First::SingleGradient) EXPECT(w == before);
+        EXPECT(sam.second_step() == samopt::Step::Done);
+        for (int i = 0; i < 3; i++) {
+            ref[i] = static_cast<float>(ref[i] - 0.5 * g[i]);
+            EXPECT(std::fabs(w[i] - ref[i]) < 1e-6);
+        }
+    }
+    EXPECT(sam.schedule_counts() == std::make_pair(uint64_t{2}, uint64_t{2}));
+    sam.set_rho(0.25);
+    EXPECT(sam.rho() == 0.25);
+    expect_error([&] { sam.set_rho(0.0); }, SAM_ERR_INVALID_ARGUMENT, "rho = 0");
+    samopt::Config bad;
+    bad.schedule = SAM_SCHEDULE_LOOKSAM;
+    bad.schedule_k = 0;
+    expect_error([&] { samopt::Optimizer o(bad); }, SAM_ERR_INVALID_ARGUMENT, "schedule_k = 0");
+}
+
 int main() {
     first_and_second_step();
     errors_and_raii();
     base_optimizer_groups_and_checkpoint();
     distributed_calls();
+    schedules();
     gpu_device_tensors();
     std::printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
