@@ -8,7 +8,9 @@ Works on Julia 1.5 and later. The library is `ENV["SAMOPT_LIB"]` when set at loa
     include("bindings/julia/SamOpt.jl"); using .SamOpt
     opt = SamOptimizer(rho = 0.05)
     register!(opt, W, dW)            # any dense Float32/Float16 arrays (bf16: UInt16 with dtype = :bf16)
-    first_step!(opt)                 # W -> W + e(W), after the gradient at W is in dW
+    if first_step!(opt) == :perturbed    # W -> W + e(W), after the gradient at W is in dW
+        # ... the gradient at W + e(W) into dW (skipped on a :single_gradient step) ...
+    end
     second_step!(opt)                # W restored (and updated with base = :sgd or :adamw)
 
 Every failing call throws a `SamError` with the status and samopt's message; a failing call
@@ -20,13 +22,14 @@ module SamOpt
 export SamOptimizer, SamError, register!, first_step!, second_step!, grad_norm, tensor_count,
        step_count, isperturbed, set_lr!, lr, add_group!, set_group!, save_state, load_state!,
        save_state_file, load_state_file!, grad_sq_norm_local, first_step_with_norm!,
-       set_allreduce!, accumulate_step!
+       set_allreduce!, accumulate_step!, set_rho!, rho, schedule_counts
 
 const libsamopt = get(ENV, "SAMOPT_LIB", "libsamopt")
 
 # SamStatus values used here.
 const SAM_OK = Int32(0)
 const SAM_STEP_SKIPPED = Int32(1)
+const SAM_STEP_SINGLE_GRADIENT = Int32(2)
 const SAM_ERR_INVALID_ARGUMENT = Int32(-2)
 
 """
@@ -72,23 +75,42 @@ struct SamConfig
     adam_eps::Cdouble
     max_grad_norm::Cdouble
     gsam_alpha::Cdouble
+    schedule::UInt32
+    schedule_k::UInt64
+    schedule_p::Cdouble
+    schedule_seed::UInt64
+    looksam_alpha::Cdouble
+    aesam_delta::Cdouble
+    aesam_lambda1::Cdouble
+    aesam_lambda2::Cdouble
+    aesam_planned_steps::UInt64
 end
 
 const BACKENDS = Dict(:auto => UInt32(0), :cpu => UInt32(1), :gpu => UInt32(2))
 const BASES = Dict(:none => UInt32(0), :sgd => UInt32(1), :adamw => UInt32(2))
 const DTYPES = Dict(:f32 => UInt32(0), :f16 => UInt32(1), :bf16 => UInt32(2))
+const SCHEDULES = Dict(:every => UInt32(0), :interval => UInt32(1), :random => UInt32(2), :looksam => UInt32(3),
+                       :aesam => UInt32(4))
 
 """
     SamOptimizer(; rho = 0.05, adaptive = false, eta = 0.0, norm_p = 2.0, backend = :auto,
                    threads = 0, base = :none, lr = 1e-3, momentum = 0.0, dampening = 0.0,
                    nesterov = false, weight_decay = NaN, beta1 = 0.9, beta2 = 0.999,
-                   adam_eps = 1e-8, max_grad_norm = 0.0, gsam_alpha = 0.0)
+                   adam_eps = 1e-8, max_grad_norm = 0.0, gsam_alpha = 0.0, schedule = :every,
+                   schedule_k = 10, schedule_p = 0.5, schedule_seed = 0, looksam_alpha = 0.7,
+                   aesam_delta = 0.9, aesam_lambda1 = -1.0, aesam_lambda2 = 1.0,
+                   aesam_planned_steps = 0)
 
 Creates an optimizer (`sam_create`). `backend` is `:auto`, `:cpu` or `:gpu`; `base` is `:none`
 (the second step only restores; run your own optimizer after it), `:sgd` or `:adamw` (PyTorch's
 semantics, fused with the restore). `weight_decay = NaN` takes PyTorch's default for the base;
 `norm_p = Inf` is the sign perturbation; `max_grad_norm` clips the second gradient (0: off);
-`gsam_alpha` turns on GSAM (0: off).
+`gsam_alpha` turns on GSAM (0: off). `schedule` is `:every` (plain SAM), `:interval`
+(SAM every `schedule_k` steps), `:random` (SAM with probability `schedule_p`, seeded by
+`schedule_seed`), `:looksam` (every `schedule_k` steps, reusing the orthogonal direction with
+weight `looksam_alpha`; without a built-in base, register the gradients with
+`grad_writable = true`) or `:aesam` (from the gradient norm's moving statistics; needs
+`aesam_planned_steps`): on the other steps `first_step!` returns `:single_gradient`.
 """
 mutable struct SamOptimizer
     handle::Ptr{Cvoid}
@@ -100,15 +122,24 @@ mutable struct SamOptimizer
     function SamOptimizer(; rho = 0.05, adaptive = false, eta = 0.0, norm_p = 2.0, backend = :auto,
                           threads = 0, base = :none, lr = 1e-3, momentum = 0.0, dampening = 0.0,
                           nesterov = false, weight_decay = NaN, beta1 = 0.9, beta2 = 0.999,
-                          adam_eps = 1e-8, max_grad_norm = 0.0, gsam_alpha = 0.0)
+                          adam_eps = 1e-8, max_grad_norm = 0.0, gsam_alpha = 0.0, schedule = :every,
+                          schedule_k = 10, schedule_p = 0.5, schedule_seed = 0, looksam_alpha = 0.7,
+                          aesam_delta = 0.9, aesam_lambda1 = -1.0, aesam_lambda2 = 1.0,
+                          aesam_planned_steps = 0)
         haskey(BACKENDS, backend) || throw(ArgumentError("backend = $backend: use :auto, :cpu or :gpu"))
         haskey(BASES, base) || throw(ArgumentError("base = $base: use :none, :sgd or :adamw"))
-        d = ccall((:sam_config_default, libsamopt), SamConfig, ())
-        d.struct_size == sizeof(SamConfig) || error("SamOpt.jl does not match the loaded libsamopt " *
-            "(SamConfig is $(d.struct_size) bytes there, $(sizeof(SamConfig)) here)")
+        haskey(SCHEDULES, schedule) ||
+            throw(ArgumentError("schedule = $schedule: use :every, :interval, :random, :looksam or :aesam"))
+        # The defaults in this module's layout of SamConfig (sam_config_init takes its size; the
+        # exported sam_config_default keeps the first released layout for old programs).
+        r = Ref{SamConfig}()
+        check(ccall((:sam_config_init, libsamopt), Int32, (Ref{SamConfig}, Csize_t), r, sizeof(SamConfig)))
+        d = r[]
         config = SamConfig(d.struct_size, rho, d.eps, eta, norm_p, adaptive, BACKENDS[backend],
                            threads, C_NULL, BASES[base], lr, momentum, dampening, nesterov,
-                           weight_decay, beta1, beta2, adam_eps, max_grad_norm, gsam_alpha)
+                           weight_decay, beta1, beta2, adam_eps, max_grad_norm, gsam_alpha,
+                           SCHEDULES[schedule], schedule_k, schedule_p, schedule_seed, looksam_alpha,
+                           aesam_delta, aesam_lambda1, aesam_lambda2, aesam_planned_steps)
         out = Ref{Ptr{Cvoid}}(C_NULL)
         check(ccall((:sam_create, libsamopt), Int32, (Ref{SamConfig}, Ref{Ptr{Cvoid}}), config, out))
         opt = new(out[], Any[], nothing)
@@ -157,8 +188,9 @@ end
 Registers a parameter array and its gradient array (`sam_register_host_ex`): dense arrays of the
 same size and element type, `Float32` or `Float16` (or `UInt16` holding bf16 bits, with
 `dtype = :bf16`), with contiguous memory (checked). samopt rewrites `param` in place at every step
-and only reads `grad`, unless `grad_writable = true` lets it leave the mean gradient of per-shard
-SAM without a built-in base there (`accumulate_step!`). The optimizer keeps both alive. Returns
+and only reads `grad`, unless `grad_writable = true` lets it write there without a built-in base:
+the mean gradient of per-shard SAM (`accumulate_step!`), or LookSAM's direction on its
+single-gradient steps. The optimizer keeps both alive. Returns
 the tensor's id (from 0).
 """
 function register!(opt::SamOptimizer, param::AbstractArray{T}, grad::AbstractArray{T};
@@ -181,12 +213,17 @@ function register!(opt::SamOptimizer, param::AbstractArray{T}, grad::AbstractArr
 end
 
 """
-    first_step!(opt)
+    first_step!(opt) -> Symbol
 
 The ascent (`sam_first_step`): one global gradient norm, then every parameter moved to
-`w + e(w)`. Throws a `SamError` (status -4) with nothing changed on NaN or Inf in a gradient.
+`w + e(w)`: `:perturbed` (compute the gradient there, then `second_step!`), or
+`:single_gradient` when the schedule makes this a single-gradient step (nothing moved: skip the
+second forward/backward and call `second_step!` now). Throws a `SamError` (status -4) with
+nothing changed on NaN or Inf in a gradient.
 """
-first_step!(opt::SamOptimizer) = (check(ccall((:sam_first_step, libsamopt), Int32, (Ptr{Cvoid},), handle(opt))); nothing)
+first_step!(opt::SamOptimizer) = first_symbol(check(ccall((:sam_first_step, libsamopt), Int32, (Ptr{Cvoid},), handle(opt))))
+
+first_symbol(s::Int32) = s == SAM_STEP_SINGLE_GRADIENT ? :single_gradient : :perturbed
 
 """
     second_step!(opt) -> Symbol
@@ -203,7 +240,8 @@ end
 # constant, so each gets its own method.
 for (name, cname, T) in [(:raw_grad_norm, :sam_grad_norm, Cdouble), (:raw_tensor_count, :sam_tensor_count, Csize_t),
                          (:raw_step_count, :sam_step_count, UInt64), (:raw_perturbed, :sam_is_perturbed, Bool),
-                         (:raw_lr, :sam_get_lr, Cdouble), (:raw_state_size, :sam_state_size, Csize_t)]
+                         (:raw_lr, :sam_get_lr, Cdouble), (:raw_state_size, :sam_state_size, Csize_t),
+                         (:raw_rho, :sam_get_rho, Cdouble)]
     @eval function $name(opt::SamOptimizer)
         out = Ref{$T}(zero($T))
         check(ccall(($(QuoteNode(cname)), libsamopt), Int32, (Ptr{Cvoid}, Ref{$T}), handle(opt), out))
@@ -215,12 +253,32 @@ end
 grad_norm(opt::SamOptimizer) = raw_grad_norm(opt)
 "Number of registered tensors."
 tensor_count(opt::SamOptimizer) = Int(raw_tensor_count(opt))
-"Completed SAM steps (skipped ones excluded)."
+"Completed steps, SAM and single-gradient (skipped ones excluded)."
 step_count(opt::SamOptimizer) = Int(raw_step_count(opt))
 "Whether the weights are perturbed (between the two steps)."
 isperturbed(opt::SamOptimizer) = raw_perturbed(opt)
 "The base optimizer's learning rate."
 lr(opt::SamOptimizer) = raw_lr(opt)
+
+"The current rho (`sam_get_rho`)."
+rho(opt::SamOptimizer) = raw_rho(opt)
+
+"Sets rho from the next first step on (`sam_set_rho`), for a rho schedule."
+set_rho!(opt::SamOptimizer, rho::Real) =
+    (check(ccall((:sam_set_rho, libsamopt), Int32, (Ptr{Cvoid}, Cdouble), handle(opt), rho)); nothing)
+
+"""
+    schedule_counts(opt) -> (sam, single)
+
+Completed SAM steps and single-gradient steps (`sam_schedule_counts`); gradient evaluations so
+far are `2sam + single`.
+"""
+function schedule_counts(opt::SamOptimizer)
+    sam, single = Ref{UInt64}(0), Ref{UInt64}(0)
+    check(ccall((:sam_schedule_counts, libsamopt), Int32, (Ptr{Cvoid}, Ref{UInt64}, Ref{UInt64}),
+                handle(opt), sam, single))
+    return (Int(sam[]), Int(single[]))
+end
 
 "Sets the base optimizer's learning rate from the next second step on (`sam_set_lr`)."
 set_lr!(opt::SamOptimizer, lr::Real) =
@@ -279,7 +337,7 @@ end
 
 "Parameters sharded across workers, step 2 of 2: the ascent with the norm over all shards."
 first_step_with_norm!(opt::SamOptimizer, global_norm::Real) =
-    (check(ccall((:sam_first_step_with_norm, libsamopt), Int32, (Ptr{Cvoid}, Cdouble), handle(opt), global_norm)); nothing)
+    first_symbol(check(ccall((:sam_first_step_with_norm, libsamopt), Int32, (Ptr{Cvoid}, Cdouble), handle(opt), global_norm)))
 
 """
     accumulate_step!(opt)

@@ -55,6 +55,48 @@ using .SamOpt
         @test M == M0 && H == H0 && B == B0
     end
 
+    @testset "step schedules: LookSAM against Float64, single-gradient status" begin
+        # LookSAM (k = 3, alpha 0.5) with the built-in SGD; the reference is written here.
+        W = Float32[0.5, -1.0, 0.25, 2.0]
+        dW = zeros(Float32, 4)
+        ref = Float64.(W)
+        gv = zeros(4)
+        opt = SamOptimizer(rho = 0.1, backend = :cpu, base = :sgd, lr = 0.1, schedule = :looksam,
+                           schedule_k = 3, looksam_alpha = 0.5)
+        register!(opt, W, dW)
+        for t in 0:6
+            g1 = Float32[0.3sin(t + i) for i in 1:4]
+            g2 = Float32[0.3cos(2t + i) for i in 1:4]
+            dW .= g1
+            s = first_step!(opt)
+            @test s == (t % 3 == 0 ? :perturbed : :single_gradient)
+            if s == :perturbed
+                dW .= g2
+                a, b = Float64.(g1), Float64.(g2)
+                gv = b .- (sum(a .* b) / sum(a .^ 2)) .* a
+                d = b
+            else
+                a = Float64.(g1)
+                d = a .+ 0.5 * sqrt(sum(a .^ 2)) / sqrt(sum(gv .^ 2)) .* gv
+            end
+            @test second_step!(opt) == :done
+            ref = Float64.(Float32.(ref .- 0.1 .* d))
+            @test maximum(abs.(Float64.(W) .- ref)) < 1e-6
+        end
+        @test schedule_counts(opt) == (3, 4)
+        @test step_count(opt) == 7
+        set_rho!(opt, 0.2)
+        @test rho(opt) == 0.2
+        err = try
+            SamOptimizer(schedule = :interval, schedule_k = 0)
+        catch e
+            e
+        end
+        @test err isa SamError && err.status == -2 && occursin("schedule_k = 0", err.message)
+        @test_throws ArgumentError SamOptimizer(schedule = :sometimes)
+        close(opt)
+    end
+
     @testset "errors carry status and message" begin
         err = try
             SamOptimizer(rho = -1.0)
