@@ -139,7 +139,7 @@ const STATUS_CALLBACK: i32 = -10;
 fn known(s: SamStatus) -> bool {
     // The enum is #[repr(i32)] and only samopt creates its values; reading the number keeps the
     // check honest about what crossed the boundary.
-    matches!(s as i32, 0 | 1 | -10..=-1)
+    matches!(s as i32, 0..=2 | -10..=-1)
 }
 
 fn last_error() -> String {
@@ -248,6 +248,9 @@ struct World {
     arena: Arena,
     opt: *mut SamOptimizer,
     base: SamBase,
+    /// Whether the current handle's schedule is LookSAM (which exchanges two values in the first
+    /// step, and two in every second step even without a base optimizer).
+    look: bool,
     /// Whether the current handle has the all-reduce installed.
     reducing: bool,
     /// The registered parameters at the last successful first step: what every restore must give.
@@ -259,11 +262,12 @@ struct World {
 
 impl World {
     /// Adopts a handle `sam_create` just returned.
-    fn adopt(&mut self, out: *mut SamOptimizer, base: SamBase) {
+    fn adopt(&mut self, out: *mut SamOptimizer, base: SamBase, look: bool) {
         // SAFETY: the old handle (or NULL) is destroyed once, after its last use.
         unsafe { sam_destroy(self.opt) };
         self.opt = out;
         self.base = base;
+        self.look = look;
         self.arena = Arena::new();
         self.reducing = false;
         self.w = None;
@@ -310,6 +314,7 @@ fuzz_target!(|data: &[u8]| {
         arena: Arena::new(),
         opt: null_mut(),
         base: SAM_BASE_NONE,
+        look: false,
         reducing: false,
         w: None,
         local_sq: 1.0,
@@ -339,7 +344,7 @@ fuzz_target!(|data: &[u8]| {
             match op % 18 {
                 0 => {
                     let Some(r) = (|| {
-                        let mut padded = Padded { c: sam_config_default(), _tail: [0; 8] };
+                        let mut padded = Padded { c: SamConfig::default(), _tail: [0; 8] };
                         let c = &mut padded.c;
                         c.rho = input.pick(&F64S)?;
                         c.eps = input.pick(&[1e-12, 0.0, -1.0, f64::NAN])?;
@@ -354,17 +359,28 @@ fuzz_target!(|data: &[u8]| {
                         c.max_grad_norm = input.pick(&[0.0, 1.0, -1.0])?;
                         c.gsam_alpha = input.pick(&[0.0, 0.3, f64::NAN])?;
                         c.num_threads = input.pick(&THREADS)?;
+                        c.schedule = input.pick(&[
+                            SAM_SCHEDULE_EVERY,
+                            SAM_SCHEDULE_INTERVAL,
+                            SAM_SCHEDULE_RANDOM,
+                            SAM_SCHEDULE_LOOKSAM,
+                            SAM_SCHEDULE_AESAM,
+                            9,
+                        ])?;
+                        c.schedule_k = input.pick(&[2, 1, 0])?;
+                        c.schedule_p = input.pick(&[0.5, 0.0, 1.5])?;
+                        c.aesam_planned_steps = input.pick(&[8, 0])?;
                         c.struct_size = input.pick(&[size_of::<SamConfig>(), 8, 0, size_of::<SamConfig>() + 8])?;
                         let mut out = 0x1 as *mut SamOptimizer;
                         let s = sam_create(if input.u8()? % 8 == 0 { null() } else { &padded.c }, &mut out);
-                        Some((s, out, padded.c.base))
+                        Some((s, out, padded.c.base, padded.c.schedule == SAM_SCHEDULE_LOOKSAM))
                     })() else {
                         break;
                     };
-                    let (s, out, base) = r;
+                    let (s, out, base, look) = r;
                     check(s, &before, &world.arena, "sam_create");
                     if s == SamStatus::SAM_OK {
-                        world.adopt(out, base);
+                        world.adopt(out, base, look);
                         saved.clear();
                     } else {
                         assert_eq!(out, 0x1 as *mut SamOptimizer, "a failed sam_create wrote *out");
@@ -434,14 +450,17 @@ fuzz_target!(|data: &[u8]| {
                     }
                 }
                 2 => {
-                    let s = world.exchanging(1, |o| sam_first_step(o));
+                    let s = world.exchanging(if world.look { 2 } else { 1 }, |o| sam_first_step(o));
                     check(s, &before, &world.arena, "sam_first_step");
-                    if s == SamStatus::SAM_OK {
+                    if s == SamStatus::SAM_STEP_SINGLE_GRADIENT {
+                        assert!(before.params == world.arena.snapshot().params, "a single-gradient first step moved w");
+                    }
+                    if s == SamStatus::SAM_OK || s == SamStatus::SAM_STEP_SINGLE_GRADIENT {
                         world.w = Some(before.params.clone());
                     }
                 }
                 3 => {
-                    let exchanges = if world.base == SAM_BASE_NONE { 0 } else { 2 };
+                    let exchanges = if world.base == SAM_BASE_NONE && !world.look { 0 } else { 2 };
                     let s = world.exchanging(exchanges, |o| sam_second_step(o));
                     check_with(s, &before, &world.arena, "sam_second_step", world.w.as_deref());
                     // A restore gives back w, bit for bit: always without a base optimizer, and
@@ -594,7 +613,7 @@ fuzz_target!(|data: &[u8]| {
                     if !norm.is_finite() || norm < 0.0 {
                         assert!((s as i32) < 0, "sam_first_step_with_norm accepted {norm}");
                     }
-                    if s == SamStatus::SAM_OK {
+                    if s == SamStatus::SAM_OK || s == SamStatus::SAM_STEP_SINGLE_GRADIENT {
                         world.w = Some(before.params.clone());
                     }
                 }
@@ -635,7 +654,7 @@ fuzz_target!(|data: &[u8]| {
                     assert!(bytes[ours..size] == vec![0; size - ours], "sam_config_init left unknown fields non-zero");
                     let c = &mut *cfg;
                     assert_eq!(c.struct_size, size);
-                    assert!(same_config(c, &sam_config_default()), "sam_config_init: not the defaults: {c:?}");
+                    assert!(same_config(c, &SamConfig::default()), "sam_config_init: not the defaults: {c:?}");
                     c.backend = [SAM_BACKEND_AUTO, SAM_BACKEND_CPU, 3][backend as usize % 3];
                     c.base = [SAM_BASE_NONE, SAM_BASE_SGD, SAM_BASE_ADAMW][base as usize % 3];
                     c.num_threads = THREADS[threads as usize % THREADS.len()];
@@ -651,7 +670,7 @@ fuzz_target!(|data: &[u8]| {
                         assert_eq!(s as i32, SamStatus::SAM_ERR_UNSUPPORTED as i32, "a set unknown field was accepted");
                     }
                     if s == SamStatus::SAM_OK {
-                        world.adopt(out, (*cfg).base);
+                        world.adopt(out, (*cfg).base, (*cfg).schedule == SAM_SCHEDULE_LOOKSAM);
                         saved.clear();
                     } else {
                         assert_eq!(out, 0x1 as *mut SamOptimizer, "a failed sam_create wrote *out");
