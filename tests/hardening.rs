@@ -604,8 +604,7 @@ fn finding_15_versioned_structs() {
     }
     // The config a program built against this header makes (the header's inline
     // sam_config_default calls sam_config_init): the defaults, in today's layout.
-    let mut c = SamConfig::default();
-    c.rho = 0.0;
+    let mut c = SamConfig { rho: 0.0, ..SamConfig::default() };
     // SAFETY: a SamConfig.
     assert_eq!(unsafe { sam_config_init(&mut c, OURS) }, SamStatus::SAM_OK);
     // (Debug text: weight_decay's default is NaN, which no == matches.)

@@ -129,7 +129,7 @@ impl Reference {
         self.t += 1;
         match self.config.schedule {
             Schedule::Every => true,
-            Schedule::Interval { k } | Schedule::LookSam { k, .. } => t % k == 0,
+            Schedule::Interval { k } | Schedule::LookSam { k, .. } => t.is_multiple_of(k),
             Schedule::Random { p, .. } => ((splitmix(&mut self.rng) >> 11) as f64 / (1u64 << 53) as f64) < p,
             Schedule::AeSam { delta, lambda1, lambda2, planned_steps } => {
                 // mu_t = delta mu + (1 - delta) x; s_t = delta s + (1 - delta) (x - mu_t)^2.
@@ -455,8 +455,8 @@ fn checkpoint_resume_mid_schedule_is_bit_identical() {
                 if s == 13 {
                     let mut checkpoint = vec![0u8; a.state_size()];
                     a.save_state(&mut checkpoint).unwrap();
-                    for k in 0..SIZES.len() {
-                        let w = read(&mut a, k as u32, ty, SIZES[k], false);
+                    for (k, &n) in SIZES.iter().enumerate() {
+                        let w = read(&mut a, k as u32, ty, n, false);
                         write(&mut b, k as u32, ty, false, &w);
                     }
                     b.load_state(&checkpoint).unwrap();
@@ -466,9 +466,8 @@ fn checkpoint_resume_mid_schedule_is_bit_identical() {
                 if s >= 13 {
                     let fb = step(&mut b, g1, g2);
                     assert_eq!(fa, fb, "{} {backend:?} step {s}: decision after resume", case.name);
-                    for k in 0..SIZES.len() {
-                        let (wa, wb) =
-                            (read(&mut a, k as u32, ty, SIZES[k], false), read(&mut b, k as u32, ty, SIZES[k], false));
+                    for (k, &n) in SIZES.iter().enumerate() {
+                        let (wa, wb) = (read(&mut a, k as u32, ty, n, false), read(&mut b, k as u32, ty, n, false));
                         let same = wa.iter().zip(&wb).all(|(x, y)| x.to_bits() == y.to_bits());
                         assert!(same, "{} {backend:?} step {s}: tensor {k} differs after resume", case.name);
                     }
@@ -524,7 +523,9 @@ fn sharded_workers_decide_as_one_process() {
         let sizes = [[300usize, 17], [1000, 64]];
         let w0: Vec<Vec<Vec<f32>>> =
             sizes.iter().map(|s| s.iter().map(|&n| (0..n).map(|_| rng.sym(1.0) as f32).collect()).collect()).collect();
-        let steps: Vec<Vec<Vec<(Vec<f32>, Vec<f32>)>>> = (0..12)
+        // Per step, per shard, per tensor: (g at w, g at the perturbed w).
+        type Grads = Vec<Vec<Vec<(Vec<f32>, Vec<f32>)>>>;
+        let steps: Grads = (0..12)
             .map(|_| {
                 let scale = 0.2 + rng.unit() as f32;
                 sizes
