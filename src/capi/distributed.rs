@@ -39,8 +39,15 @@ unsafe impl Send for UserPtr {}
 /// gradient's squared norm and GSAM's dot product `g.g'` (two doubles), so that clipping, GSAM and
 /// the skip of a non-finite step are decided over the whole model, the same on every worker.
 ///
-/// With an all-reduce installed, every `sam_first_step` call (and, with a built-in base, every
-/// `sam_second_step` call) joins the exchange exactly once, whatever fails locally (a non-finite
+/// Step schedules decide from these global sums, so every worker takes the same kind of step
+/// (`SAM_SCHEDULE_RANDOM` needs the same `schedule_seed` everywhere). Under
+/// `SAM_SCHEDULE_LOOKSAM` the first step sums two doubles (the squared norm and `||g_v||^2`) and
+/// every second step sums two, with or without a built-in base (`g.g'` for `g_v`); a
+/// single-gradient step's second step joins that exchange too, so the count of collectives never
+/// depends on the decision.
+///
+/// With an all-reduce installed, every `sam_first_step` call (and, with a built-in base or
+/// LookSAM, every `sam_second_step` call) joins the exchange exactly once, whatever fails locally (a non-finite
 /// gradient, no tensor, a call in the wrong phase, a device error): that worker contributes NaN
 /// and returns its own error, and every other worker refuses the step together (the first step
 /// with `SAM_ERR_NON_FINITE`, nothing changed; the second with `SAM_STEP_SKIPPED`, weights

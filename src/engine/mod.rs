@@ -1,14 +1,19 @@
 //! The engine: the registry of tensors, the state machine of a SAM step, and the backend.
 //!
 //! ```text
-//!   Idle --first_step--> Perturbed --second_step--> Idle
+//!   Idle --first_step--> Perturbed --second_step--> Idle          (a SAM step)
+//!   Idle --first_step--> Single    --second_step--> Idle          (a single-gradient step)
 //! ```
+//!
+//! The step schedule ([`Config::schedule`]) decides at each first step, from the global gradient
+//! norm, which of the two it is; `schedule` holds its state.
 //!
 //! Registration happens while idle. Every call checks everything it needs before the first write,
 //! so a call that fails leaves the optimizer and the host's buffers as they were.
 //!
 //! This file holds the types, construction and the choice of backend; `registry` the tensors and
-//! groups, `steps` the state machine's steps, `snapshot` the optimizer's side of checkpoints.
+//! groups, `steps` the state machine's steps, `schedule` the step schedule's decisions,
+//! `snapshot` the optimizer's side of checkpoints.
 
 use std::collections::BTreeMap;
 
