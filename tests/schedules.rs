@@ -669,3 +669,46 @@ fn refusals() {
     }
     assert!(opt.set_rho(0.0).is_err() && opt.set_rho(f64::NAN).is_err());
 }
+
+/// Host buffers on the GPU engine (staged through the device): single-gradient updates reach the
+/// host's weights, and LookSAM's direction (no base) the host's writable gradients, as on the CPU.
+#[test]
+fn staged_host_buffers_on_the_gpu_match_the_cpu() {
+    let look = Schedule::LookSam { k: 3, alpha: 0.7 };
+    for base in [BaseOptimizer::Sgd, BaseOptimizer::None] {
+        let mut results = Vec::new();
+        for backend in [Backend::Cpu, Backend::Gpu] {
+            let config = Config { backend, base, lr: 0.1, momentum: 0.5, schedule: look, ..Config::default() };
+            let Some(mut opt) = optimizer_or_skip(config) else { return };
+            let mut rng = Rng::new(8);
+            let mut w: Vec<f32> = (0..777).map(|_| rng.sym(1.0) as f32).collect();
+            let mut g = vec![0f32; 777];
+            // SAFETY: both outlive the optimizer and are only touched between its calls.
+            unsafe {
+                opt.register_host_writable_raw(w.as_mut_ptr().cast(), g.as_mut_ptr().cast(), 777, samopt::DType::F32)
+                    .unwrap()
+            };
+            let mut grads_seen = Vec::new();
+            for _ in 0..7 {
+                let scale = 0.2 + rng.unit() as f32;
+                g.iter_mut().for_each(|x| *x = scale * rng.sym(0.5) as f32);
+                let g2: Vec<f32> = (0..777).map(|_| scale * rng.sym(0.5) as f32).collect();
+                if opt.first_step().unwrap() == FirstStep::Perturbed {
+                    g.copy_from_slice(&g2);
+                }
+                opt.second_step().unwrap();
+                if base == BaseOptimizer::None {
+                    // The host's optimizer: plain SGD on what the gradient buffer holds now.
+                    w.iter_mut().zip(&g).for_each(|(w, g)| *w -= 0.1 * g);
+                }
+                grads_seen.push(g.clone());
+            }
+            drop(opt);
+            results.push((w, grads_seen));
+        }
+        let (cpu, gpu) = (&results[0], &results[1]);
+        for (a, b) in cpu.0.iter().zip(&gpu.0).chain(cpu.1.iter().flatten().zip(gpu.1.iter().flatten())) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{base:?}: CPU {a}, GPU {b}");
+        }
+    }
+}
