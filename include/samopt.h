@@ -219,13 +219,13 @@ typedef struct {
      * Clip the second (perturbed) gradient to this global L2 norm before the base update, as
      * `torch.nn.utils.clip_grad_norm_` does; 0 (default) turns clipping off. Needs a built-in base
      * optimizer. (Clipping the first gradient would change nothing: the perturbation divides by
-     * its norm.)
+     * its norm.) On a single-gradient step the factor comes from that step's `||g||`.
      */
     double max_grad_norm;
     /**
      * GSAM's alpha: step with `g' - alpha * g_perp`, `g_perp = g - (g.g' / ||g'||^2) g'`, with `g`
      * the first gradient (the first step keeps a copy) and `g'` the second; 0 (default) is plain
-     * SAM. Needs a built-in base optimizer.
+     * SAM. Needs a built-in base optimizer. A schedule's single-gradient steps step with `g`.
      */
     double gsam_alpha;
     /**
@@ -660,8 +660,15 @@ SamStatus sam_second_step(SamOptimizer *opt);
  * gradient's squared norm and GSAM's dot product `g.g'` (two doubles), so that clipping, GSAM and
  * the skip of a non-finite step are decided over the whole model, the same on every worker.
  *
- * With an all-reduce installed, every `sam_first_step` call (and, with a built-in base, every
- * `sam_second_step` call) joins the exchange exactly once, whatever fails locally (a non-finite
+ * Step schedules decide from these global sums, so every worker takes the same kind of step
+ * (`SAM_SCHEDULE_RANDOM` needs the same `schedule_seed` everywhere). Under
+ * `SAM_SCHEDULE_LOOKSAM` the first step sums two doubles (the squared norm and `||g_v||^2`) and
+ * every second step sums two, with or without a built-in base (`g.g'` for `g_v`); a
+ * single-gradient step's second step joins that exchange too, so the count of collectives never
+ * depends on the decision.
+ *
+ * With an all-reduce installed, every `sam_first_step` call (and, with a built-in base or
+ * LookSAM, every `sam_second_step` call) joins the exchange exactly once, whatever fails locally (a non-finite
  * gradient, no tensor, a call in the wrong phase, a device error): that worker contributes NaN
  * and returns its own error, and every other worker refuses the step together (the first step
  * with `SAM_ERR_NON_FINITE`, nothing changed; the second with `SAM_STEP_SKIPPED`, weights
@@ -678,7 +685,9 @@ SamStatus sam_second_step(SamOptimizer *opt);
  * `opt` must be NULL or a live handle; `callback`, when set, must be safe to call with `user`
  * from any thread for as long as it is installed.
  */
-SamStatus sam_set_allreduce(SamOptimizer *opt, SamAllreduce callback, void *user);
+SamStatus sam_set_allreduce(SamOptimizer *opt,
+                            SamAllreduce callback,
+                            void *user);
 
 /**
  * Sharded-parameter SAM across workers, step 1 of 2: stores in `*out` the local squared norm
@@ -949,8 +958,9 @@ SamStatus sam_register_vulkan(SamOptimizer *opt,
 SamStatus sam_tensor_count(const SamOptimizer *opt, size_t *out);
 
 /**
- * Stores in `*out` the number of completed SAM steps: second steps that were not skipped (with a
- * built-in base optimizer, the number of updates applied, as PyTorch's optimizer step count).
+ * Stores in `*out` the number of completed steps, SAM and single-gradient: second steps that were
+ * not skipped (with a built-in base optimizer, the number of updates applied, as PyTorch's
+ * optimizer step count). `sam_schedule_counts` splits it by kind.
  *
  * # Safety
  * `opt` must be NULL or a live handle; `out` NULL or writable.
@@ -958,7 +968,8 @@ SamStatus sam_tensor_count(const SamOptimizer *opt, size_t *out);
 SamStatus sam_step_count(const SamOptimizer *opt, uint64_t *out);
 
 /**
- * Stores in `*out` whether the weights are perturbed (between a first and a second step).
+ * Stores in `*out` whether the weights are perturbed (between a first and a second step of a SAM
+ * step; false during a single-gradient step, whose weights never move).
  *
  * # Safety
  * `opt` must be NULL or a live handle; `out` NULL or writable.

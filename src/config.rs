@@ -117,7 +117,9 @@ pub enum Schedule {
     },
     /// AE-SAM (arXiv 2304.14647): SAM when `||g||^2 >= mu + c_t sqrt(s)`, with `mu`, `s` moving
     /// averages (forgetting rate `delta`) of the squared gradient norm's mean and variance and
-    /// `c_t` moving linearly from `lambda1` to `lambda2` over `planned_steps`; else `d = g`.
+    /// `c_t` moving linearly from `lambda1` to `lambda2` over `planned_steps`; else `d = g`. The
+    /// squared norm is the norm pass's own (under ASAM, `||T_w g||^2`), so the rule reads no
+    /// gradient again.
     AeSam {
         /// The forgetting rate of the averages, in `[0, 1)` (0.9 in the paper).
         delta: f64,
@@ -239,10 +241,12 @@ pub struct Config {
     pub adam_eps: f64,
     /// Clip the second (perturbed) gradient to this global L2 norm, as `clip_grad_norm_` does;
     /// `None` (default): no clipping. Clipping the first gradient would change nothing: the
-    /// perturbation divides by its norm.
+    /// perturbation divides by its norm. On a single-gradient step ([`Schedule`]) the factor comes
+    /// from that step's gradient `||g||` and scales the whole direction.
     pub max_grad_norm: Option<f64>,
     /// GSAM's `alpha`: step with `g' - alpha * g_perp`, `g_perp = g - (g.g' / ||g'||^2) g'`, where
     /// `g` is the first gradient (kept by the first step) and `g'` the second. `None`: plain SAM.
+    /// Single-gradient steps of a schedule have no `g'`: they step with `g`.
     pub gsam_alpha: Option<f64>,
     /// Which steps are SAM steps and which take a single gradient (default: every step is SAM).
     pub schedule: Schedule,

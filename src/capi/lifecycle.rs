@@ -67,11 +67,11 @@ pub struct SamConfig {
     /// Clip the second (perturbed) gradient to this global L2 norm before the base update, as
     /// `torch.nn.utils.clip_grad_norm_` does; 0 (default) turns clipping off. Needs a built-in base
     /// optimizer. (Clipping the first gradient would change nothing: the perturbation divides by
-    /// its norm.)
+    /// its norm.) On a single-gradient step the factor comes from that step's `||g||`.
     pub max_grad_norm: f64,
     /// GSAM's alpha: step with `g' - alpha * g_perp`, `g_perp = g - (g.g' / ||g'||^2) g'`, with `g`
     /// the first gradient (the first step keeps a copy) and `g'` the second; 0 (default) is plain
-    /// SAM. Needs a built-in base optimizer.
+    /// SAM. Needs a built-in base optimizer. A schedule's single-gradient steps step with `g`.
     pub gsam_alpha: f64,
 
     // ---- Added in samopt 0.2 (the second `SamConfig` layout): step schedules ----

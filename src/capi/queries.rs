@@ -19,8 +19,9 @@ pub unsafe extern "C" fn sam_tensor_count(opt: *const SamOptimizer, out: *mut us
     })
 }
 
-/// Stores in `*out` the number of completed SAM steps: second steps that were not skipped (with a
-/// built-in base optimizer, the number of updates applied, as PyTorch's optimizer step count).
+/// Stores in `*out` the number of completed steps, SAM and single-gradient: second steps that were
+/// not skipped (with a built-in base optimizer, the number of updates applied, as PyTorch's
+/// optimizer step count). `sam_schedule_counts` splits it by kind.
 ///
 /// # Safety
 /// `opt` must be NULL or a live handle; `out` NULL or writable.
@@ -34,7 +35,8 @@ pub unsafe extern "C" fn sam_step_count(opt: *const SamOptimizer, out: *mut u64)
     })
 }
 
-/// Stores in `*out` whether the weights are perturbed (between a first and a second step).
+/// Stores in `*out` whether the weights are perturbed (between a first and a second step of a SAM
+/// step; false during a single-gradient step, whose weights never move).
 ///
 /// # Safety
 /// `opt` must be NULL or a live handle; `out` NULL or writable.
