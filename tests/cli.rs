@@ -1,5 +1,5 @@
 //! The `samopt` command as a user runs it: arguments, errors, the JSON summary, the plot, the data
-//! loaders on small generated files, `info` and `bench`.
+//! loaders on small generated files, the step schedules and the comparison mode, `info` and `bench`.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -30,9 +30,20 @@ fn help_documents_every_command_and_option() {
     }
     let o = samopt(&["demo", "--help"]);
     let text = String::from_utf8_lossy(&o.stdout);
-    for opt in
-        ["--backend", "--rho", "--adaptive", "--epochs", "--noise", "--seed", "--json", "--plot", "--data", "--labels"]
-    {
+    for opt in [
+        "--backend",
+        "--rho",
+        "--adaptive",
+        "--epochs",
+        "--noise",
+        "--seed",
+        "--json",
+        "--plot",
+        "--data",
+        "--labels",
+        "--schedule",
+        "--compare",
+    ] {
         assert!(text.contains(opt), "demo --help lacks {opt}");
     }
 }
@@ -211,4 +222,147 @@ fn info_and_bench() {
     let o = samopt(&["bench", "--backend", "cpu", "--elements", "10", "--tensors", "20"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--tensors 20"));
+}
+
+#[test]
+fn bad_schedules_are_refused_naming_the_value() {
+    for spec in [
+        "interval:0",
+        "interval",
+        "interval:x",
+        "random:1.5",
+        "random:-0.1",
+        "random:nan",
+        "looksam:5:-1",
+        "looksam:0",
+        "looksam:5:inf",
+        "aesam:x",
+        "every:2",
+        "sometimes",
+        "",
+    ] {
+        let o = samopt(&["demo", "--schedule", spec]);
+        assert_eq!(o.status.code(), Some(2), "{spec:?}");
+        let err = stderr(&o);
+        assert_eq!(err.trim_end().lines().count(), 1, "{spec:?}: {err}");
+        assert!(err.contains("--schedule") && err.contains(&format!("'{spec}'")), "{spec:?}: {err}");
+    }
+    let o = samopt(&["demo", "--schedule", "sometimes"]);
+    assert!(stderr(&o).contains("every, interval:K, random:P, looksam:K[:ALPHA] or aesam"), "{}", stderr(&o));
+    // One SAM run takes one schedule; several need --compare.
+    let o = samopt(&["demo", "--schedule", "interval:2", "--schedule", "aesam"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--compare"), "{}", stderr(&o));
+}
+
+/// The counters of a run are consistent: gradient evaluations are one per step plus one per SAM
+/// step, and their ratio to the steps is `grad_evals_per_step`.
+fn check_counts(r: &serde_json::Value) -> f64 {
+    let steps = r["steps"].as_u64().unwrap();
+    let evals = r["grad_evals"].as_u64().unwrap();
+    let per_step = r["grad_evals_per_step"].as_f64().unwrap();
+    assert!((per_step - evals as f64 / steps as f64).abs() < 1e-12, "{r}");
+    if r["optimizer"] == "sgd" {
+        assert_eq!(evals, steps, "{r}");
+        assert!(r["sam_steps"].is_null() && r["schedule"].is_null(), "{r}");
+    } else {
+        let (sam, single) = (r["sam_steps"].as_u64().unwrap(), r["single_steps"].as_u64().unwrap());
+        assert_eq!(sam + single, steps, "{r}");
+        assert_eq!(2 * sam + single, evals, "{r}");
+    }
+    assert!(r["wall_s"].as_f64().unwrap() >= 0.0, "{r}");
+    per_step
+}
+
+#[test]
+fn a_schedule_takes_fewer_gradients() {
+    for fused in [false, true] {
+        let mut args = vec!["demo", "--json", "--schedule", "interval:2"];
+        args.extend(QUICK);
+        if fused {
+            args.push("--fused");
+        }
+        let v = json(&samopt(&args));
+        let runs = v["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 2);
+        assert_eq!((runs[0]["optimizer"].as_str(), runs[1]["optimizer"].as_str()), (Some("sgd"), Some("sam")));
+        assert_eq!(runs[1]["schedule"], "interval:2");
+        assert_eq!(check_counts(&runs[0]), 1.0);
+        let per_step = check_counts(&runs[1]);
+        assert!(per_step > 1.0 && per_step < 2.0, "{per_step}");
+        // 3 epochs of ceil(300 / 64) = 5 steps: SAM on steps 0, 2, ..., 14.
+        assert_eq!((runs[1]["steps"].as_u64(), runs[1]["sam_steps"].as_u64()), (Some(15), Some(8)));
+    }
+    // The default schedule is plain SAM: two gradients a step.
+    let mut args = vec!["demo", "--json"];
+    args.extend(QUICK);
+    let v = json(&samopt(&args));
+    assert_eq!(v["runs"][1]["schedule"], "every");
+    assert_eq!(check_counts(&v["runs"][1]), 2.0);
+}
+
+#[test]
+fn looksam_runs_with_the_demos_own_sgd_and_fused() {
+    // Without --fused the demo's SGD steps with LookSAM's direction, which samopt writes into the
+    // (writably registered) gradients; with it samopt's SGD does. The two agree.
+    let mut results = Vec::new();
+    for fused in [false, true] {
+        let mut args = vec!["demo", "--json", "--schedule", "looksam:3:0.5"];
+        args.extend(QUICK);
+        if fused {
+            args.push("--fused");
+        }
+        let v = json(&samopt(&args));
+        let r = &v["runs"][1];
+        assert_eq!(r["schedule"], "looksam:3:0.5");
+        assert_eq!(r["sam_steps"], 5, "{r}");
+        check_counts(r);
+        results.push(r["train_loss"].as_f64().unwrap());
+    }
+    assert!((results[0] - results[1]).abs() < 1e-3 * results[0].abs().max(1.0), "{results:?}");
+}
+
+#[test]
+fn comparison_lists_every_method() {
+    let dir = tempdir();
+    let path = dir.join("compare.svg");
+    let methods = ["sgd", "sam", "interval:10", "random:0.2", "looksam:5:0.7", "aesam"];
+    let mut args = vec!["demo", "--compare", "--json", "--plot", path.to_str().unwrap()];
+    args.extend(QUICK);
+    let v = json(&samopt(&args));
+    assert_eq!(v["compare"], true);
+    let runs = v["runs"].as_array().unwrap();
+    let names: Vec<&str> = runs.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(names, methods);
+    for r in runs {
+        let per_step = check_counts(r);
+        for key in ["test_accuracy", "sharpness", "wall_s"] {
+            assert!(r[key].as_f64().unwrap().is_finite(), "{key}: {r}");
+        }
+        match r["method"].as_str().unwrap() {
+            "sgd" => assert_eq!(per_step, 1.0),
+            "sam" => assert_eq!(per_step, 2.0),
+            "interval:10" => assert!(per_step > 1.0 && per_step < 1.2, "{r}"),
+            _ => assert!((1.0..=2.0).contains(&per_step), "{r}"),
+        }
+        assert_eq!(r["optimizer"], if r["method"] == "sgd" { "sgd" } else { "sam" });
+    }
+    // Every method's curves, with a legend naming it.
+    let svg = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 2 * methods.len());
+    for m in methods {
+        assert_eq!(svg.matches(&format!(">{m}</text>")).count(), 2, "{m}");
+    }
+
+    // The table: one row per method, and the schedules asked for instead of the default set.
+    let mut args = vec!["demo", "--compare", "--schedule", "random:0.5", "--schedule", "looksam:2"];
+    args.extend(QUICK);
+    let o = samopt(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    let rows: Vec<&str> =
+        table.lines().skip_while(|l| !l.starts_with("run ")).skip(1).take_while(|l| !l.is_empty()).collect();
+    let names: Vec<&str> = rows.iter().map(|l| l.split_whitespace().next().unwrap()).collect();
+    assert_eq!(names, ["sgd", "sam", "random:0.5", "looksam:2:0.7"], "{table}");
+    assert!(table.contains("gain kept") && table.contains("grads/step"), "{table}");
 }

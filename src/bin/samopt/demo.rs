@@ -1,14 +1,16 @@
-//! `samopt demo`: the same MLP trained twice on noisy labels, with SGD alone and with SAM around the
-//! same SGD, then compared on clean test accuracy and on sharpness.
+//! `samopt demo`: the same MLP trained on noisy labels with SGD alone and with SAM around the same
+//! SGD (under a step schedule, or several of them in the comparison mode), then compared on clean
+//! test accuracy, sharpness and the gradient evaluations each run paid for.
 
 use std::time::Instant;
 
-use samopt::{Backend, BaseOptimizer, Config, Optimizer};
+use samopt::{Backend, BaseOptimizer, Config, FirstStep, Optimizer};
 
 use crate::data::{Dataset, Rng};
 use crate::mlp::Mlp;
+use crate::schedule::Spec;
 
-/// The training setup shared by both runs.
+/// The training setup shared by every run.
 #[derive(Clone, Debug)]
 pub struct Setup {
     pub hidden: usize,
@@ -32,10 +34,34 @@ pub struct History {
     pub test_accuracy: Vec<f64>,
 }
 
+/// What one run trains with: the base SGD alone, or SAM around it under a step schedule.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Method {
+    Sgd,
+    Sam(Spec),
+}
+
+impl Method {
+    /// The run's name in tables, plots and JSON: `sgd`, `sam` (every step), or the schedule's
+    /// specification (`interval:10`, `looksam:5:0.7`, ...), which is SAM under that schedule.
+    pub fn label(self) -> String {
+        match self {
+            Method::Sgd => "sgd".into(),
+            Method::Sam(Spec::Every) => "sam".into(),
+            Method::Sam(spec) => spec.to_string(),
+        }
+    }
+}
+
 /// One run's results.
 #[derive(Clone, Debug)]
 pub struct RunResult {
+    /// `sgd` or `sam`.
     pub optimizer: &'static str,
+    /// The SAM run's schedule (`None` for SGD).
+    pub schedule: Option<Spec>,
+    /// [`Method::label`].
+    pub label: String,
     pub train_loss: f64,
     pub train_accuracy: f64,
     pub test_accuracy: f64,
@@ -43,13 +69,29 @@ pub struct RunResult {
     pub sharpness: f64,
     /// Mean loss increase under random perturbations of norm rho.
     pub sharpness_random: f64,
+    /// Wall time of the training steps (without the per-epoch test evaluation of the curves).
+    pub wall_s: f64,
     pub seconds_per_step: f64,
+    pub steps: u64,
+    /// Forward/backward passes the training loop ran (one per SGD step, two per SAM step, one
+    /// per single-gradient step).
+    pub grad_evals: u64,
+    /// The optimizer's own counters (`None` for SGD).
+    pub sam_steps: Option<u64>,
+    pub single_steps: Option<u64>,
     pub backend: String,
     pub history: History,
 }
 
+impl RunResult {
+    /// Gradient evaluations per step, relative to SGD's one: 1 for SGD, 2 for SAM on every step.
+    pub fn grad_evals_per_step(&self) -> f64 {
+        self.grad_evals as f64 / self.steps.max(1) as f64
+    }
+}
+
 /// The host's own SGD with momentum and L2 weight decay (PyTorch's semantics), the base optimizer
-/// of both runs unless `fused`.
+/// of every run unless `fused`.
 struct HostSgd {
     buffers: Vec<Vec<f32>>,
     started: bool,
@@ -86,12 +128,12 @@ fn schedule(s: &Setup, step: usize, total: usize) -> f64 {
     0.5 * s.lr * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos())
 }
 
-/// Trains a fresh network on `train` (noisy labels), with SAM when `sam`.
+/// Trains a fresh network on `train` (noisy labels) with `method`.
 pub fn train(
     s: &Setup,
     train: &Dataset,
     test: &Dataset,
-    sam: bool,
+    method: Method,
     progress: &dyn Fn(usize),
 ) -> Result<RunResult, String> {
     let sizes = [train.dim, s.hidden, s.hidden, train.classes];
@@ -100,7 +142,7 @@ pub fn train(
     let steps_per_epoch = train.len().div_ceil(s.batch);
     let total = s.epochs * steps_per_epoch;
 
-    let mut optimizer = if sam {
+    let mut optimizer = if let Method::Sam(spec) = method {
         let config = Config {
             rho: s.rho,
             adaptive: s.adaptive,
@@ -110,13 +152,25 @@ pub fn train(
             lr: s.lr,
             momentum: s.momentum,
             weight_decay: Some(s.weight_decay),
+            schedule: spec.schedule(s.seed, total as u64),
             ..Config::default()
         };
-        let mut opt = Optimizer::new(config).map_err(|e| format!("--backend: {e}"))?;
-        for (w, g) in net.params.iter_mut().zip(&net.grads) {
+        let mut opt = Optimizer::new(config).map_err(|e| format!("--schedule {spec}: {e}"))?;
+        // LookSAM with the demo's own SGD: samopt writes LookSAM's direction into the gradient
+        // buffers on single-gradient steps, and the SGD below steps with it. That needs the
+        // explicit opt-in to writes; every other run registers its gradients read-only.
+        let writable = spec.writes_gradients() && !s.fused;
+        for (w, g) in net.params.iter_mut().zip(&mut net.grads) {
             // SAFETY: the network's vectors are never resized and outlive `opt`; they are only
             // touched between optimizer calls.
-            unsafe { opt.register_host(w.as_mut_ptr(), g.as_ptr(), w.len()) }.map_err(|e| e.to_string())?;
+            unsafe {
+                if writable {
+                    opt.register_host_writable(w.as_mut_ptr(), g.as_mut_ptr(), w.len())
+                } else {
+                    opt.register_host(w.as_mut_ptr(), g.as_ptr(), w.len())
+                }
+            }
+            .map_err(|e| e.to_string())?;
         }
         Some(opt)
     } else {
@@ -130,8 +184,10 @@ pub fn train(
     let mut xb = Vec::with_capacity(s.batch * train.dim);
     let mut yb = Vec::with_capacity(s.batch);
     let mut step = 0;
-    let started = Instant::now();
+    let mut grad_evals = 0u64;
+    let mut wall_s = 0.0;
     for epoch in 0..s.epochs {
+        let started = Instant::now();
         rng.shuffle(&mut order);
         let mut loss_sum = 0.0;
         for chunk in order.chunks(s.batch) {
@@ -143,16 +199,22 @@ pub fn train(
             }
             let lr = schedule(s, step, total);
             let (loss, _) = net.run(&xb, &yb, true);
+            grad_evals += 1;
             loss_sum += loss * chunk.len() as f64;
             match optimizer.as_mut() {
                 Some(opt) => {
-                    opt.first_step().map_err(|e| e.to_string())?; // w -> w + e(w)
-                    net.run(&xb, &yb, true); // the gradient at w + e(w)
+                    // The one loop for every schedule: a SAM step moved w to w + e(w) and wants
+                    // the gradient there; a single-gradient step moved nothing and wants none.
+                    if opt.first_step().map_err(|e| e.to_string())? == FirstStep::Perturbed {
+                        net.run(&xb, &yb, true); // the gradient at w + e(w)
+                        grad_evals += 1;
+                    }
                     if s.fused {
                         opt.set_lr(lr).map_err(|e| e.to_string())?;
-                        opt.second_step().map_err(|e| e.to_string())?; // restore + SGD, one pass
+                        opt.second_step().map_err(|e| e.to_string())?; // (restore +) SGD, one pass
                     } else {
-                        opt.second_step().map_err(|e| e.to_string())?; // back to w
+                        // Back to w (a SAM step); the gradients hold the direction to step with.
+                        opt.second_step().map_err(|e| e.to_string())?;
                         host_sgd.step(&mut net, s, lr);
                     }
                 }
@@ -160,23 +222,40 @@ pub fn train(
             }
             step += 1;
         }
+        wall_s += started.elapsed().as_secs_f64();
         history.train_loss.push(loss_sum / train.len() as f64);
         history.test_accuracy.push(accuracy(&mut net, test));
         progress(epoch + 1);
     }
-    let seconds_per_step = started.elapsed().as_secs_f64() / total as f64;
+    let counters = optimizer.as_ref().map(|o| (o.sam_steps(), o.single_steps(), o.steps()));
+    if let Some((sam, single, steps)) = counters
+        && (sam + single != steps || steps != total as u64 || 2 * sam + single != grad_evals)
+    {
+        return Err(format!(
+            "{}: samopt counted {sam} SAM and {single} single-gradient steps of {steps}, but the demo ran {total} \
+             steps and {grad_evals} gradient evaluations",
+            method.label()
+        ));
+    }
     drop(optimizer);
 
     let (train_loss, correct) = full_loss(&mut net, train, false);
     let (sharpness, sharpness_random) = sharpness(&mut net, train, s.rho, s.seed);
     Ok(RunResult {
-        optimizer: if sam { "sam" } else { "sgd" },
+        optimizer: if method == Method::Sgd { "sgd" } else { "sam" },
+        schedule: if let Method::Sam(spec) = method { Some(spec) } else { None },
+        label: method.label(),
         train_loss,
         train_accuracy: correct as f64 / train.len() as f64,
         test_accuracy: accuracy(&mut net, test),
         sharpness,
         sharpness_random,
-        seconds_per_step,
+        wall_s,
+        seconds_per_step: wall_s / total as f64,
+        steps: total as u64,
+        grad_evals,
+        sam_steps: counters.map(|c| c.0),
+        single_steps: counters.map(|c| c.1),
         backend,
         history,
     })

@@ -5,6 +5,7 @@ mod data;
 mod demo;
 mod mlp;
 mod plot;
+mod schedule;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -23,8 +24,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Train a small MLP on noisy labels twice, with SGD and with SAM around the same SGD, and
-    /// compare clean test accuracy and sharpness.
+    /// Train a small MLP on noisy labels with SGD and with SAM around the same SGD (under a step
+    /// schedule, or several with --compare), and compare clean test accuracy, sharpness and cost.
     Demo(DemoArgs),
     /// Throughput of the SAM passes beside a plain copy of the same bytes, on the CPU and the GPU.
     Bench(BenchArgs),
@@ -70,7 +71,7 @@ struct DemoArgs {
     /// Adaptive SAM (ASAM, eta 0.01); it wants a larger rho, about 1 here.
     #[arg(long)]
     adaptive: bool,
-    /// Training epochs, the same budget for both runs (SAM takes two gradients per step).
+    /// Training epochs, the same for every run (SAM takes two gradients per step).
     #[arg(long, default_value = "60", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     epochs: u32,
     /// Fraction of training labels flipped to another class (test labels stay clean).
@@ -107,6 +108,18 @@ struct DemoArgs {
     /// Training samples of the embedded task.
     #[arg(long, default_value = "2000", value_parser = clap::value_parser!(u32).range(10..=10_000_000))]
     train: u32,
+    /// Which steps of the SAM run are SAM steps (two gradients): every, interval:K (every K-th),
+    /// random:P (with probability P, seeded by --seed), looksam:K[:ALPHA] (every K-th, reusing the
+    /// orthogonal part of the last SAM gradient with weight ALPHA, 0.7 by default) or aesam (when
+    /// the squared gradient norm is high, adaptively; planned over the whole run). Default: every.
+    /// With --compare: repeatable, the schedules compared (default interval:10, random:0.2,
+    /// looksam:5:0.7, aesam).
+    #[arg(long, value_name = "SPEC", value_parser = schedule::parse)]
+    schedule: Vec<schedule::Spec>,
+    /// Train SGD, SAM, and SAM under each schedule on the same data, seed and budget, and compare
+    /// them: test accuracy, sharpness, gradient evaluations per step (SGD = 1) and wall time.
+    #[arg(long)]
+    compare: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -238,22 +251,28 @@ fn run_demo(a: DemoArgs) -> Result<(), String> {
         fused: a.fused,
         seed: a.seed,
     };
+    let methods = demo_methods(&a)?;
     let bar = indicatif::ProgressBar::with_draw_target(
-        Some(2 * setup.epochs as u64),
+        Some((methods.len() * setup.epochs) as u64),
         indicatif::ProgressDrawTarget::stderr(), // hidden when standard error is not a terminal
     );
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix:>4} [{bar:40}] epoch {pos}/{len} {elapsed}")
+        indicatif::ProgressStyle::with_template("{prefix:>13} [{bar:40}] epoch {pos}/{len} {elapsed}")
             .expect("a valid template")
             .progress_chars("=> "),
     );
     let mut runs = Vec::new();
-    for sam in [false, true] {
-        bar.set_prefix(if sam { "sam" } else { "sgd" });
-        let offset = if sam { setup.epochs as u64 } else { 0 };
-        runs.push(demo::train(&setup, &train, &test, sam, &|e| bar.set_position(offset + e as u64))?);
+    for (i, &method) in methods.iter().enumerate() {
+        bar.set_prefix(method.label());
+        let offset = (i * setup.epochs) as u64;
+        runs.push(demo::train(&setup, &train, &test, method, &|e| bar.set_position(offset + e as u64))?);
     }
     bar.finish_and_clear();
+    // SAM's accuracy gain over SGD that each run keeps: (acc - acc_sgd) / (acc_sam - acc_sgd).
+    let (sgd_acc, sam_acc) = (runs[0].test_accuracy, runs[1].test_accuracy);
+    let gain_kept = |r: &demo::RunResult| {
+        (a.compare && sam_acc != sgd_acc).then(|| (r.test_accuracy - sgd_acc) / (sam_acc - sgd_acc))
+    };
 
     if let Some(path) = &a.plot {
         if path.extension().and_then(|e| e.to_str()) != Some("svg") {
@@ -277,15 +296,26 @@ fn run_demo(a: DemoArgs) -> Result<(), String> {
                 "epochs": setup.epochs, "batch": setup.batch, "lr": setup.lr, "momentum": setup.momentum,
                 "weight_decay": setup.weight_decay, "rho": setup.rho, "adaptive": setup.adaptive,
                 "hidden": setup.hidden, "seed": setup.seed, "fused": setup.fused,
+                "schedules": runs.iter().filter_map(|r| r.schedule.map(|s| s.to_string())).collect::<Vec<_>>(),
             },
+            "compare": a.compare,
             "runs": runs.iter().map(|r| serde_json::json!({
                 "optimizer": r.optimizer,
+                "method": r.label,
+                "schedule": r.schedule.map(|s| s.to_string()),
                 "test_accuracy": r.test_accuracy,
                 "train_loss": r.train_loss,
                 "train_accuracy": r.train_accuracy,
                 "sharpness": r.sharpness,
                 "sharpness_random": r.sharpness_random,
                 "seconds_per_step": r.seconds_per_step,
+                "wall_s": r.wall_s,
+                "steps": r.steps,
+                "grad_evals": r.grad_evals,
+                "grad_evals_per_step": r.grad_evals_per_step(),
+                "sam_steps": r.sam_steps,
+                "single_steps": r.single_steps,
+                "sam_gain_kept": gain_kept(r),
             })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&json).expect("JSON serialises"));
@@ -303,38 +333,103 @@ fn run_demo(a: DemoArgs) -> Result<(), String> {
         mlp::Mlp::new(&[train.dim, setup.hidden, setup.hidden, train.classes], 0).param_count(),
         h = setup.hidden,
     );
+    let schedules: Vec<String> = runs[1..].iter().filter_map(|r| r.schedule.map(|s| s.to_string())).collect();
+    // Plain SAM against SGD reads as before the schedules came; a schedule or a comparison says which.
+    let plain = !a.compare && schedules == ["every"];
     println!(
-        "SGD momentum 0.9, lr {} cosine, weight decay 5e-4, batch {}, {} epochs for both; SAM rho {}{}; SAM passes on {}",
+        "SGD momentum 0.9, lr {} cosine, weight decay 5e-4, batch {}, {} epochs for {}; SAM rho {}{}{}; SAM passes on {}",
         setup.lr,
         setup.batch,
         setup.epochs,
+        if runs.len() == 2 { "both" } else { "every run" },
         setup.rho,
         if setup.adaptive { " (ASAM)" } else { "" },
+        match schedules.len() {
+            _ if plain => String::new(),
+            1 => format!(", schedule {}", schedules[0]),
+            _ => format!(", schedules {}", schedules.join(", ")),
+        },
         backend
     );
     println!();
-    println!(
-        "{:<5} {:>11} {:>10} {:>10} {:>18} {:>18} {:>9}",
-        "run", "train loss", "train acc", "test acc", "sharpness ascent", "sharpness random", "ms/step"
+    let width = runs.iter().map(|r| r.label.len()).max().unwrap_or(0).max(5);
+    print!(
+        "{:<width$} {:>11} {:>10} {:>10} {:>18} {:>18} {:>9} {:>10} {:>7}",
+        "run",
+        "train loss",
+        "train acc",
+        "test acc",
+        "sharpness ascent",
+        "sharpness random",
+        "ms/step",
+        "grads/step",
+        "wall s"
     );
+    println!("{}", if a.compare { format!(" {:>9}", "gain kept") } else { String::new() });
     for r in &runs {
-        println!(
-            "{:<5} {:>11.4} {:>10.3} {:>10.3} {:>18.4} {:>18.4} {:>9.3}",
-            r.optimizer,
+        print!(
+            "{:<width$} {:>11.4} {:>10.3} {:>10.3} {:>18.4} {:>18.4} {:>9.3} {:>10.3} {:>7.2}",
+            r.label,
             r.train_loss,
             r.train_accuracy,
             r.test_accuracy,
             r.sharpness,
             r.sharpness_random,
-            r.seconds_per_step * 1e3
+            r.seconds_per_step * 1e3,
+            r.grad_evals_per_step(),
+            r.wall_s,
         );
+        match gain_kept(r) {
+            Some(g) => println!(" {:>8.0}%", 100.0 * g),
+            None if a.compare => println!(" {:>9}", "-"),
+            None => println!(),
+        }
     }
     println!();
     println!(
         "train loss and accuracy are on the noisy labels; sharpness is the rise of that loss within ||e|| <= rho \
          (8 ascent steps; mean of 8 random directions)."
     );
+    println!(
+        "grads/step: forward/backward passes per training step (SGD 1, SAM 2); wall s: the training steps, without \
+         the per-epoch test evaluation."
+    );
+    if !plain {
+        println!(
+            "A schedule is SAM taking its second gradient on some steps only (see samopt demo --help){}",
+            if a.compare {
+                "; gain kept: SAM's test accuracy gain over SGD kept, (acc - sgd) / (sam - sgd)."
+            } else {
+                "."
+            }
+        );
+    }
     Ok(())
+}
+
+/// The runs of a demo: SGD, then SAM under the `--schedule` (every step by default); with
+/// `--compare`, SGD, SAM on every step, and SAM under each schedule asked for (or the default set).
+fn demo_methods(a: &DemoArgs) -> Result<Vec<demo::Method>, String> {
+    use demo::Method;
+    use schedule::Spec;
+    if !a.compare {
+        return match a.schedule.as_slice() {
+            [] => Ok(vec![Method::Sgd, Method::Sam(Spec::Every)]),
+            [one] => Ok(vec![Method::Sgd, Method::Sam(*one)]),
+            more => Err(format!(
+                "--schedule is given {} times: a demo trains one SAM run; add --compare to compare several",
+                more.len()
+            )),
+        };
+    }
+    let mut methods = vec![Method::Sgd, Method::Sam(Spec::Every)];
+    let asked = if a.schedule.is_empty() { &Spec::COMPARED[..] } else { &a.schedule[..] };
+    for &spec in asked {
+        if !methods.contains(&Method::Sam(spec)) {
+            methods.push(Method::Sam(spec));
+        }
+    }
+    Ok(methods)
 }
 
 fn run_bench(a: BenchArgs) -> Result<(), String> {

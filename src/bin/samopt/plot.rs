@@ -1,5 +1,5 @@
 //! A dependency-free SVG of the demo's curves: training loss and clean test accuracy per epoch, for
-//! both runs, side by side.
+//! every run (SGD, SAM, and the schedules of a comparison), side by side, with a legend.
 
 use std::fmt::Write;
 
@@ -8,9 +8,12 @@ use crate::demo::RunResult;
 const W: f64 = 460.0;
 const H: f64 = 300.0;
 const PAD: f64 = 48.0;
-const COLORS: [&str; 2] = ["#d95f02", "#1b9e77"];
+/// ColorBrewer's Dark2: SGD first, SAM second, as before the schedules came.
+const COLORS: [&str; 8] = ["#d95f02", "#1b9e77", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"];
 
-fn panel(out: &mut String, x0: f64, title: &str, runs: &[(&str, &[f64])]) {
+/// One panel of curves; the legend goes in its top right corner, or in its bottom right corner
+/// when `legend_low` (where rising curves leave room).
+fn panel(out: &mut String, x0: f64, title: &str, runs: &[(&str, &[f64])], legend_low: bool) {
     let all: Vec<f64> = runs.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite()).collect();
     let (mut lo, mut hi) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
     if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
@@ -63,17 +66,23 @@ fn panel(out: &mut String, x0: f64, title: &str, runs: &[(&str, &[f64])]) {
         let _ = write!(
             out,
             r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>"#,
-            COLORS[k % 2],
+            COLORS[k % COLORS.len()],
             points.join(" ")
         );
         let _ = write!(
             out,
-            r#"<text x="{}" y="{}" font-size="12" fill="{}">{name}</text>"#,
-            x0 + W - 1.5 * PAD + 6.0 - 60.0,
-            PAD + 16.0 + 16.0 * k as f64,
-            COLORS[k % 2]
+            r#"<text x="{}" y="{}" font-size="12" text-anchor="end" fill="{}">{}</text>"#,
+            x0 + W - 0.5 * PAD - 6.0,
+            if legend_low { H - PAD - 8.0 - 14.0 * (runs.len() - 1 - k) as f64 } else { PAD + 16.0 + 14.0 * k as f64 },
+            COLORS[k % COLORS.len()],
+            escape(name)
         );
     }
+}
+
+/// `text` with XML's special characters escaped.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// The SVG document for `runs`.
@@ -85,10 +94,11 @@ pub fn svg(runs: &[RunResult]) -> String {
         2.0 * W,
         H
     );
-    let loss: Vec<(&str, &[f64])> = runs.iter().map(|r| (r.optimizer, r.history.train_loss.as_slice())).collect();
-    let acc: Vec<(&str, &[f64])> = runs.iter().map(|r| (r.optimizer, r.history.test_accuracy.as_slice())).collect();
-    panel(&mut out, 0.0, "training loss (noisy labels)", &loss);
-    panel(&mut out, W, "test accuracy (clean labels)", &acc);
+    let loss: Vec<(&str, &[f64])> = runs.iter().map(|r| (r.label.as_str(), r.history.train_loss.as_slice())).collect();
+    let acc: Vec<(&str, &[f64])> =
+        runs.iter().map(|r| (r.label.as_str(), r.history.test_accuracy.as_slice())).collect();
+    panel(&mut out, 0.0, "training loss (noisy labels)", &loss, false);
+    panel(&mut out, W, "test accuracy (clean labels)", &acc, true);
     out.push_str("</svg>\n");
     out
 }
