@@ -48,7 +48,9 @@ enum SamStatus
     /**
      * Not an error: `sam_second_step` found NaN or infinity in the second gradient, restored the
      * weights exactly, and skipped the base update (its state and step count untouched). A
-     * loss-scaled loop lowers its scale and goes on.
+     * loss-scaled loop lowers its scale and goes on. Without a built-in base optimizer only
+     * `SAM_SCHEDULE_LOOKSAM` reduces the second gradient and can return it: skip your own
+     * optimizer's step then.
      */
     SAM_STEP_SKIPPED = 1,
     /**
@@ -629,8 +631,9 @@ SamStatus sam_first_step(SamOptimizer *opt);
  * writable gradient buffers).
  *
  * Returns `SAM_OK`; `SAM_STEP_SKIPPED` (positive, not an error) when a built-in base optimizer
- * finds NaN or infinity in the second gradient: weights restored, no update, state untouched;
- * `SAM_ERR_INVALID_STATE` without a preceding first step.
+ * (or LookSAM, which reduces the second gradient even without one) finds NaN or infinity in the
+ * second gradient: weights restored, no update, state untouched (without a base optimizer, skip
+ * your own optimizer's step); `SAM_ERR_INVALID_STATE` without a preceding first step.
  *
  * # Safety
  * `opt` must be NULL or a live handle whose registered buffers are valid.

@@ -502,6 +502,25 @@ fn looksam_before_its_first_g_v_uses_the_plain_gradient() {
             assert_eq!(read_f32(&mut opt, id), w);
         }
         assert_eq!((opt.sam_steps(), opt.single_steps(), opt.steps()), (0, 2, 2));
+
+        // Without a base optimizer, LookSAM reduces g' too: a non-finite one is a skipped step for
+        // the host's optimizer, with w restored and no g_v kept.
+        let host = Config { backend, schedule, ..Config::default() };
+        let Some(mut opt) = optimizer_or_skip(host) else { continue };
+        let id = opt.add_tensor(&[1.0f32, -1.0, 0.5, 2.0]).unwrap();
+        opt.write_grad(id, &[0.1f32, 0.2, -0.3, 0.4]).unwrap();
+        assert_eq!(opt.first_step().unwrap(), FirstStep::Perturbed);
+        opt.write_grad(id, &[0.0, f32::INFINITY, 0.0, 0.0]).unwrap();
+        assert_eq!(opt.second_step().unwrap(), SecondStep::Skipped);
+        assert_eq!(read_f32(&mut opt, id), [1.0, -1.0, 0.5, 2.0]);
+        let g = [0.3f32, -0.1, 0.2, 0.0];
+        opt.write_grad(id, &g).unwrap();
+        assert_eq!(opt.first_step().unwrap(), FirstStep::SingleGradient);
+        assert_eq!(opt.second_step().unwrap(), SecondStep::Restored);
+        let mut out = [0f32; 4];
+        opt.read_grad(id, &mut out).unwrap();
+        assert_eq!(out, g, "no g_v yet: the gradient buffer keeps the plain gradient");
+        assert_eq!((opt.sam_steps(), opt.single_steps()), (0, 1));
     }
 }
 

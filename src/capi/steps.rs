@@ -51,8 +51,9 @@ pub(super) fn first_status(step: FirstStep) -> SamStatus {
 /// writable gradient buffers).
 ///
 /// Returns `SAM_OK`; `SAM_STEP_SKIPPED` (positive, not an error) when a built-in base optimizer
-/// finds NaN or infinity in the second gradient: weights restored, no update, state untouched;
-/// `SAM_ERR_INVALID_STATE` without a preceding first step.
+/// (or LookSAM, which reduces the second gradient even without one) finds NaN or infinity in the
+/// second gradient: weights restored, no update, state untouched (without a base optimizer, skip
+/// your own optimizer's step); `SAM_ERR_INVALID_STATE` without a preceding first step.
 ///
 /// # Safety
 /// `opt` must be NULL or a live handle whose registered buffers are valid.

@@ -22,7 +22,9 @@ pub enum SamStatus {
     SAM_OK = 0,
     /// Not an error: `sam_second_step` found NaN or infinity in the second gradient, restored the
     /// weights exactly, and skipped the base update (its state and step count untouched). A
-    /// loss-scaled loop lowers its scale and goes on.
+    /// loss-scaled loop lowers its scale and goes on. Without a built-in base optimizer only
+    /// `SAM_SCHEDULE_LOOKSAM` reduces the second gradient and can return it: skip your own
+    /// optimizer's step then.
     SAM_STEP_SKIPPED = 1,
     /// Not an error: the step schedule made this a single-gradient step (`sam_first_step`). The
     /// weights were not moved: skip the second forward/backward and call `sam_second_step` now,

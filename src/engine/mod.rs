@@ -60,7 +60,8 @@ pub enum SecondStep {
     Updated,
     /// The second gradient held NaN or infinity: the weights were restored exactly, and the base
     /// update and its state were left untouched, so a loss-scaled loop can lower its scale and
-    /// go on (C: `SAM_STEP_SKIPPED`).
+    /// go on (C: `SAM_STEP_SKIPPED`). Without a built-in base optimizer this happens only under
+    /// LookSAM, which reduces the second gradient too: the host's optimizer skips the step then.
     Skipped,
 }
 

@@ -391,12 +391,8 @@ impl Optimizer {
         if !reduced.sum_sq.is_finite() {
             self.passes.as_mut().expect("a first step ran").restore()?;
             self.phase = Phase::Idle;
-            if config.base == BaseOptimizer::None {
-                // The host's optimizer sees the non-finite gradient and decides; g_v stays as it was.
-                self.steps += 1;
-                self.schedule.sam_steps += 1;
-                return Ok(SecondStep::Restored);
-            }
+            // Also without a base optimizer under LookSAM (which reduces g' for g_v): the host's
+            // optimizer must skip too, as must every worker of a sharded job; g_v stays as it was.
             return Ok(SecondStep::Skipped);
         }
         if config.looksam() {
