@@ -2,6 +2,9 @@
 //! alternately in one run (see `samopt::bench` for the bytes each pass must move).
 //!
 //! Run: `cargo bench --bench step` (options: `--threads N`, `--reps N`, `--gpt2` to add GPT-2 small).
+//!
+//! A second table times `rebind_host_raw` for every tensor of a layout (what a host that
+//! reallocates its buffers every step pays) beside one SAM step (first + second step) on it.
 
 use samopt::bench;
 use samopt::{BaseOptimizer, Config, DType};
@@ -61,4 +64,56 @@ fn main() {
             m.ratio
         );
     }
+
+    println!();
+    println!("rebinding every tensor once per step, beside one SAM step (first + second), medians of {reps}");
+    println!("{:<26} {:>8} {:>12} {:>12} {:>10}", "layout", "tensors", "rebind us", "SAM step ms", "share");
+    let mut layouts = vec![("resnet50", layout("resnet50"))];
+    if args.iter().any(|a| a == "--gpt2") {
+        layouts.push(("gpt2-small", layout("gpt2_small")));
+    }
+    for (name, lens) in layouts {
+        let (rebind, step) = rebind_cost(&lens, threads, reps);
+        println!(
+            "{:<26} {:>8} {:>12.1} {:>12.2} {:>9.3}%",
+            name,
+            lens.len(),
+            rebind * 1e6,
+            step * 1e3,
+            100.0 * rebind / step
+        );
+    }
+}
+
+/// Median seconds of rebinding every tensor of `lens` (to the buffers it already has, which costs
+/// what new ones cost: the same checks and map updates), and of one SAM step without a base.
+fn rebind_cost(lens: &[usize], threads: usize, reps: usize) -> (f64, f64) {
+    use std::time::Instant;
+    let mut opt = samopt::Optimizer::new(Config { threads, backend: samopt::Backend::Cpu, ..Config::default() })
+        .expect("a CPU optimizer");
+    let mut bufs: Vec<(Vec<f32>, Vec<f32>)> =
+        lens.iter().map(|&n| (vec![0.5f32; n], (0..n).map(|i| (i % 7) as f32 * 1e-3).collect())).collect();
+    for (w, g) in &mut bufs {
+        // SAFETY: the buffers outlive the optimizer and are only touched between its calls.
+        unsafe { opt.register_host_raw(w.as_mut_ptr().cast(), g.as_ptr().cast(), w.len(), DType::F32) }
+            .expect("registration");
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut rebinds, mut steps) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let t = Instant::now();
+        for (id, (w, g)) in bufs.iter_mut().enumerate() {
+            // SAFETY: as above.
+            unsafe { opt.rebind_host_raw(id as u32, w.as_mut_ptr().cast(), g.as_ptr().cast()) }.expect("rebind");
+        }
+        rebinds.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        opt.first_step().expect("first step");
+        opt.second_step().expect("second step");
+        steps.push(t.elapsed().as_secs_f64());
+    }
+    (median(rebinds), median(steps))
 }

@@ -596,6 +596,24 @@ SamStatus sam_register_host_ex(SamOptimizer *opt,
                                uint32_t *out_id);
 
 /**
+ * Re-points tensor `id`, registered with `sam_register_host` or `sam_register_host_ex`, at new
+ * buffers of the same length and dtype, keeping its state (momentum, Adam's moments, LookSAM's
+ * `g_v`), group and update count: for frameworks that free and reallocate gradients (or weights)
+ * between steps, such as PyTorch's `zero_grad()` with its default `set_to_none=True`. `param`
+ * must already hold the tensor's weights. Checked as at registration (NULL, alignment, `param`
+ * and `grad` disjoint and disjoint from every other tensor's buffers; the tensor's own old
+ * buffers may be reused), and refused between the two steps (`SAM_ERR_INVALID_STATE`) or for a
+ * tensor that is not in host buffers (`SAM_ERR_INVALID_ARGUMENT`); a refused call changes
+ * nothing. The gradient keeps the writability it was registered with. Cheap (no data moves):
+ * call it at every step for every tensor if the addresses change that often.
+ *
+ * # Safety
+ * As `sam_register_host` for the new buffers (and `grad` writable if the tensor was registered
+ * with `SAM_REGISTER_GRAD_WRITABLE`); samopt never touches the old buffers again.
+ */
+SamStatus sam_rebind_host(SamOptimizer *opt, uint32_t id, void *param, void *grad);
+
+/**
  * The ascent (first) step: computes one L2 norm over the gradients of every registered tensor,
  * then moves every parameter to `w + e(w)` and keeps `w` for the restore.
  *

@@ -166,6 +166,10 @@ pub(crate) trait Passes: Send {
     /// Replaces the base optimizer's state with `data`, laid out as [`Passes::export_state`].
     fn import_state(&mut self, data: &[f32]) -> Result<()>;
 
+    /// Re-points host tensor `tensor` at new buffers of the same length and dtype (the engine has
+    /// checked them), keeping its state.
+    fn rebind_host(&mut self, tensor: usize, host: HostTensor) -> Result<()>;
+
     /// Adds a tensor that lives in the host's own device buffers (GPU only): the passes run on
     /// them in place.
     fn add_external(&mut self, _external: External, _len: usize, _dtype: DType) -> Result<()> {

@@ -195,6 +195,20 @@ public:
                                       std::size(params), dtype);
     }
 
+    /// sam_rebind_host: tensor `id` (from register_host) now lives at these buffers of the same
+    /// length and dtype; its state is kept. For frameworks that reallocate between steps.
+    void rebind_host(uint32_t id, void *param, void *grad) { check(sam_rebind_host(handle_, id, param, grad)); }
+
+    /// Contiguous containers, as register_host.
+    template <class C, class = decltype(std::data(std::declval<C &>())), class = decltype(std::size(std::declval<C &>()))>
+    void rebind_host(uint32_t id, C &params, C &grads) {
+        if (std::size(params) != std::size(grads))
+            throw Error(SAM_ERR_INVALID_ARGUMENT, "samopt::Optimizer::rebind_host: params and grads differ in size (" +
+                                                      std::to_string(std::size(params)) + " and " +
+                                                      std::to_string(std::size(grads)) + ")");
+        rebind_host(id, static_cast<void *>(std::data(params)), static_cast<void *>(std::data(grads)));
+    }
+
     /// sam_first_step: one global norm, then w -> w + e(w) on a SAM step. Returns
     /// First::SingleGradient when the schedule makes this a single-gradient step (nothing moved:
     /// skip the second forward/backward). Throws with SAM_ERR_NON_FINITE (and nothing changed) on

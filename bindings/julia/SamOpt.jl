@@ -22,7 +22,7 @@ module SamOpt
 export SamOptimizer, SamError, register!, first_step!, second_step!, grad_norm, tensor_count,
        step_count, isperturbed, set_lr!, lr, add_group!, set_group!, save_state, load_state!,
        save_state_file, load_state_file!, grad_sq_norm_local, first_step_with_norm!,
-       set_allreduce!, accumulate_step!, set_rho!, rho, schedule_counts
+       set_allreduce!, accumulate_step!, set_rho!, rho, schedule_counts, rebind!
 
 const libsamopt = get(ENV, "SAMOPT_LIB", "libsamopt")
 
@@ -210,6 +210,31 @@ function register!(opt::SamOptimizer, param::AbstractArray{T}, grad::AbstractArr
     end
     push!(opt.arrays, param, grad)
     return Int(id[])
+end
+
+"""
+    rebind!(opt, id, param, grad)
+
+Tensor `id` (from `register!`) now lives in `param` and `grad`, new arrays of the same size and
+element type (`sam_rebind_host`); its optimizer state is kept. `param` must hold the weights. For
+code that allocates new arrays between steps. The optimizer keeps the new arrays alive instead of
+the old ones.
+"""
+function rebind!(opt::SamOptimizer, id::Integer, param::AbstractArray{T}, grad::AbstractArray{T}) where {T}
+    size(param) == size(grad) || throw(ArgumentError("param is $(size(param)) but grad is $(size(grad))"))
+    (iscontiguous(param) && iscontiguous(grad)) ||
+        throw(ArgumentError("param and grad must have contiguous memory (got $(typeof(param)))"))
+    0 <= id && 2id + 2 <= length(opt.arrays) || throw(ArgumentError("id = $id: no such tensor"))
+    old = opt.arrays[2id+1]
+    (eltype(old) == T && length(old) == length(param)) ||
+        throw(ArgumentError("tensor $id holds $(length(old)) $(eltype(old)); got $(length(param)) $T"))
+    GC.@preserve param grad begin
+        check(ccall((:sam_rebind_host, libsamopt), Int32, (Ptr{Cvoid}, UInt32, Ptr{Cvoid}, Ptr{Cvoid}),
+                    handle(opt), id, pointer(param), pointer(grad)))
+    end
+    opt.arrays[2id+1] = param
+    opt.arrays[2id+2] = grad
+    return nothing
 end
 
 """

@@ -397,6 +397,37 @@ pub unsafe extern "C" fn sam_register_host_ex(
     boundary("sam_register_host_ex", || unsafe { register_host(opt, param, grad, len, dtype, flags, out_id) })
 }
 
+/// Re-points tensor `id`, registered with `sam_register_host` or `sam_register_host_ex`, at new
+/// buffers of the same length and dtype, keeping its state (momentum, Adam's moments, LookSAM's
+/// `g_v`), group and update count: for frameworks that free and reallocate gradients (or weights)
+/// between steps, such as PyTorch's `zero_grad()` with its default `set_to_none=True`. `param`
+/// must already hold the tensor's weights. Checked as at registration (NULL, alignment, `param`
+/// and `grad` disjoint and disjoint from every other tensor's buffers; the tensor's own old
+/// buffers may be reused), and refused between the two steps (`SAM_ERR_INVALID_STATE`) or for a
+/// tensor that is not in host buffers (`SAM_ERR_INVALID_ARGUMENT`); a refused call changes
+/// nothing. The gradient keeps the writability it was registered with. Cheap (no data moves):
+/// call it at every step for every tensor if the addresses change that often.
+///
+/// # Safety
+/// As `sam_register_host` for the new buffers (and `grad` writable if the tensor was registered
+/// with `SAM_REGISTER_GRAD_WRITABLE`); samopt never touches the old buffers again.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_rebind_host(
+    opt: *mut SamOptimizer,
+    id: u32,
+    param: *mut c_void,
+    grad: *mut c_void,
+) -> SamStatus {
+    boundary("sam_rebind_host", || {
+        // SAFETY: the caller's contract.
+        let opt = unsafe { arg_ref(opt, "opt") }?;
+        non_null(param, "param")?;
+        non_null(grad, "grad")?;
+        // SAFETY: the host's promise about the new buffers, passed on.
+        unsafe { opt.lock()?.rebind_host_raw(id, param.cast(), grad.cast_const().cast()) }
+    })
+}
+
 /// The body of `sam_register_host` and `sam_register_host_ex`.
 ///
 /// # Safety

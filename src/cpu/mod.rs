@@ -337,6 +337,13 @@ impl Passes for CpuEngine {
         Ok(())
     }
 
+    fn rebind_host(&mut self, tensor: usize, host: HostTensor) -> Result<()> {
+        self.slots[tensor].host = host;
+        // A mean written into the engine's buffer is read through slots copied from these.
+        self.use_mean = false;
+        Ok(())
+    }
+
     fn owned_host_ptrs(&self, tensor: usize) -> Option<(*mut u8, *mut u8)> {
         let slot = &self.slots[tensor];
         self.owned[tensor].as_ref().map(|_| (slot.host.param, slot.host.grad.cast_mut()))

@@ -99,6 +99,9 @@ struct TensorInfo {
     owned: bool,
     /// samopt may write the gradient (owned tensors, and host tensors registered so).
     grad_writable: bool,
+    /// A tensor in host buffers the host registered: the start addresses of its parameter and
+    /// gradient ranges (their keys in `Optimizer::ranges`), which a rebind moves.
+    host: Option<(usize, usize)>,
     group: GroupId,
     /// Base updates applied to this tensor (AdamW's `t` is this plus one at the next update).
     updates: u64,

@@ -148,7 +148,71 @@ impl Optimizer {
         self.ranges.insert(p.start, (p.end, id));
         self.ranges.insert(g.start, (g.end, id));
         self.push_tensor(len, dtype, false, grad_writable);
+        self.tensors.last_mut().expect("pushed above").host = Some((p.start, g.start));
         Ok(id)
+    }
+
+    /// Re-points host tensor `id` at new parameter and gradient buffers of the same length and
+    /// dtype, keeping everything samopt holds for it (momentum or Adam's moments, LookSAM's `g_v`,
+    /// its group and update count): for hosts that reallocate their buffers between steps
+    /// (PyTorch's `zero_grad(set_to_none=True)`, arena allocators). The new `param` must hold the
+    /// tensor's current weights (samopt does not copy them over). The checks are registration's
+    /// (NULL, alignment, `param` and `grad` disjoint and disjoint from every other tensor's
+    /// buffers; the tensor's own old buffers may be reused), and it is refused between the two
+    /// steps; a refused call changes nothing. The gradient keeps the writability it was registered
+    /// with. Costs a few map updates: cheap enough for every tensor at every step.
+    ///
+    /// # Safety
+    /// As [`register_host_raw`](Self::register_host_raw) for the new buffers (and `grad` valid for
+    /// writes when the tensor was registered with a writable gradient); the old buffers are not
+    /// touched again.
+    pub unsafe fn rebind_host_raw(&mut self, id: TensorId, param: *mut u8, grad: *const u8) -> Result<()> {
+        self.expect_idle("rebind a tensor")?;
+        let count = self.tensors.len();
+        let info = *self
+            .tensors
+            .get(id as usize)
+            .ok_or_else(|| Error::invalid(format!("id = {id}: only {count} tensors are registered")))?;
+        let Some((old_p, old_g)) = info.host else {
+            return Err(Error::invalid(format!(
+                "id = {id}: not a tensor in host buffers (it was allocated by the optimizer or registered in device \
+                 buffers); only sam_register_host tensors are rebound"
+            )));
+        };
+        let bytes = info.len * info.dtype.size();
+        let p = Self::check_range("param", param as usize, bytes, info.dtype)?;
+        let g = Self::check_range("grad", grad as usize, bytes, info.dtype)?;
+        if p.start < g.end && g.start < p.end {
+            return Err(Error::invalid(format!(
+                "param = {param:p} and grad = {grad:p} overlap ({bytes} bytes each): they must be separate buffers"
+            )));
+        }
+        // This tensor's own old ranges do not count: take them out for the check, and put them
+        // back if it fails.
+        let old = [(old_p, self.ranges.remove(&old_p)), (old_g, self.ranges.remove(&old_g))];
+        let clash =
+            [("param", &p), ("grad", &g)].into_iter().find_map(|(name, r)| self.overlapping(r).map(|t| (name, r, t)));
+        let rebound = match clash {
+            Some((name, r, other)) => Err(Error::invalid(format!(
+                "{name} = {:#x} ({bytes} bytes) overlaps a buffer of tensor {other}",
+                r.start
+            ))),
+            None => {
+                self.passes()?.rebind_host(id as usize, HostTensor { param, grad, len: info.len, dtype: info.dtype })
+            }
+        };
+        if let Err(e) = rebound {
+            for (start, range) in old {
+                if let Some(range) = range {
+                    self.ranges.insert(start, range);
+                }
+            }
+            return Err(e);
+        }
+        self.ranges.insert(p.start, (p.end, id));
+        self.ranges.insert(g.start, (g.end, id));
+        self.tensors[id as usize].host = Some((p.start, g.start));
+        Ok(())
     }
 
     /// Hands a new tensor to the backend (created now under AUTO: `owned` says for which kind of
@@ -342,7 +406,7 @@ impl Optimizer {
 
     pub(super) fn push_tensor(&mut self, len: usize, dtype: DType, owned: bool, grad_writable: bool) {
         let epoch = self.steps;
-        self.tensors.push(TensorInfo { len, dtype, owned, grad_writable, group: 0, updates: 0, epoch });
+        self.tensors.push(TensorInfo { len, dtype, owned, grad_writable, host: None, group: 0, updates: 0, epoch });
         // A local norm from before this tensor no longer covers every tensor.
         self.local_sum_sq = None;
         let id = self.tensors.len() - 1;

@@ -125,6 +125,14 @@ impl Passes for GpuEngine {
         self.add(len, dtype, None)
     }
 
+    fn rebind_host(&mut self, tensor: usize, host: HostTensor) -> Result<()> {
+        // Staged tensors are uploaded at every step from their host addresses: new addresses
+        // are all there is to change.
+        let staged = self.tensors[tensor].staged.as_mut().expect("the engine rebinds host tensors only");
+        staged.host = host;
+        Ok(())
+    }
+
     fn owned_host_ptrs(&self, _tensor: usize) -> Option<(*mut u8, *mut u8)> {
         None
     }

@@ -298,12 +298,54 @@ static void check_schedule(void) {
     }
 }
 
+/* Rebinding: one handle moves its tensor to new buffers before every step, another never does;
+ * weights and optimizer state (compared as checkpoint bytes) end bit for bit the same. */
+static void check_rebind(void) {
+    enum { N = 33, STEPS = 5 };
+    SamConfig config = sam_config_default();
+    config.base = SAM_BASE_ADAMW;
+    config.lr = 0.01;
+    SamOptimizer *still = NULL, *moving = NULL;
+    EXPECT(sam_create(&config, &still) == SAM_OK && sam_create(&config, &moving) == SAM_OK, "create");
+    if (!still || !moving) return;
+    float ws[N], gs[N], wm[2][N], gm[2][N];
+    for (int i = 0; i < N; i++) ws[i] = wm[0][i] = (float)uniform();
+    uint32_t id;
+    EXPECT(sam_register_host(still, ws, gs, N, SAM_DTYPE_F32, &id) == SAM_OK, "register");
+    EXPECT(sam_register_host(moving, wm[0], gm[0], N, SAM_DTYPE_F32, &id) == SAM_OK, "register");
+    for (int t = 0; t < STEPS; t++) {
+        int now = (t + 1) % 2; /* the buffers this step uses */
+        memcpy(wm[now], wm[1 - now], sizeof wm[now]);
+        EXPECT(sam_rebind_host(moving, id, wm[now], gm[now]) == SAM_OK, "rebind at step %d", t);
+        for (int i = 0; i < N; i++) gs[i] = gm[now][i] = (float)(0.1 * uniform());
+        EXPECT(sam_first_step(still) == SAM_OK && sam_first_step(moving) == SAM_OK, "first steps");
+        for (int i = 0; i < N; i++) gs[i] = gm[now][i] = (float)(0.1 * uniform());
+        EXPECT(sam_second_step(still) == SAM_OK && sam_second_step(moving) == SAM_OK, "second steps");
+    }
+    EXPECT(memcmp(ws, wm[STEPS % 2], sizeof ws) == 0, "weights after rebinding");
+    size_t a = 0, b = 0;
+    sam_state_size(still, &a);
+    sam_state_size(moving, &b);
+    unsigned char *sa = malloc(a), *sb = malloc(b);
+    EXPECT(a == b && sam_state_save(still, sa, a, NULL) == SAM_OK && sam_state_save(moving, sb, b, NULL) == SAM_OK &&
+               memcmp(sa, sb, a) == 0,
+           "state after rebinding");
+    free(sa);
+    free(sb);
+    EXPECT(sam_rebind_host(moving, 5, ws, gs) == SAM_ERR_INVALID_ARGUMENT && strstr(sam_last_error(), "id = 5"),
+           "unknown id");
+    EXPECT(sam_rebind_host(moving, id, NULL, gs) == SAM_ERR_NULL_POINTER, "NULL param");
+    sam_destroy(still);
+    sam_destroy(moving);
+}
+
 int main(void) {
     for (int adaptive = 0; adaptive <= 1; adaptive++)
         for (int sign = 0; sign <= 1; sign++) check_f32_step(adaptive, sign);
     check_f16_and_non_finite();
     check_errors();
     check_schedule();
+    check_rebind();
     check_gpu();
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;

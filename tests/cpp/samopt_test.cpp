@@ -263,6 +263,15 @@ static void schedules() {
     sam.set_rho(0.25);
     EXPECT(sam.rho() == 0.25);
     expect_error([&] { sam.set_rho(0.0); }, SAM_ERR_INVALID_ARGUMENT, "rho = 0");
+    // Rebinding to new containers keeps the tensor: the next update lands in the new containers.
+    std::vector<float> w2 = w, g2(3, 0.0f);
+    sam.rebind_host(0, w2, g2);
+    for (int i = 0; i < 3; i++) g2[i] = 0.2f;
+    EXPECT(sam.first_step() == samopt::First::Perturbed);
+    EXPECT(sam.second_step() == samopt::Step::Done);
+    for (int i = 0; i < 3; i++) EXPECT(std::fabs(w2[i] - static_cast<float>(ref[i] - 0.5 * 0.2)) < 1e-6);
+    std::vector<float> short_w(2), short_g(2);
+    expect_error([&] { sam.rebind_host(0, short_w, w2); }, SAM_ERR_INVALID_ARGUMENT, "differ in size");
     samopt::Config bad;
     bad.schedule = SAM_SCHEDULE_LOOKSAM;
     bad.schedule_k = 0;

@@ -95,6 +95,33 @@ using .SamOpt
         @test err isa SamError && err.status == -2 && occursin("schedule_k = 0", err.message)
         @test_throws ArgumentError SamOptimizer(schedule = :sometimes)
         close(opt)
+
+        # Rebinding to new arrays keeps the state: two runs, one moving every step, end equal.
+        runs = map((false, true)) do moving
+            W = Float32[0.5, -1.0, 0.25, 2.0]
+            dW = zeros(Float32, 4)
+            o = SamOptimizer(backend = :cpu, base = :sgd, lr = 0.1, momentum = 0.9)
+            register!(o, W, dW)
+            for t in 1:5
+                if moving
+                    W, dW = copy(W), zeros(Float32, 4)
+                    rebind!(o, 0, W, dW)
+                end
+                dW .= Float32[0.1t, -0.2, 0.3, 0.05t]
+                first_step!(o)
+                dW .= Float32[0.2, 0.1t, -0.1, 0.3]
+                second_step!(o)
+            end
+            state = save_state(o)
+            close(o)
+            (W, state)
+        end
+        @test runs[1] == runs[2]
+        o = SamOptimizer(backend = :cpu)
+        register!(o, zeros(Float32, 4), zeros(Float32, 4))
+        @test_throws ArgumentError rebind!(o, 0, zeros(Float32, 3), zeros(Float32, 3))
+        @test_throws ArgumentError rebind!(o, 1, zeros(Float32, 4), zeros(Float32, 4))
+        close(o)
     end
 
     @testset "errors carry status and message" begin
