@@ -48,7 +48,10 @@ enum SamStatus
     /**
      * Not an error: `sam_second_step` found NaN or infinity in the second gradient, restored the
      * weights exactly, and skipped the base update (its state and step count untouched). A
-     * loss-scaled loop lowers its scale and goes on. Without a built-in base optimizer only
+     * loss-scaled loop lowers its scale and goes on; with samopt's own loss scaling
+     * (`config.loss_scale`) samopt lowers it, and `sam_first_step` returns this status too when
+     * the first gradient overflowed (nothing moved: skip the second forward/backward and call
+     * `sam_second_step`, which returns it again). Without a built-in base optimizer only
      * `SAM_SCHEDULE_LOOKSAM` reduces the second gradient and can return it: skip your own
      * optimizer's step then.
      */
@@ -129,7 +132,8 @@ typedef uint32_t SamBase;
 
 /**
  * Which steps are SAM steps and which take a single gradient: one of the `SAM_SCHEDULE_*` values
- * (`t` counts the steps from 0; each value cites its paper).
+ * (`t` counts the steps from 0, a skipped step taken back as if it never happened; each value cites
+ * its paper).
  */
 typedef uint32_t SamSchedule;
 
@@ -270,6 +274,27 @@ typedef struct {
      * required (>= 1) under `SAM_SCHEDULE_AESAM`. Default 0.
      */
     uint64_t aesam_planned_steps;
+    /**
+     * Loss scaling, as PyTorch's `GradScaler`: the initial scale `S` (finite, > 0; 65536.0 is
+     * GradScaler's), or 0 (default) for none. Multiply the loss by `sam_get_loss_scale()` before
+     * each backward pass; samopt unscales inside its passes (the perturbation needs no unscale;
+     * the base update, clipping and GSAM use `g/S`), and a step with inf or NaN in either gradient
+     * is skipped (`SAM_STEP_SKIPPED`, weights exactly restored) and lowers `S`.
+     */
+    double loss_scale;
+    /**
+     * `S` is multiplied by this after `loss_scale_interval` consecutive good steps (2.0; 1.0
+     * with `loss_scale_backoff` 1.0 keeps the scale fixed).
+     */
+    double loss_scale_growth;
+    /**
+     * `S` is multiplied by this at a step with inf or NaN, in (0, 1] (0.5).
+     */
+    double loss_scale_backoff;
+    /**
+     * Consecutive good steps before `S` grows, >= 1 (2000).
+     */
+    uint64_t loss_scale_interval;
 } SamConfig;
 
 /**
@@ -627,8 +652,11 @@ SamStatus sam_rebind_host(SamOptimizer *opt, uint32_t id, void *param, void *gra
  * sam_second_step(opt);                                        // restore + update, or update
  * ```
  *
- * Returns `SAM_ERR_NON_FINITE`, with no parameter touched and no decision taken, when any
- * gradient (under ASAM, any weight) holds NaN or infinity; `SAM_ERR_INVALID_STATE` when called
+ * With loss scaling (`config.loss_scale`), a gradient holding NaN or infinity is the scale's
+ * overflow: the call returns `SAM_STEP_SKIPPED` (positive), nothing moved, the scale was lowered;
+ * skip the second forward/backward and call `sam_second_step`, which ends the step as skipped.
+ * Without loss scaling it returns `SAM_ERR_NON_FINITE`, with no parameter touched and no decision
+ * taken, when any gradient (under ASAM, any weight) holds NaN or infinity; `SAM_ERR_INVALID_STATE` when called
  * twice without a second step in between, or with no tensor registered.
  *
  * # Safety
@@ -812,6 +840,17 @@ SamStatus sam_set_rho(SamOptimizer *opt, double rho);
  * `opt` must be NULL or a live handle; `out` NULL or writable.
  */
 SamStatus sam_get_rho(const SamOptimizer *opt, double *out);
+
+/**
+ * Stores in `*out` the loss scale `S` to multiply the next loss by before its backward pass
+ * (1.0 without loss scaling). `sam_second_step` may change it (growth after good steps, backoff
+ * after an overflow): a host that runs its own optimizer (`SAM_BASE_NONE`) reads it before
+ * `sam_second_step` and divides its gradients by that value.
+ *
+ * # Safety
+ * `opt` must be NULL or a live handle; `out` NULL or writable.
+ */
+SamStatus sam_get_loss_scale(const SamOptimizer *opt, double *out);
 
 /**
  * Stores the completed steps of each kind, for logging: SAM steps (two gradients) in

@@ -15,7 +15,8 @@
 //!       u64 steps, f64 lr, f64 last norm, f64 last second norm (NaN: none)
 //!       (version 2) f64 rho, then the step schedule: u64 decisions t, u64 generator state,
 //!       f64 AE-SAM mean, f64 AE-SAM variance, u64 SAM steps, u64 single-gradient steps,
-//!       f64 LookSAM's local ||g_v||^2 (NaN: none kept yet)
+//!       f64 LookSAM's local ||g_v||^2 (NaN: none kept yet), f64 loss scale (NaN: none),
+//!       u64 good steps since the scale last changed
 //!       u32 groups, then per group: f64 lr_scale, f64 weight_decay
 //!       u32 tensors, then per tensor: u64 len, u8 dtype, u32 group, u64 updates, u64 epoch
 //!       the f32 state, tensor by tensor (momentum or first moment, second moment, LookSAM's g_v)
@@ -33,7 +34,7 @@ const MAGIC: &[u8; 8] = b"SAMOPTCK";
 pub const VERSION: u32 = 2;
 const HEADER: usize = 40;
 /// The version-2 block of rho and the step schedule.
-const SCHEDULE_BYTES: usize = 64;
+const SCHEDULE_BYTES: usize = 80;
 const TRAILER: usize = 4;
 
 /// What a checkpoint holds, besides the backend's state floats.
@@ -64,6 +65,8 @@ pub(crate) struct ScheduleRecord {
     pub sam_steps: u64,
     pub single_steps: u64,
     pub gv_local_sq: Option<f64>,
+    /// Loss scaling: the scale and the good steps since it last changed.
+    pub loss_scale: Option<(f64, u64)>,
 }
 
 /// One tensor's registration and counters.
@@ -167,6 +170,9 @@ pub(crate) fn encode(s: &Snapshot, config_fingerprint: u64, out: &mut [u8]) {
         w.put(&v.to_le_bytes());
     }
     w.put(&r.gv_local_sq.unwrap_or(f64::NAN).to_le_bytes());
+    let (scale, good) = r.loss_scale.unwrap_or((f64::NAN, 0));
+    w.put(&scale.to_le_bytes());
+    w.put(&good.to_le_bytes());
     w.put(&(s.groups.len() as u32).to_le_bytes());
     for &(scale, wd) in &s.groups {
         w.put(&scale.to_le_bytes());
@@ -282,7 +288,9 @@ pub(crate) fn decode(bytes: &[u8], want: &Expected<'_>) -> Result<Snapshot> {
         let (t, rng, mean, var) = (r.u64()?, r.u64()?, r.f64()?, r.f64()?);
         let (sam_steps, single_steps, gv) = (r.u64()?, r.u64()?, r.f64()?);
         let gv_local_sq = (!gv.is_nan()).then_some(gv);
-        Some(ScheduleRecord { rho, t, rng, mean, var, sam_steps, single_steps, gv_local_sq })
+        let (scale, good) = (r.f64()?, r.u64()?);
+        let loss_scale = (!scale.is_nan()).then_some((scale, good));
+        Some(ScheduleRecord { rho, t, rng, mean, var, sam_steps, single_steps, gv_local_sq, loss_scale })
     } else {
         None
     };
@@ -379,6 +387,9 @@ fn validate(s: &Snapshot) -> Result<()> {
         if let Some(v) = r.gv_local_sq.filter(|v| !(v.is_finite() && *v >= 0.0)) {
             return bad(format!("LookSAM's ||g_v||^2 = {v}: must be finite and >= 0"));
         }
+        if let Some((scale, _)) = r.loss_scale.filter(|&(v, _)| !(v.is_finite() && v > 0.0)) {
+            return bad(format!("loss scale = {scale}: must be finite and > 0"));
+        }
         if r.sam_steps.checked_add(r.single_steps) != Some(s.steps) || r.t < s.steps {
             return bad(format!(
                 "the schedule's counts ({} SAM, {} single-gradient steps, {} decisions) do not add up to {} steps",
@@ -434,6 +445,7 @@ mod tests {
                 sam_steps: 4,
                 single_steps: 3,
                 gv_local_sq: None,
+                loss_scale: Some((1024.0, 3)),
             }),
         }
     }

@@ -85,8 +85,10 @@ impl BaseOptimizer {
 /// When a step is a SAM step (two gradients: the first step perturbs, the host takes a second
 /// gradient at `w + e(w)`) or a single-gradient step (the first step leaves `w` where it is, the
 /// host skips its second forward/backward, and the second step applies the base update with the
-/// direction the schedule defines). `t` counts the first steps that took a decision, from 0; the
-/// sources of each rule are cited on its variant.
+/// direction the schedule defines). `t` counts the steps, from 0; a step that ends skipped (a
+/// non-finite second gradient, or loss scaling's overflow) is taken back, decision, random draw and
+/// statistics included, so the run goes on as if it never happened. The sources of each rule are
+/// cited on its variant.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum Schedule {
     /// Every step is a SAM step (the default: plain SAM).
@@ -188,6 +190,54 @@ impl Schedule {
     }
 }
 
+/// Loss scaling, as PyTorch's `torch.amp.GradScaler`: the host multiplies its loss by the current
+/// scale `S` ([`crate::Optimizer::loss_scale`]) before each backward pass, so every gradient in
+/// the buffers is `S` times the true one. samopt unscales where it matters (the base update,
+/// clipping, GSAM, AE-SAM's statistics; the perturbation `rho g / ||g||` does not depend on `S`),
+/// folded into the existing passes' coefficients. A step whose gradients hold inf or NaN is
+/// skipped with the weights exactly restored and `S` multiplied by `backoff_factor`; after
+/// `growth_interval` consecutive steps without, `S` is multiplied by `growth_factor`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScale {
+    /// `S` at the start, finite and > 0 (GradScaler: 2^16).
+    pub init: f64,
+    /// Multiplies `S` after `growth_interval` good steps, finite and >= 1 (2.0; 1.0 keeps `S`).
+    pub growth_factor: f64,
+    /// Multiplies `S` at a step with inf or NaN, in (0, 1] (0.5; 1.0 keeps `S`).
+    pub backoff_factor: f64,
+    /// Consecutive good steps before `S` grows, >= 1 (2000).
+    pub growth_interval: u64,
+}
+
+impl LossScale {
+    /// GradScaler's defaults: 2^16, growth 2 every 2000 good steps, backoff 0.5.
+    pub fn dynamic() -> LossScale {
+        LossScale { init: 65536.0, growth_factor: 2.0, backoff_factor: 0.5, growth_interval: 2000 }
+    }
+
+    /// A scale that never changes (overflowing steps are still skipped).
+    pub fn fixed(scale: f64) -> LossScale {
+        LossScale { init: scale, growth_factor: 1.0, backoff_factor: 1.0, growth_interval: u64::MAX }
+    }
+
+    /// Checks every field; the error names the field and its value.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.init.is_finite() && self.init > 0.0 && self.init <= f32::MAX as f64) {
+            return Err(Error::invalid(format!("loss_scale = {}: must be finite and > 0", self.init)));
+        }
+        if !(self.growth_factor.is_finite() && self.growth_factor >= 1.0) {
+            return Err(Error::invalid(format!("loss_scale_growth = {}: must be finite and >= 1", self.growth_factor)));
+        }
+        if !(self.backoff_factor > 0.0 && self.backoff_factor <= 1.0) {
+            return Err(Error::invalid(format!("loss_scale_backoff = {}: must be in (0, 1]", self.backoff_factor)));
+        }
+        if self.growth_interval == 0 {
+            return Err(Error::invalid("loss_scale_interval = 0: at least 1 good step between growths"));
+        }
+        Ok(())
+    }
+}
+
 /// The most CPU worker threads an optimizer may ask for ([`Config::threads`]).
 pub const MAX_THREADS: usize = 1024;
 
@@ -250,6 +300,8 @@ pub struct Config {
     pub gsam_alpha: Option<f64>,
     /// Which steps are SAM steps and which take a single gradient (default: every step is SAM).
     pub schedule: Schedule,
+    /// Loss scaling (default `None`: the gradients are the true ones).
+    pub loss_scale: Option<LossScale>,
 }
 
 impl Default for Config {
@@ -275,6 +327,7 @@ impl Default for Config {
             max_grad_norm: None,
             gsam_alpha: None,
             schedule: Schedule::Every,
+            loss_scale: None,
         }
     }
 }
@@ -344,6 +397,9 @@ impl Config {
             )));
         }
         self.schedule.validate()?;
+        if let Some(scale) = &self.loss_scale {
+            scale.validate()?;
+        }
         if let Schedule::LookSam { .. } = self.schedule {
             if self.adaptive {
                 return Err(Error::new(
@@ -394,6 +450,10 @@ impl Config {
             Schedule::AeSam { delta, lambda1, lambda2, planned_steps } => {
                 h.u64(4).f64(delta).f64(lambda1).f64(lambda2).u64(planned_steps)
             }
+        };
+        let h = match self.loss_scale {
+            None => h,
+            Some(l) => h.u64(5).f64(l.growth_factor).f64(l.backoff_factor).u64(l.growth_interval),
         };
         h.finish()
     }
@@ -482,6 +542,29 @@ mod tests {
                 "aesam_lambda1",
             ),
             (Config { schedule: Schedule::ae_sam(0), ..Config::default() }, "aesam_planned_steps"),
+            (Config { loss_scale: Some(LossScale::fixed(0.0)), ..Config::default() }, "loss_scale"),
+            (Config { loss_scale: Some(LossScale::fixed(f64::INFINITY)), ..Config::default() }, "loss_scale"),
+            (
+                Config {
+                    loss_scale: Some(LossScale { growth_factor: 0.5, ..LossScale::dynamic() }),
+                    ..Config::default()
+                },
+                "loss_scale_growth",
+            ),
+            (
+                Config {
+                    loss_scale: Some(LossScale { backoff_factor: 0.0, ..LossScale::dynamic() }),
+                    ..Config::default()
+                },
+                "loss_scale_backoff",
+            ),
+            (
+                Config {
+                    loss_scale: Some(LossScale { growth_interval: 0, ..LossScale::dynamic() }),
+                    ..Config::default()
+                },
+                "loss_scale_interval",
+            ),
         ];
         for (c, name) in &more {
             let e = c.validate().unwrap_err();

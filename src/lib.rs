@@ -47,7 +47,7 @@ pub mod error;
 pub mod gpu;
 mod math;
 
-pub use config::{Backend, BaseOptimizer, Config, Norm, Schedule};
+pub use config::{Backend, BaseOptimizer, Config, LossScale, Norm, Schedule};
 pub use dtype::{DType, Element};
 pub use engine::{FirstStep, GroupId, Optimizer, Phase, SecondStep, TensorId};
 pub use error::{Error, ErrorKind, Result};

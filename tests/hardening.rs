@@ -367,21 +367,23 @@ fn finding_8_checkpoints_check_what_they_load() {
     opt.save_state(&mut ck).unwrap();
     // Layout: a 40-byte header; steps @40, lr @48, norms @56 @64, rho @72, the schedule's t @80,
     // generator @88, AE-SAM mean @96 and variance @104, SAM steps @112, single steps @120, g_v
-    // norm @128; 1 group @136 (lr_scale @140, weight_decay @148), 1 tensor @156 (len @160, dtype
-    // @168, group @169, updates @173, epoch @181), then the state: m (3 floats) @189, v @201.
-    let cases: [(&str, usize, Vec<u8>); 12] = [
-        ("updates", 173, u64::MAX.to_le_bytes().to_vec()),
-        ("updates", 173, 4u64.to_le_bytes().to_vec()),
+    // norm @128, loss scale @136, its good steps @144; 1 group @152 (lr_scale @156, weight_decay
+    // @164), 1 tensor @172 (len @176, dtype @184, group @185, updates @189, epoch @197), then the
+    // state: m (3 floats) @205, v @217.
+    let cases: [(&str, usize, Vec<u8>); 13] = [
+        ("updates", 189, u64::MAX.to_le_bytes().to_vec()),
+        ("updates", 189, 4u64.to_le_bytes().to_vec()),
         ("lr", 48, (-1.0f64).to_le_bytes().to_vec()),
         ("lr", 48, f64::NAN.to_le_bytes().to_vec()),
         ("rho", 72, 0f64.to_le_bytes().to_vec()),
         ("SAM steps", 112, 2u64.to_le_bytes().to_vec()),
         ("AE-SAM variance", 104, (-1.0f64).to_le_bytes().to_vec()),
         ("g_v norm without LookSAM", 128, 1.0f64.to_le_bytes().to_vec()),
-        ("lr_scale", 140, f64::INFINITY.to_le_bytes().to_vec()),
+        ("lr_scale", 156, f64::INFINITY.to_le_bytes().to_vec()),
         ("fingerprint", 24, 12345u64.to_le_bytes().to_vec()),
-        ("second moment", 201, (-1.0f32).to_le_bytes().to_vec()),
-        ("state value", 189, f32::NAN.to_le_bytes().to_vec()),
+        ("second moment", 217, (-1.0f32).to_le_bytes().to_vec()),
+        ("state value", 205, f32::NAN.to_le_bytes().to_vec()),
+        ("loss scale without loss scaling", 136, 2.0f64.to_le_bytes().to_vec()),
     ];
     for (what, at, bytes) in cases {
         let bad = tampered(&ck, at, &bytes);

@@ -477,21 +477,29 @@ fn checkpoint_resume_mid_schedule_is_bit_identical() {
     }
 }
 
-/// LookSAM's first SAM step is skipped (a non-finite second gradient), so no g_v exists yet: the
-/// single-gradient steps that follow use the plain gradient, as defined, and the first kept g_v
-/// comes from the next SAM step.
+/// LookSAM's single-gradient steps always follow a kept g_v: the first step is a SAM step, and a
+/// skipped one (a non-finite second gradient) is taken back, so the next step is that SAM step
+/// again. Where the kept g_v is zero (the perturbed gradient parallel to the gradient) there is
+/// nothing to reuse, and the single-gradient steps use the plain gradient, as defined.
 #[test]
-fn looksam_before_its_first_g_v_uses_the_plain_gradient() {
+fn looksam_without_a_direction_to_reuse_uses_the_plain_gradient() {
     for backend in [Backend::Cpu, Backend::Gpu] {
         let schedule = Schedule::LookSam { k: 3, alpha: 0.7 };
         let config = Config { backend, base: BaseOptimizer::Sgd, lr: 0.5, schedule, ..Config::default() };
         let Some(mut opt) = optimizer_or_skip(config) else { continue };
         let id = opt.add_tensor(&[1.0f32, -1.0, 0.5, 2.0]).unwrap();
-        opt.write_grad(id, &[0.1f32, 0.2, -0.3, 0.4]).unwrap();
+        let g = [0.125f32, 0.25, -0.375, 0.5];
+        opt.write_grad(id, &g).unwrap();
         assert_eq!(opt.first_step().unwrap(), FirstStep::Perturbed);
         opt.write_grad(id, &[f32::NAN, 0.0, 0.0, 0.0]).unwrap();
         assert_eq!(opt.second_step().unwrap(), SecondStep::Skipped);
-        let mut w = [1.0f32, -1.0, 0.5, 2.0];
+        // Taken back: step 0 again, a SAM step; its second gradient is parallel to g.
+        opt.write_grad(id, &g).unwrap();
+        assert_eq!(opt.first_step().unwrap(), FirstStep::Perturbed);
+        opt.write_grad(id, &g.map(|x| 2.0 * x)).unwrap();
+        assert_eq!(opt.second_step().unwrap(), SecondStep::Updated);
+        let mut w: Vec<f32> = [1.0f32, -1.0, 0.5, 2.0].iter().zip(g).map(|(w, g)| w - 0.5 * (2.0 * g)).collect();
+        assert_eq!(read_f32(&mut opt, id), w);
         for g in [[0.1f32, 0.2, -0.3, 0.4], [-0.2f32, 0.1, 0.0, 0.3]] {
             opt.write_grad(id, &g).unwrap();
             assert_eq!(opt.first_step().unwrap(), FirstStep::SingleGradient);
@@ -499,12 +507,12 @@ fn looksam_before_its_first_g_v_uses_the_plain_gradient() {
             for (w, g) in w.iter_mut().zip(g) {
                 *w -= 0.5 * g;
             }
-            assert_eq!(read_f32(&mut opt, id), w);
+            assert_eq!(read_f32(&mut opt, id), w, "g_v = 0: the plain gradient");
         }
-        assert_eq!((opt.sam_steps(), opt.single_steps(), opt.steps()), (0, 2, 2));
+        assert_eq!((opt.sam_steps(), opt.single_steps(), opt.steps()), (1, 2, 3));
 
         // Without a base optimizer, LookSAM reduces g' too: a non-finite one is a skipped step for
-        // the host's optimizer, with w restored and no g_v kept.
+        // the host's optimizer, with w restored, no g_v kept, and the step taken back.
         let host = Config { backend, schedule, ..Config::default() };
         let Some(mut opt) = optimizer_or_skip(host) else { continue };
         let id = opt.add_tensor(&[1.0f32, -1.0, 0.5, 2.0]).unwrap();
@@ -513,14 +521,9 @@ fn looksam_before_its_first_g_v_uses_the_plain_gradient() {
         opt.write_grad(id, &[0.0, f32::INFINITY, 0.0, 0.0]).unwrap();
         assert_eq!(opt.second_step().unwrap(), SecondStep::Skipped);
         assert_eq!(read_f32(&mut opt, id), [1.0, -1.0, 0.5, 2.0]);
-        let g = [0.3f32, -0.1, 0.2, 0.0];
-        opt.write_grad(id, &g).unwrap();
-        assert_eq!(opt.first_step().unwrap(), FirstStep::SingleGradient);
-        assert_eq!(opt.second_step().unwrap(), SecondStep::Restored);
-        let mut out = [0f32; 4];
-        opt.read_grad(id, &mut out).unwrap();
-        assert_eq!(out, g, "no g_v yet: the gradient buffer keeps the plain gradient");
-        assert_eq!((opt.sam_steps(), opt.single_steps()), (0, 1));
+        opt.write_grad(id, &[0.3f32, -0.1, 0.2, 0.0]).unwrap();
+        assert_eq!(opt.first_step().unwrap(), FirstStep::Perturbed, "the skipped SAM step again");
+        assert_eq!((opt.sam_steps(), opt.single_steps()), (0, 0));
     }
 }
 

@@ -12,7 +12,7 @@ use super::types::{
     SAM_SCHEDULE_RANDOM, SamBackend, SamBase, SamDType, SamOptimizer, SamRegisterFlags, SamSchedule, SamStatus,
     dtype_from_c,
 };
-use crate::config::{Backend, BaseOptimizer, Config, Norm, Schedule};
+use crate::config::{Backend, BaseOptimizer, Config, LossScale, Norm, Schedule};
 use crate::engine::Optimizer;
 use crate::error::{Error, Result};
 
@@ -74,7 +74,7 @@ pub struct SamConfig {
     /// SAM. Needs a built-in base optimizer. A schedule's single-gradient steps step with `g`.
     pub gsam_alpha: f64,
 
-    // ---- Added in samopt 0.2 (the second `SamConfig` layout): step schedules ----
+    // ---- Added in samopt 0.2 (the second `SamConfig` layout): step schedules, loss scaling ----
     /// A `SAM_SCHEDULE_*` value: which steps are SAM steps and which single-gradient steps
     /// (`sam_first_step` returns `SAM_STEP_SINGLE_GRADIENT` for those). Default
     /// `SAM_SCHEDULE_EVERY`.
@@ -97,6 +97,19 @@ pub struct SamConfig {
     /// The steps over which AE-SAM's coefficient moves, usually the planned length of training;
     /// required (>= 1) under `SAM_SCHEDULE_AESAM`. Default 0.
     pub aesam_planned_steps: u64,
+    /// Loss scaling, as PyTorch's `GradScaler`: the initial scale `S` (finite, > 0; 65536.0 is
+    /// GradScaler's), or 0 (default) for none. Multiply the loss by `sam_get_loss_scale()` before
+    /// each backward pass; samopt unscales inside its passes (the perturbation needs no unscale;
+    /// the base update, clipping and GSAM use `g/S`), and a step with inf or NaN in either gradient
+    /// is skipped (`SAM_STEP_SKIPPED`, weights exactly restored) and lowers `S`.
+    pub loss_scale: f64,
+    /// `S` is multiplied by this after `loss_scale_interval` consecutive good steps (2.0; 1.0
+    /// with `loss_scale_backoff` 1.0 keeps the scale fixed).
+    pub loss_scale_growth: f64,
+    /// `S` is multiplied by this at a step with inf or NaN, in (0, 1] (0.5).
+    pub loss_scale_backoff: f64,
+    /// Consecutive good steps before `S` grows, >= 1 (2000).
+    pub loss_scale_interval: u64,
 }
 
 /// The first released `SamConfig` layout (ABI 1, samopt 0.1), which the exported symbol
@@ -169,6 +182,10 @@ impl Default for SamConfig {
             aesam_lambda1: -1.0,
             aesam_lambda2: 1.0,
             aesam_planned_steps: 0,
+            loss_scale: 0.0,
+            loss_scale_growth: 2.0,
+            loss_scale_backoff: 0.5,
+            loss_scale_interval: 2000,
         }
     }
 }
@@ -222,7 +239,14 @@ pub(super) unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
             )));
         }
     };
+    let loss_scale = (c.loss_scale != 0.0).then_some(LossScale {
+        init: c.loss_scale,
+        growth_factor: c.loss_scale_growth,
+        backoff_factor: c.loss_scale_backoff,
+        growth_interval: c.loss_scale_interval,
+    });
     let config = Config {
+        loss_scale,
         schedule,
         base,
         lr: c.lr,

@@ -17,8 +17,11 @@ use crate::engine::{FirstStep, SecondStep};
 /// sam_second_step(opt);                                        // restore + update, or update
 /// ```
 ///
-/// Returns `SAM_ERR_NON_FINITE`, with no parameter touched and no decision taken, when any
-/// gradient (under ASAM, any weight) holds NaN or infinity; `SAM_ERR_INVALID_STATE` when called
+/// With loss scaling (`config.loss_scale`), a gradient holding NaN or infinity is the scale's
+/// overflow: the call returns `SAM_STEP_SKIPPED` (positive), nothing moved, the scale was lowered;
+/// skip the second forward/backward and call `sam_second_step`, which ends the step as skipped.
+/// Without loss scaling it returns `SAM_ERR_NON_FINITE`, with no parameter touched and no decision
+/// taken, when any gradient (under ASAM, any weight) holds NaN or infinity; `SAM_ERR_INVALID_STATE` when called
 /// twice without a second step in between, or with no tensor registered.
 ///
 /// # Safety
@@ -36,6 +39,7 @@ pub(super) fn first_status(step: FirstStep) -> SamStatus {
     match step {
         FirstStep::Perturbed => SamStatus::SAM_OK,
         FirstStep::SingleGradient => SamStatus::SAM_STEP_SINGLE_GRADIENT,
+        FirstStep::Skipped => SamStatus::SAM_STEP_SKIPPED,
     }
 }
 

@@ -78,6 +78,23 @@ pub unsafe extern "C" fn sam_get_rho(opt: *const SamOptimizer, out: *mut f64) ->
     })
 }
 
+/// Stores in `*out` the loss scale `S` to multiply the next loss by before its backward pass
+/// (1.0 without loss scaling). `sam_second_step` may change it (growth after good steps, backoff
+/// after an overflow): a host that runs its own optimizer (`SAM_BASE_NONE`) reads it before
+/// `sam_second_step` and divides its gradients by that value.
+///
+/// # Safety
+/// `opt` must be NULL or a live handle; `out` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_get_loss_scale(opt: *const SamOptimizer, out: *mut f64) -> SamStatus {
+    boundary("sam_get_loss_scale", || {
+        // SAFETY: the caller's contract.
+        let scale = unsafe { arg_ref(opt, "opt") }?.lock()?.loss_scale().unwrap_or(1.0);
+        // SAFETY: the caller's contract.
+        unsafe { write_out(out, "out", scale) }
+    })
+}
+
 /// Stores the completed steps of each kind, for logging: SAM steps (two gradients) in
 /// `*out_sam_steps` and single-gradient steps in `*out_single_steps`. Their sum is
 /// `sam_step_count`; gradient evaluations so far are `2 * sam + single`. Either pointer may be

@@ -22,7 +22,10 @@ pub enum SamStatus {
     SAM_OK = 0,
     /// Not an error: `sam_second_step` found NaN or infinity in the second gradient, restored the
     /// weights exactly, and skipped the base update (its state and step count untouched). A
-    /// loss-scaled loop lowers its scale and goes on. Without a built-in base optimizer only
+    /// loss-scaled loop lowers its scale and goes on; with samopt's own loss scaling
+    /// (`config.loss_scale`) samopt lowers it, and `sam_first_step` returns this status too when
+    /// the first gradient overflowed (nothing moved: skip the second forward/backward and call
+    /// `sam_second_step`, which returns it again). Without a built-in base optimizer only
     /// `SAM_SCHEDULE_LOOKSAM` reduces the second gradient and can return it: skip your own
     /// optimizer's step then.
     SAM_STEP_SKIPPED = 1,
@@ -105,7 +108,8 @@ pub const SAM_PART_PARAM: SamTensorPart = 0;
 pub const SAM_PART_GRAD: SamTensorPart = 1;
 
 /// Which steps are SAM steps and which take a single gradient: one of the `SAM_SCHEDULE_*` values
-/// (`t` counts the steps from 0; each value cites its paper).
+/// (`t` counts the steps from 0, a skipped step taken back as if it never happened; each value cites
+/// its paper).
 pub type SamSchedule = u32;
 
 /// Every step is a SAM step (the default: plain SAM).

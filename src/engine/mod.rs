@@ -49,6 +49,10 @@ pub enum FirstStep {
     /// forward/backward and calls the second step now, which applies the base update with the
     /// schedule's direction (C: `SAM_STEP_SINGLE_GRADIENT`).
     SingleGradient,
+    /// With loss scaling: a gradient held inf or NaN (the scale overflowed). Nothing moved, the
+    /// loss scale was lowered; the host skips the second forward/backward, and the second step
+    /// ends the step as skipped (C: `SAM_STEP_SKIPPED`).
+    Skipped,
 }
 
 /// What a successful second step did.
@@ -85,6 +89,18 @@ pub enum Phase {
     Accumulating,
     /// A single-gradient step: at `w` (not perturbed); the second step applies the update.
     Single,
+    /// A step the loss scale skipped at its first step (overflow): at `w`; the second step ends
+    /// it. Idle in every other respect.
+    Skipped,
+}
+
+/// The dynamic loss scale's state (see [`crate::LossScale`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct ScaleState {
+    /// `S` for the next backward pass.
+    pub scale: f64,
+    /// Consecutive good steps since `S` last changed.
+    pub good_steps: u64,
 }
 
 /// An all-reduce over the workers of a data-parallel job: sums `values` in place across them.
@@ -151,10 +167,16 @@ pub struct Optimizer {
     rho: f64,
     /// The step schedule's counters and statistics.
     schedule: ScheduleState,
+    /// The schedule's state before this step's decision: a skipped step is taken back, so that the
+    /// run goes on as if it never happened (the same decisions as a run without it).
+    schedule_before: ScheduleState,
     /// This step's global squared ascent norm and (LookSAM) global `||g_v||^2`, from the first
     /// step, for the second.
     step_grad_sq: f64,
     step_gv_sq: Option<f64>,
+    /// Loss scaling: the scale's state, and the scale this step's gradients carry (1 without).
+    scaler: Option<ScaleState>,
+    step_scale: f64,
     groups: Vec<Group>,
     /// The current learning rate (groups scale it).
     lr: f64,
@@ -219,9 +241,12 @@ impl Optimizer {
         let schedule = ScheduleState::new(&config.schedule);
         Ok(Optimizer {
             rho,
+            schedule_before: schedule,
             schedule,
             step_grad_sq: 0.0,
             step_gv_sq: None,
+            scaler: config.loss_scale.map(|l| ScaleState { scale: l.init, good_steps: 0 }),
+            step_scale: 1.0,
             backend: config.backend,
             config,
             passes,
@@ -376,6 +401,13 @@ impl Optimizer {
         self.steps
     }
 
+    /// With loss scaling, the scale `S` to multiply the next loss by before its backward pass
+    /// (`None` without loss scaling). The second step may change it: a host whose own optimizer
+    /// unscales (no built-in base) reads it before the second step.
+    pub fn loss_scale(&self) -> Option<f64> {
+        self.scaler.map(|s| s.scale)
+    }
+
     /// Completed SAM steps (two gradients), of [`steps`](Self::steps).
     pub fn sam_steps(&self) -> u64 {
         self.schedule.sam_steps
@@ -389,6 +421,7 @@ impl Optimizer {
 
     /// The L2 norm `||T_w * g||_2` of the last successful first step, over every registered
     /// tensor. Reported for p = infinity too, where the perturbation itself does not use it.
+    /// With loss scaling, of the true gradient (the buffers' divided by the scale).
     pub fn grad_norm(&self) -> Option<f64> {
         self.last_norm
     }
@@ -417,7 +450,7 @@ impl Optimizer {
 
     fn expect_idle(&self, action: &str) -> Result<()> {
         match self.phase {
-            Phase::Idle => Ok(()),
+            Phase::Idle | Phase::Skipped => Ok(()),
             Phase::Perturbed => {
                 Err(Error::state(format!("cannot {action} while the weights are perturbed: call second_step first")))
             }
@@ -435,7 +468,7 @@ impl Optimizer {
     fn expect_step_start(&self, action: &str) -> Result<()> {
         match self.phase {
             Phase::Perturbed | Phase::Single => self.expect_idle(action),
-            Phase::Idle | Phase::Accumulating => Ok(()),
+            Phase::Idle | Phase::Accumulating | Phase::Skipped => Ok(()),
         }
     }
 }

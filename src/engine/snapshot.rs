@@ -1,8 +1,8 @@
 //! The optimizer's side of checkpoints: what it saves, and the checks before a load replaces
 //! its state (the format itself is `crate::checkpoint`).
 
-use super::ScheduleState;
 use super::{Group, Optimizer};
+use super::{ScaleState, ScheduleState};
 use crate::checkpoint::{self, Expected, ScheduleRecord, Snapshot, TensorRecord};
 use crate::config::BaseOptimizer;
 use crate::error::{Error, ErrorKind, Result};
@@ -61,6 +61,7 @@ impl Optimizer {
                 sam_steps: self.schedule.sam_steps,
                 single_steps: self.schedule.single_steps,
                 gv_local_sq: self.schedule.gv_local_sq,
+                loss_scale: self.scaler.map(|s| (s.scale, s.good_steps)),
             }),
         };
         checkpoint::encode(&snapshot, self.config.fingerprint(), &mut out[..size]);
@@ -102,6 +103,12 @@ impl Optimizer {
                 if r.gv_local_sq.is_some() && !self.config.looksam() {
                     return Err(Error::new(ErrorKind::Io, "invalid value: a LookSAM g_v norm without LookSAM"));
                 }
+                if r.loss_scale.is_some() != self.scaler.is_some() {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        "invalid value: a loss scale where none is configured, or none",
+                    ));
+                }
                 let state = ScheduleState {
                     t: r.t,
                     rng: r.rng,
@@ -111,7 +118,8 @@ impl Optimizer {
                     single_steps: r.single_steps,
                     gv_local_sq: r.gv_local_sq,
                 };
-                (r.rho, state)
+                let scaler = r.loss_scale.map(|(scale, good_steps)| ScaleState { scale, good_steps });
+                (r.rho, state, scaler)
             }
             // Version 1: plain SAM (the fingerprint matched, so the schedule is `every`), every
             // completed step a SAM step, at the configured rho.
@@ -119,7 +127,7 @@ impl Optimizer {
                 let mut state = ScheduleState::new(&self.config.schedule);
                 state.t = s.steps;
                 state.sam_steps = s.steps;
-                (self.config.rho, state)
+                (self.config.rho, state, self.scaler)
             }
         };
         if !s.state.is_empty() {
@@ -128,7 +136,7 @@ impl Optimizer {
         }
         self.steps = s.steps;
         self.lr = s.lr;
-        (self.rho, self.schedule) = schedule;
+        (self.rho, self.schedule, self.scaler) = schedule;
         self.last_norm = s.last_norm;
         self.last_second_norm = s.last_second_norm;
         for (g, &(lr_scale, weight_decay)) in self.groups.iter_mut().zip(&s.groups) {

@@ -20,12 +20,60 @@ impl Optimizer {
     /// itself; the call then returns [`ErrorKind::NonFinite`] and no parameter is touched, so a
     /// loss-scaled loop can lower its scale and retry. A failed call takes no decision.
     ///
+    /// With loss scaling ([`Config::loss_scale`](crate::Config::loss_scale)) a non-finite gradient
+    /// is the scale's overflow, not an error: the step is skipped ([`FirstStep::Skipped`]), nothing
+    /// moved, the scale lowered, and the second step ends the step.
+    ///
     /// With an all-reduce installed ([`set_allreduce`](Self::set_allreduce)) every call joins the
     /// exchange exactly once, whatever fails locally (wrong phase, no tensor, a device error, a
     /// non-finite gradient): the failing worker contributes NaN, so every worker refuses the step
     /// together and none is left waiting in the collective. Every worker decides from the same
     /// global numbers, so all take the same kind of step.
     pub fn first_step(&mut self) -> Result<FirstStep> {
+        self.step_scale = self.scaler.map_or(1.0, |s| s.scale);
+        let result = self.first_step_inner();
+        self.overflow_skips(result)
+    }
+
+    /// With loss scaling, turns a non-finite gradient (this worker's or another's) into a skipped
+    /// step: the scale backs off and the second step ends the step.
+    fn overflow_skips(&mut self, result: Result<FirstStep>) -> Result<FirstStep> {
+        match result {
+            Err(e) if e.kind() == ErrorKind::NonFinite && self.scaler.is_some() => {
+                self.back_off();
+                self.shards = 0;
+                self.local_sum_sq = None;
+                self.phase = Phase::Skipped;
+                log::debug!("samopt: loss scale overflow at the first step: {}", e.message());
+                Ok(FirstStep::Skipped)
+            }
+            other => other,
+        }
+    }
+
+    /// The loss scale after a step with inf or NaN.
+    fn back_off(&mut self) {
+        let factor = self.config.loss_scale.map_or(1.0, |l| l.backoff_factor);
+        if let Some(s) = self.scaler.as_mut() {
+            // Kept a normal f32, so that the host's loss times it stays meaningful.
+            s.scale = (s.scale * factor).max(f32::MIN_POSITIVE as f64);
+            s.good_steps = 0;
+        }
+    }
+
+    /// The loss scale after a completed step.
+    fn grow(&mut self) {
+        let Some(l) = self.config.loss_scale else { return };
+        if let Some(s) = self.scaler.as_mut() {
+            s.good_steps += 1;
+            if s.good_steps >= l.growth_interval {
+                s.scale = (s.scale * l.growth_factor).min(f32::MAX as f64);
+                s.good_steps = 0;
+            }
+        }
+    }
+
+    fn first_step_inner(&mut self) -> Result<FirstStep> {
         let look = self.config.looksam();
         if self.allreduce.is_none() {
             self.check_schedule_start()?;
@@ -74,11 +122,16 @@ impl Optimizer {
     /// perturbs on a SAM step. The decision is kept only when the step started.
     fn begin_step(&mut self, grad_sq: f64, gv_sq: Option<f64>) -> Result<FirstStep> {
         let mut next = self.schedule;
-        let sam = next.decide(&self.config.schedule, grad_sq);
+        self.schedule_before = self.schedule;
+        // The rules read the true norm: the buffers hold the gradient times the loss scale.
+        let inv = 1.0 / self.step_scale;
+        let sam = next.decide(&self.config.schedule, grad_sq * inv * inv);
         if sam {
+            // The perturbation rho g / ||g|| is the same for the scaled gradient.
             self.perturb_with(grad_sq.sqrt())?;
+            self.last_norm = Some(grad_sq.sqrt() * inv);
         } else {
-            self.last_norm = Some(grad_sq.sqrt());
+            self.last_norm = Some(grad_sq.sqrt() * inv);
             self.local_sum_sq = None;
             self.phase = Phase::Single;
         }
@@ -158,6 +211,12 @@ impl Optimizer {
     /// LookSAM is refused here ([`ErrorKind::Unsupported`]): its reuse needs global sums this path
     /// does not exchange; install an all-reduce with [`set_allreduce`](Self::set_allreduce) instead.
     pub fn first_step_with_norm(&mut self, global_norm: f64) -> Result<FirstStep> {
+        self.step_scale = self.scaler.map_or(1.0, |s| s.scale);
+        let result = self.first_step_with_norm_inner(global_norm);
+        self.overflow_skips(result)
+    }
+
+    fn first_step_with_norm_inner(&mut self, global_norm: f64) -> Result<FirstStep> {
         self.expect_step_start("take a first step")?;
         if self.config.looksam() {
             return Err(Error::new(
@@ -265,11 +324,42 @@ impl Optimizer {
     /// twice) and not counted; the base optimizer's state may be partly updated on a device that
     /// failed midway, so the error says to load a checkpoint to continue exactly.
     pub fn second_step(&mut self) -> Result<SecondStep> {
+        let skipped_first = self.phase == Phase::Skipped;
+        let result = self.second_step_inner();
+        if let Ok(SecondStep::Skipped) = result
+            && !skipped_first
+        {
+            // A skipped step is taken back from the schedule too (the draw, AE-SAM's statistics,
+            // the step index): the run continues as if it never happened.
+            self.schedule = self.schedule_before;
+        }
+        if self.scaler.is_some() {
+            match result {
+                // A first-step overflow backed off already.
+                Ok(SecondStep::Skipped) if !skipped_first => self.back_off(),
+                Ok(SecondStep::Restored | SecondStep::Updated) => self.grow(),
+                _ => {}
+            }
+        }
+        result
+    }
+
+    fn second_step_inner(&mut self) -> Result<SecondStep> {
         // Sharded parameters: the reduction of g' spans the workers too, so that clipping, GSAM,
         // LookSAM and the decision to skip are the same on every worker. Every call joins that
         // exchange once, contributing NaN when it fails locally, as the first step does.
-        let exchange = self.allreduce.is_some() && (self.config.base != BaseOptimizer::None || self.config.looksam());
+        let exchange = self.allreduce.is_some() && self.reduces_second_gradient();
         let single = self.phase == Phase::Single;
+        if self.phase == Phase::Skipped {
+            // The loss scale skipped this step at its first step, on every worker alike; the
+            // exchange still happens once, so that a worker whose first step failed otherwise
+            // (and contributes NaN here) is not left waiting.
+            if exchange {
+                self.exchange(&mut [f64::NAN; 2])?;
+            }
+            self.phase = Phase::Idle;
+            return Ok(SecondStep::Skipped);
+        }
         let reduced = self.second_reduction();
         if exchange {
             let mut v = match &reduced {
@@ -318,6 +408,12 @@ impl Optimizer {
         allreduce(values).map_err(|e| Error::new(ErrorKind::Callback, format!("the all-reduce failed: {e}")))
     }
 
+    /// Whether the second step reduces the second gradient: for a built-in base (clipping, GSAM,
+    /// the finiteness check), LookSAM (`g.g'`) and loss scaling (its overflow check).
+    fn reduces_second_gradient(&self) -> bool {
+        self.config.base != BaseOptimizer::None || self.config.looksam() || self.scaler.is_some()
+    }
+
     /// Whether a single-gradient step's update needs the plain `||g||^2` from a reduction: the
     /// first step's norm is `||T_w g||` under ASAM, and clipping needs `||g||`.
     fn single_needs_plain_norm(&self) -> bool {
@@ -330,8 +426,9 @@ impl Optimizer {
     /// (`Some` of zeros) unless [`single_needs_plain_norm`](Self::single_needs_plain_norm).
     fn second_reduction(&mut self) -> Result<Option<SecondNorm>> {
         let look = self.config.looksam();
+        let reduce = self.reduces_second_gradient();
         match self.phase {
-            Phase::Idle => {
+            Phase::Idle | Phase::Skipped => {
                 return Err(Error::state("second step without a first step: call first_step before second_step"));
             }
             Phase::Perturbed if self.shards > 0 => {
@@ -362,7 +459,7 @@ impl Optimizer {
             passes.write_mean(1.0 / self.shards as f32, config.base == BaseOptimizer::None)?;
             self.shards = 0;
         }
-        if config.base == BaseOptimizer::None && !look {
+        if !reduce {
             if !accumulated {
                 passes.restore()?;
             }
@@ -411,7 +508,10 @@ impl Optimizer {
             self.schedule.sam_steps += 1;
             return Ok(SecondStep::Restored);
         }
-        let norm = reduced.sum_sq.sqrt();
+        // Loss scaling: the buffers hold S g and S g'; the update wants g and g', so 1/S joins
+        // the direction's coefficients (g.g'/||g'||^2 does not depend on S).
+        let inv = 1.0 / self.step_scale;
+        let norm = reduced.sum_sq.sqrt() * inv;
         // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
         let clip = config.max_grad_norm.map_or(1.0, |m| (m / (norm + 1e-6)).min(1.0));
         // GSAM: c*g' - alpha*(g - (g.g'/||g'||^2) g') = (c + alpha*g.g'/||g'||^2) g' - alpha g;
@@ -419,9 +519,9 @@ impl Optimizer {
         let (a, b) = match config.gsam_alpha {
             Some(alpha) => {
                 let ratio = if reduced.sum_sq > 0.0 { reduced.dot / reduced.sum_sq } else { 0.0 };
-                (clip + alpha * ratio, alpha)
+                ((clip + alpha * ratio) * inv, alpha * inv)
             }
-            None => (clip, 0.0),
+            None => (clip * inv, 0.0),
         };
         let step = UpdateStep::new(config, a, b);
         self.fill_tensor_steps();
@@ -480,11 +580,13 @@ impl Optimizer {
             return Ok(SecondStep::Skipped);
         }
         let grad_sq = if self.single_needs_plain_norm() { reduced.sum_sq } else { self.step_grad_sq };
-        let norm = grad_sq.sqrt();
+        // Loss scaling: the buffers hold S g; the ratio ||g|| / ||g_v|| does not depend on S.
+        let inv = 1.0 / self.step_scale;
+        let norm = grad_sq.sqrt() * inv;
         // LookSAM: d = g + alpha (||g|| / ||g_v||) g_v; before the first kept g_v (or with g_v = 0)
         // there is nothing to reuse and d = g.
         let reuse = match (self.config.schedule, self.step_gv_sq) {
-            (Schedule::LookSam { alpha, .. }, Some(gv_sq)) if gv_sq > 0.0 => alpha * norm / gv_sq.sqrt(),
+            (Schedule::LookSam { alpha, .. }, Some(gv_sq)) if gv_sq > 0.0 => alpha * grad_sq.sqrt() / gv_sq.sqrt(),
             _ => 0.0,
         };
         if self.config.base == BaseOptimizer::None {
@@ -498,7 +600,7 @@ impl Optimizer {
         }
         let clip = self.config.max_grad_norm.map_or(1.0, |m| (m / (norm + 1e-6)).min(1.0));
         // The update's direction is a*g - b*g_v: b carries minus the (clipped) reuse coefficient.
-        let step = UpdateStep::new(&self.config, clip, -(clip * reuse));
+        let step = UpdateStep::new(&self.config, clip * inv, -(clip * reuse * inv));
         self.fill_tensor_steps();
         let updated = self.take_fault(Fault::Update).and_then(|()| {
             let passes = self.passes.as_mut().expect("a first step ran");

@@ -59,6 +59,8 @@ pub(crate) struct GpuEngine {
     keep_first: bool,
     /// LookSAM: each arena holds `g_v`.
     look: bool,
+    /// Loss scaling: the second gradient is reduced (its overflow check) even without a base.
+    scaled: bool,
     module: wgpu::ShaderModule,
     layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
@@ -199,6 +201,7 @@ impl GpuEngine {
             gsam: config.gsam_alpha.is_some(),
             keep_first: config.keeps_first_grad(),
             look: config.looksam(),
+            scaled: config.loss_scale.is_some(),
             step: bytemuck::Zeroable::zeroed(),
             dummy,
             window_uniforms: Vec::new(),

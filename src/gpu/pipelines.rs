@@ -136,7 +136,7 @@ impl GpuEngine {
             let needed = match entry {
                 Entry::Norm | Entry::Perturb | Entry::Restore | Entry::Locate => true,
                 // LookSAM reduces g.g' without a base optimizer too.
-                Entry::SecondReduce => base || self.look,
+                Entry::SecondReduce => base || self.look || self.scaled,
                 Entry::Update | Entry::UpdateSingle => base,
                 Entry::LookStore => self.look,
                 Entry::LookDirection => self.look && !base,
