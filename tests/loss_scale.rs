@@ -160,6 +160,8 @@ fn overflow_is_a_skip_and_the_host_loop_keeps_its_shape() {
     assert_eq!(opt.first_step().unwrap(), FirstStep::Skipped);
     assert_eq!(opt.param::<f32>(id).unwrap(), &[1.0, 2.0]);
     assert_eq!(opt.loss_scale(), Some(32768.0));
+    // The step is still in progress: what needs an idle optimizer is refused until it ends.
+    assert_eq!(opt.add_tensor(&[0f32; 2]).unwrap_err().kind(), ErrorKind::InvalidState);
     assert_eq!(opt.second_step().unwrap(), SecondStep::Skipped);
     assert_eq!(opt.loss_scale(), Some(32768.0), "one overflow backs off once");
     // A skipped first step may also be followed directly by the next first step.
@@ -209,7 +211,7 @@ fn checkpoints_carry_the_scale() {
     let mut ck = vec![0u8; a.state_size()];
     a.save_state(&mut ck).unwrap();
     b.load_state(&ck).unwrap();
-    b.write_param(id, &a.param::<f32>(id).unwrap().to_vec()).unwrap();
+    b.write_param(id, a.param::<f32>(id).unwrap()).unwrap();
     assert_eq!(b.loss_scale(), Some(4.0));
     for _ in 0..3 {
         step(&mut a, false);

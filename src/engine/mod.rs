@@ -90,7 +90,7 @@ pub enum Phase {
     /// A single-gradient step: at `w` (not perturbed); the second step applies the update.
     Single,
     /// A step the loss scale skipped at its first step (overflow): at `w`; the second step ends
-    /// it. Idle in every other respect.
+    /// it (or the next first step starts over).
     Skipped,
 }
 
@@ -450,7 +450,7 @@ impl Optimizer {
 
     fn expect_idle(&self, action: &str) -> Result<()> {
         match self.phase {
-            Phase::Idle | Phase::Skipped => Ok(()),
+            Phase::Idle => Ok(()),
             Phase::Perturbed => {
                 Err(Error::state(format!("cannot {action} while the weights are perturbed: call second_step first")))
             }
@@ -460,6 +460,10 @@ impl Optimizer {
             Phase::Single => Err(Error::state(format!(
                 "cannot {action} during a single-gradient step: call second_step first (the first step \
                  returned single-gradient: the weights were not moved)"
+            ))),
+            Phase::Skipped => Err(Error::state(format!(
+                "cannot {action} during a step the loss scale skipped: call second_step first (or the next \
+                 first_step)"
             ))),
         }
     }
