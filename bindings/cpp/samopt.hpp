@@ -98,6 +98,9 @@ enum class First {
     /// A single-gradient step (SAM_STEP_SINGLE_GRADIENT): the weights were not moved; skip the
     /// second forward/backward and call second_step() now.
     SingleGradient,
+    /// Loss scaling found inf or NaN in the gradient (SAM_STEP_SKIPPED): nothing moved, the scale
+    /// was lowered; skip the second forward/backward and call second_step(), which ends the step.
+    Skipped,
 };
 
 /// What a second step did.
@@ -294,6 +297,13 @@ public:
         return v;
     }
 
+    /// The loss scale to multiply the next loss by (1.0 without loss scaling); sam_get_loss_scale.
+    double loss_scale() const {
+        double v = 0;
+        check(sam_get_loss_scale(handle_, &v));
+        return v;
+    }
+
     /// Completed SAM steps (two gradients) and single-gradient steps; sam_schedule_counts.
     std::pair<uint64_t, uint64_t> schedule_counts() const {
         uint64_t sam = 0, single = 0;
@@ -351,7 +361,8 @@ public:
 private:
     explicit Optimizer(SamOptimizer *handle) noexcept : handle_(handle) {}
     static First first_of(SamStatus status) {
-        return status == SAM_STEP_SINGLE_GRADIENT ? First::SingleGradient : First::Perturbed;
+        if (status == SAM_STEP_SINGLE_GRADIENT) return First::SingleGradient;
+        return status == SAM_STEP_SKIPPED ? First::Skipped : First::Perturbed;
     }
     SamOptimizer *handle_ = nullptr;
 };

@@ -22,7 +22,7 @@ module SamOpt
 export SamOptimizer, SamError, register!, first_step!, second_step!, grad_norm, tensor_count,
        step_count, isperturbed, set_lr!, lr, add_group!, set_group!, save_state, load_state!,
        save_state_file, load_state_file!, grad_sq_norm_local, first_step_with_norm!,
-       set_allreduce!, accumulate_step!, set_rho!, rho, schedule_counts, rebind!
+       set_allreduce!, accumulate_step!, set_rho!, rho, schedule_counts, rebind!, loss_scale
 
 const libsamopt = get(ENV, "SAMOPT_LIB", "libsamopt")
 
@@ -84,6 +84,10 @@ struct SamConfig
     aesam_lambda1::Cdouble
     aesam_lambda2::Cdouble
     aesam_planned_steps::UInt64
+    loss_scale::Cdouble
+    loss_scale_growth::Cdouble
+    loss_scale_backoff::Cdouble
+    loss_scale_interval::UInt64
 end
 
 const BACKENDS = Dict(:auto => UInt32(0), :cpu => UInt32(1), :gpu => UInt32(2))
@@ -99,7 +103,8 @@ const SCHEDULES = Dict(:every => UInt32(0), :interval => UInt32(1), :random => U
                    adam_eps = 1e-8, max_grad_norm = 0.0, gsam_alpha = 0.0, schedule = :every,
                    schedule_k = 10, schedule_p = 0.5, schedule_seed = 0, looksam_alpha = 0.7,
                    aesam_delta = 0.9, aesam_lambda1 = -1.0, aesam_lambda2 = 1.0,
-                   aesam_planned_steps = 0)
+                   aesam_planned_steps = 0, loss_scale = 0.0, loss_scale_growth = 2.0,
+                   loss_scale_backoff = 0.5, loss_scale_interval = 2000)
 
 Creates an optimizer (`sam_create`). `backend` is `:auto`, `:cpu` or `:gpu`; `base` is `:none`
 (the second step only restores; run your own optimizer after it), `:sgd` or `:adamw` (PyTorch's
@@ -111,6 +116,9 @@ semantics, fused with the restore). `weight_decay = NaN` takes PyTorch's default
 weight `looksam_alpha`; without a built-in base, register the gradients with
 `grad_writable = true`) or `:aesam` (from the gradient norm's moving statistics; needs
 `aesam_planned_steps`): on the other steps `first_step!` returns `:single_gradient`.
+`loss_scale` (0: off; 65536.0 is GradScaler's) turns on loss scaling: multiply the loss by
+`loss_scale(opt)` before each backward; an overflow makes `first_step!`/`second_step!` return
+`:skipped` with nothing changed and the scale lowered.
 """
 mutable struct SamOptimizer
     handle::Ptr{Cvoid}
@@ -125,7 +133,8 @@ mutable struct SamOptimizer
                           adam_eps = 1e-8, max_grad_norm = 0.0, gsam_alpha = 0.0, schedule = :every,
                           schedule_k = 10, schedule_p = 0.5, schedule_seed = 0, looksam_alpha = 0.7,
                           aesam_delta = 0.9, aesam_lambda1 = -1.0, aesam_lambda2 = 1.0,
-                          aesam_planned_steps = 0)
+                          aesam_planned_steps = 0, loss_scale = 0.0, loss_scale_growth = 2.0,
+                          loss_scale_backoff = 0.5, loss_scale_interval = 2000)
         haskey(BACKENDS, backend) || throw(ArgumentError("backend = $backend: use :auto, :cpu or :gpu"))
         haskey(BASES, base) || throw(ArgumentError("base = $base: use :none, :sgd or :adamw"))
         haskey(SCHEDULES, schedule) ||
@@ -139,7 +148,8 @@ mutable struct SamOptimizer
                            threads, C_NULL, BASES[base], lr, momentum, dampening, nesterov,
                            weight_decay, beta1, beta2, adam_eps, max_grad_norm, gsam_alpha,
                            SCHEDULES[schedule], schedule_k, schedule_p, schedule_seed, looksam_alpha,
-                           aesam_delta, aesam_lambda1, aesam_lambda2, aesam_planned_steps)
+                           aesam_delta, aesam_lambda1, aesam_lambda2, aesam_planned_steps,
+                           loss_scale, loss_scale_growth, loss_scale_backoff, loss_scale_interval)
         out = Ref{Ptr{Cvoid}}(C_NULL)
         check(ccall((:sam_create, libsamopt), Int32, (Ref{SamConfig}, Ref{Ptr{Cvoid}}), config, out))
         opt = new(out[], Any[], nothing)
@@ -243,12 +253,13 @@ end
 The ascent (`sam_first_step`): one global gradient norm, then every parameter moved to
 `w + e(w)`: `:perturbed` (compute the gradient there, then `second_step!`), or
 `:single_gradient` when the schedule makes this a single-gradient step (nothing moved: skip the
-second forward/backward and call `second_step!` now). Throws a `SamError` (status -4) with
+second forward/backward and call `second_step!` now), or `:skipped` when loss scaling found an
+overflow (nothing moved, scale lowered; skip the second forward/backward, `second_step!` ends it). Throws a `SamError` (status -4) with
 nothing changed on NaN or Inf in a gradient.
 """
 first_step!(opt::SamOptimizer) = first_symbol(check(ccall((:sam_first_step, libsamopt), Int32, (Ptr{Cvoid},), handle(opt))))
 
-first_symbol(s::Int32) = s == SAM_STEP_SINGLE_GRADIENT ? :single_gradient : :perturbed
+first_symbol(s::Int32) = s == SAM_STEP_SINGLE_GRADIENT ? :single_gradient : s == SAM_STEP_SKIPPED ? :skipped : :perturbed
 
 """
     second_step!(opt) -> Symbol
@@ -266,7 +277,7 @@ end
 for (name, cname, T) in [(:raw_grad_norm, :sam_grad_norm, Cdouble), (:raw_tensor_count, :sam_tensor_count, Csize_t),
                          (:raw_step_count, :sam_step_count, UInt64), (:raw_perturbed, :sam_is_perturbed, Bool),
                          (:raw_lr, :sam_get_lr, Cdouble), (:raw_state_size, :sam_state_size, Csize_t),
-                         (:raw_rho, :sam_get_rho, Cdouble)]
+                         (:raw_rho, :sam_get_rho, Cdouble), (:raw_loss_scale, :sam_get_loss_scale, Cdouble)]
     @eval function $name(opt::SamOptimizer)
         out = Ref{$T}(zero($T))
         check(ccall(($(QuoteNode(cname)), libsamopt), Int32, (Ptr{Cvoid}, Ref{$T}), handle(opt), out))
@@ -284,6 +295,9 @@ step_count(opt::SamOptimizer) = Int(raw_step_count(opt))
 isperturbed(opt::SamOptimizer) = raw_perturbed(opt)
 "The base optimizer's learning rate."
 lr(opt::SamOptimizer) = raw_lr(opt)
+
+"The loss scale to multiply the next loss by (1.0 without loss scaling; `sam_get_loss_scale`)."
+loss_scale(opt::SamOptimizer) = raw_loss_scale(opt)
 
 "The current rho (`sam_get_rho`)."
 rho(opt::SamOptimizer) = raw_rho(opt)

@@ -339,6 +339,43 @@ static void check_rebind(void) {
     sam_destroy(moving);
 }
 
+/* Loss scaling through C: the host multiplies its gradients by sam_get_loss_scale; an overflow
+ * in the first gradient is SAM_STEP_SKIPPED from both steps with nothing moved and the scale
+ * halved; the update with scaled gradients equals the update with the true ones (double
+ * reference); a bad scale is refused by name. */
+static void check_loss_scale(void) {
+    SamConfig config = sam_config_default();
+    config.base = SAM_BASE_SGD;
+    config.lr = 0.5;
+    config.loss_scale = 1024.0;
+    SamOptimizer *opt = NULL;
+    EXPECT(sam_create(&config, &opt) == SAM_OK, "create with a loss scale");
+    if (!opt) return;
+    float w[3] = {1.0f, -1.0f, 0.5f}, g[3];
+    uint32_t id;
+    EXPECT(sam_register_host(opt, w, g, 3, SAM_DTYPE_F32, &id) == SAM_OK, "register");
+    double s = 0;
+    EXPECT(sam_get_loss_scale(opt, &s) == SAM_OK && s == 1024.0, "initial scale %g", s);
+    g[0] = INFINITY, g[1] = 0.0f, g[2] = 1.0f;
+    EXPECT(sam_first_step(opt) == SAM_STEP_SKIPPED, "an overflow is a skip");
+    EXPECT(w[0] == 1.0f && w[1] == -1.0f && w[2] == 0.5f, "nothing moved");
+    EXPECT(sam_second_step(opt) == SAM_STEP_SKIPPED, "the second step ends the skipped step");
+    EXPECT(sam_get_loss_scale(opt, &s) == SAM_OK && s == 512.0, "backed off to %g", s);
+    const float g1[3] = {0.25f, -0.5f, 0.125f}, g2[3] = {0.5f, 0.25f, -0.25f};
+    for (int i = 0; i < 3; i++) g[i] = (float)s * g1[i];
+    EXPECT(sam_first_step(opt) == SAM_OK, "first step");
+    for (int i = 0; i < 3; i++) g[i] = (float)s * g2[i];
+    EXPECT(sam_second_step(opt) == SAM_OK, "second step");
+    const double w0[3] = {1.0, -1.0, 0.5};
+    for (int i = 0; i < 3; i++)
+        EXPECT(fabs(w[i] - (w0[i] - 0.5 * g2[i])) < 1e-7, "w[%d] = %g: the update used g/S", i, w[i]);
+    sam_destroy(opt);
+    config.loss_scale = -1.0;
+    opt = NULL;
+    EXPECT(sam_create(&config, &opt) == SAM_ERR_INVALID_ARGUMENT && strstr(sam_last_error(), "loss_scale = -1"),
+           "bad scale: %s", sam_last_error());
+}
+
 int main(void) {
     for (int adaptive = 0; adaptive <= 1; adaptive++)
         for (int sign = 0; sign <= 1; sign++) check_f32_step(adaptive, sign);
@@ -346,6 +383,7 @@ int main(void) {
     check_errors();
     check_schedule();
     check_rebind();
+    check_loss_scale();
     check_gpu();
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;

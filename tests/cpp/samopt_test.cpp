@@ -272,6 +272,16 @@ static void schedules() {
     for (int i = 0; i < 3; i++) EXPECT(std::fabs(w2[i] - static_cast<float>(ref[i] - 0.5 * 0.2)) < 1e-6);
     std::vector<float> short_w(2), short_g(2);
     expect_error([&] { sam.rebind_host(0, short_w, w2); }, SAM_ERR_INVALID_ARGUMENT, "differ in size");
+    // Loss scaling: an overflow is First::Skipped, then Step::Skipped, and the scale backs off.
+    samopt::Config scaled;
+    scaled.base = SAM_BASE_SGD;
+    scaled.loss_scale = 64.0;
+    samopt::Optimizer ls(scaled);
+    std::vector<float> lw{1.0f, 2.0f}, lg{NAN, 0.0f};
+    ls.register_host(lw, lg);
+    EXPECT(ls.first_step() == samopt::First::Skipped);
+    EXPECT(ls.second_step() == samopt::Step::Skipped);
+    EXPECT(ls.loss_scale() == 32.0 && lw[0] == 1.0f && lw[1] == 2.0f);
     samopt::Config bad;
     bad.schedule = SAM_SCHEDULE_LOOKSAM;
     bad.schedule_k = 0;

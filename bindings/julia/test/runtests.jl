@@ -117,6 +117,21 @@ using .SamOpt
             (W, state)
         end
         @test runs[1] == runs[2]
+
+        # Loss scaling: an overflow is :skipped twice, nothing moves, the scale halves.
+        W = Float32[1, 2]
+        dW = Float32[NaN, 0]
+        o = SamOptimizer(backend = :cpu, base = :sgd, lr = 0.5, loss_scale = 256.0)
+        register!(o, W, dW)
+        @test first_step!(o) == :skipped
+        @test second_step!(o) == :skipped
+        @test W == Float32[1, 2] && loss_scale(o) == 128.0
+        dW .= 128 .* Float32[0.25, 0.5]
+        @test first_step!(o) == :perturbed
+        dW .= 128 .* Float32[0.5, -0.25]
+        @test second_step!(o) == :done
+        @test W == Float32[1 - 0.5 * 0.5, 2 + 0.5 * 0.25]
+        close(o)
         o = SamOptimizer(backend = :cpu)
         register!(o, zeros(Float32, 4), zeros(Float32, 4))
         @test_throws ArgumentError rebind!(o, 0, zeros(Float32, 3), zeros(Float32, 3))
