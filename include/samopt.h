@@ -295,6 +295,13 @@ typedef struct {
      * Consecutive good steps before `S` grows, >= 1 (2000).
      */
     uint64_t loss_scale_interval;
+    /**
+     * f32 master weights for f16 and bf16 tensors (false): samopt keeps an f32 copy of each such
+     * weight, the base optimizer updates the copy, and the host's tensor receives it rounded, so
+     * updates below half a unit in the last place are not lost. Taken from the weights at a
+     * tensor's first update, authoritative afterwards, and in checkpoints. Needs a built-in base.
+     */
+    bool master_weights;
 } SamConfig;
 
 /**

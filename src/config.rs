@@ -302,6 +302,13 @@ pub struct Config {
     pub schedule: Schedule,
     /// Loss scaling (default `None`: the gradients are the true ones).
     pub loss_scale: Option<LossScale>,
+    /// f32 master weights for f16 and bf16 tensors (default false): samopt keeps an f32 copy of
+    /// each such weight, the base optimizer updates the copy, and the host's tensor receives it
+    /// rounded, so updates smaller than half a unit in the last place accumulate instead of being
+    /// lost. The perturbation and restore still work on the host's tensor, exactly. The copy is
+    /// taken from the weights at a tensor's first update and is authoritative from then on (it is
+    /// in checkpoints). Needs a built-in base optimizer.
+    pub master_weights: bool,
 }
 
 impl Default for Config {
@@ -328,6 +335,7 @@ impl Default for Config {
             gsam_alpha: None,
             schedule: Schedule::Every,
             loss_scale: None,
+            master_weights: false,
         }
     }
 }
@@ -400,6 +408,12 @@ impl Config {
         if let Some(scale) = &self.loss_scale {
             scale.validate()?;
         }
+        if self.master_weights && self.base == BaseOptimizer::None {
+            return Err(Error::invalid(
+                "master_weights = true needs a built-in base optimizer (base = sgd or adamw): with base = none the \
+                 host's optimizer updates the weights",
+            ));
+        }
         if let Schedule::LookSam { .. } = self.schedule {
             if self.adaptive {
                 return Err(Error::new(
@@ -451,6 +465,7 @@ impl Config {
                 h.u64(4).f64(delta).f64(lambda1).f64(lambda2).u64(planned_steps)
             }
         };
+        let h = if self.master_weights { h.u64(6) } else { h };
         let h = match self.loss_scale {
             None => h,
             Some(l) => h.u64(5).f64(l.growth_factor).f64(l.backoff_factor).u64(l.growth_interval),
@@ -458,10 +473,16 @@ impl Config {
         h.finish()
     }
 
-    /// f32 state values per parameter element: the base optimizer's (1 for SGD with momentum, 2
-    /// for AdamW, else 0), then LookSAM's `g_v` (1).
-    pub fn state_per_element(&self) -> usize {
-        self.base_state_per_element() + self.looksam() as usize
+    /// f32 state values per parameter element of a tensor of `dtype`: the base optimizer's (1 for
+    /// SGD with momentum, 2 for AdamW, else 0), then LookSAM's `g_v` (1), then the master weight
+    /// (1, f16 and bf16 tensors with [`master_weights`](Self::master_weights)).
+    pub fn state_per_element(&self, dtype: crate::DType) -> usize {
+        self.base_state_per_element() + self.looksam() as usize + self.has_master(dtype) as usize
+    }
+
+    /// Whether tensors of `dtype` get f32 master weights.
+    pub fn has_master(&self, dtype: crate::DType) -> bool {
+        self.master_weights && dtype != crate::DType::F32
     }
 
     /// The base optimizer's f32 state values per parameter element.
@@ -543,6 +564,7 @@ mod tests {
             ),
             (Config { schedule: Schedule::ae_sam(0), ..Config::default() }, "aesam_planned_steps"),
             (Config { loss_scale: Some(LossScale::fixed(0.0)), ..Config::default() }, "loss_scale"),
+            (Config { master_weights: true, ..Config::default() }, "master_weights"),
             (Config { loss_scale: Some(LossScale::fixed(f64::INFINITY)), ..Config::default() }, "loss_scale"),
             (
                 Config {

@@ -163,6 +163,9 @@ pub(crate) struct TensorStep {
     pub step_size: f32,
     /// AdamW: `sqrt(1 - beta2^t)`.
     pub bias2_sqrt: f32,
+    /// Master weights: this is the tensor's first update, so its f32 copy is taken from the
+    /// weights now (afterwards the copy is the weight).
+    pub fresh: bool,
 }
 
 impl TensorStep {
@@ -178,6 +181,7 @@ impl TensorStep {
             decay: (1.0 - lr * lambda) as f32,
             step_size: (lr / (1.0 - config.beta1.powi(t))) as f32,
             bias2_sqrt: (1.0 - config.beta2.powi(t)).sqrt() as f32,
+            fresh: t == 1,
         }
     }
 }

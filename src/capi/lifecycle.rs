@@ -74,7 +74,7 @@ pub struct SamConfig {
     /// SAM. Needs a built-in base optimizer. A schedule's single-gradient steps step with `g`.
     pub gsam_alpha: f64,
 
-    // ---- Added in samopt 0.2 (the second `SamConfig` layout): step schedules, loss scaling ----
+    // ---- Added in samopt 0.2 (the second `SamConfig` layout): step schedules, mixed precision ----
     /// A `SAM_SCHEDULE_*` value: which steps are SAM steps and which single-gradient steps
     /// (`sam_first_step` returns `SAM_STEP_SINGLE_GRADIENT` for those). Default
     /// `SAM_SCHEDULE_EVERY`.
@@ -110,6 +110,11 @@ pub struct SamConfig {
     pub loss_scale_backoff: f64,
     /// Consecutive good steps before `S` grows, >= 1 (2000).
     pub loss_scale_interval: u64,
+    /// f32 master weights for f16 and bf16 tensors (false): samopt keeps an f32 copy of each such
+    /// weight, the base optimizer updates the copy, and the host's tensor receives it rounded, so
+    /// updates below half a unit in the last place are not lost. Taken from the weights at a
+    /// tensor's first update, authoritative afterwards, and in checkpoints. Needs a built-in base.
+    pub master_weights: bool,
 }
 
 /// The first released `SamConfig` layout (ABI 1, samopt 0.1), which the exported symbol
@@ -186,6 +191,7 @@ impl Default for SamConfig {
             loss_scale_growth: 2.0,
             loss_scale_backoff: 0.5,
             loss_scale_interval: 2000,
+            master_weights: false,
         }
     }
 }
@@ -195,7 +201,11 @@ impl Default for SamConfig {
 /// # Safety
 /// A non-null `ptr` must point to at least `struct_size` readable bytes.
 pub(super) unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
-    let bools = [("adaptive", offset_of!(SamConfig, adaptive)), ("nesterov", offset_of!(SamConfig, nesterov))];
+    let bools = [
+        ("adaptive", offset_of!(SamConfig, adaptive)),
+        ("nesterov", offset_of!(SamConfig, nesterov)),
+        ("master_weights", offset_of!(SamConfig, master_weights)),
+    ];
     // SAFETY: the caller's contract.
     let c = unsafe { read_versioned(ptr, "config", &CONFIG_SIZES, SamConfig::default(), &bools) }?;
     let backend = match c.backend {
@@ -246,6 +256,7 @@ pub(super) unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
         growth_interval: c.loss_scale_interval,
     });
     let config = Config {
+        master_weights: c.master_weights,
         loss_scale,
         schedule,
         base,

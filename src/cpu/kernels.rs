@@ -333,13 +333,23 @@ unsafe fn update_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, job: &Up
         let (mut wf, mut out, mut f2, mut f1) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
         let mut w = w;
         let (mut saved, mut g2): (&[T], &[T]) = (saved, g2);
+        // Master weights: w is the f32 copy (taken from the saved bits at the first update), and
+        // the update writes the copy and its rounding to the host's tensor.
+        let mut master: &mut [f32] = match slot.master {
+            Some(k) => unsafe { state_slice(slot, seg, bufs, k) },
+            None => &mut [],
+        };
         while !w.is_empty() {
             let n = w.len().min(BLOCK);
             // Absent buffers (no GSAM, no state) stay empty.
             let part = |len: usize| if len == 0 { 0 } else { n };
             let (nm, nv, n1) = (part(m.len()), part(v.len()), part(g1.len()));
-            // The restore: w is the saved bits, widened.
-            T::widen(&saved[..n], &mut wf[..n]);
+            // The restore: w is the saved bits, widened (or the master copy).
+            if master.is_empty() || t.fresh {
+                T::widen(&saved[..n], &mut wf[..n]);
+            } else {
+                wf[..n].copy_from_slice(&master[..n]);
+            }
             T::widen(&g2[..n], &mut f2[..n]);
             T::widen(&g1[..n1], &mut f1[..n1]);
             let (mb, mr) = std::mem::take(&mut m).split_at_mut(nm);
@@ -347,6 +357,11 @@ unsafe fn update_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, job: &Up
             fused(&mut out[..n], &wf[..n], &f2[..n], &f1[..n1], mb, vb, adamw, s, t);
             let (wb, wr) = std::mem::take(&mut w).split_at_mut(n);
             T::narrow(&out[..n], wb);
+            if !master.is_empty() {
+                let (mb, mr) = std::mem::take(&mut master).split_at_mut(n);
+                mb.copy_from_slice(&out[..n]);
+                master = mr;
+            }
             (w, m, v) = (wr, mr, vr);
             (saved, g2, g1) = (&saved[n..], &g2[n..], &g1[n1..]);
         }
@@ -616,17 +631,30 @@ unsafe fn update_single_segment_any(
         let (s, t) = (job.step, job.tensor);
         let (mut wf, mut out, mut f2) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
         let (mut w, mut g) = (w, g);
+        let mut master: &mut [f32] = match slot.master {
+            Some(k) => unsafe { state_slice(slot, seg, bufs, k) },
+            None => &mut [],
+        };
         while !w.is_empty() {
             let n = w.len().min(BLOCK);
             let part = |len: usize| if len == 0 { 0 } else { n };
             let (nm, nv, ng) = (part(m.len()), part(v.len()), part(gv.len()));
-            T::widen(&w[..n], &mut wf[..n]);
+            if master.is_empty() || t.fresh {
+                T::widen(&w[..n], &mut wf[..n]);
+            } else {
+                wf[..n].copy_from_slice(&master[..n]);
+            }
             T::widen(&g[..n], &mut f2[..n]);
             let (mb, mr) = std::mem::take(&mut m).split_at_mut(nm);
             let (vb, vr) = std::mem::take(&mut v).split_at_mut(nv);
             fused(&mut out[..n], &wf[..n], &f2[..n], &gv[..ng], mb, vb, adamw, s, t);
             let (wb, wr) = std::mem::take(&mut w).split_at_mut(n);
             T::narrow(&out[..n], wb);
+            if !master.is_empty() {
+                let (mb, mr) = std::mem::take(&mut master).split_at_mut(n);
+                mb.copy_from_slice(&out[..n]);
+                master = mr;
+            }
             (w, m, v) = (wr, mr, vr);
             (g, gv) = (&g[n..], &gv[ng..]);
         }

@@ -50,6 +50,9 @@ struct Slot {
     state: usize,
     /// The tensor's first element in the index space of all tensors (and in the accumulator).
     elem: usize,
+    /// Master weights (f16/bf16 tensors): the index of the f32 master copy among the tensor's
+    /// state vectors.
+    master: Option<usize>,
 }
 
 /// A parameter/gradient pair the engine allocated (an owned tensor), 8-byte aligned. Only held
@@ -119,13 +122,16 @@ pub(crate) struct CpuEngine {
     /// GSAM or LookSAM: the perturbation keeps a copy of the first gradient.
     keep_first: bool,
     base: BaseOptimizer,
-    /// f32 state per element: the base optimizer's (0 none or SGD without momentum, 1 momentum,
-    /// 2 Adam), then LookSAM's `g_v` (1).
+    /// f32 state per element of every tensor: the base optimizer's (0 none or SGD without momentum,
+    /// 1 momentum, 2 Adam), then LookSAM's `g_v` (1); f16/bf16 tensors with master weights have
+    /// one more, their master copy.
     state_per_elem: usize,
     /// The base optimizer's share of `state_per_elem`.
     base_state: usize,
     /// LookSAM: `g_v` is state vector `base_state` of each tensor.
     look: bool,
+    /// f32 master copies of f16/bf16 weights, the state vector after the others.
+    master_weights: bool,
     state: Vec<f32>,
     /// Per-chunk partial sums of the second step's reduction: `(||g'||^2, g . g')`.
     partials2: Vec<[f64; 2]>,
@@ -233,9 +239,10 @@ impl CpuEngine {
             gsam: config.gsam_alpha.is_some(),
             keep_first: config.keeps_first_grad(),
             base: config.base,
-            state_per_elem: config.state_per_element(),
+            state_per_elem: config.base_state_per_element() + config.looksam() as usize,
             base_state: config.base_state_per_element(),
             look: config.looksam(),
+            master_weights: config.master_weights,
             state: Vec::new(),
             partials2: Vec::new(),
             acc: Vec::new(),
@@ -289,7 +296,8 @@ impl Passes for CpuEngine {
         // Reserve everything before changing anything, so a failure leaves the engine as it was.
         let new_chunks = host.len.div_ceil(CHUNK) + 1;
         let first_words = if self.keep_first { words } else { 0 };
-        let state_len = self.state_per_elem * host.len;
+        let master = (self.master_weights && host.dtype != DType::F32).then_some(self.state_per_elem);
+        let state_len = (self.state_per_elem + master.is_some() as usize) * host.len;
         self.backup
             .try_reserve_exact(words)
             .and_then(|_| self.first_grads.try_reserve_exact(first_words))
@@ -310,7 +318,7 @@ impl Passes for CpuEngine {
         self.first_grads.resize(self.first_grads.len() + first_words, 0);
         let state = self.state.len();
         self.state.resize(state + state_len, 0.0);
-        self.slots.push(Slot { host, backup_word, state, elem: self.elements });
+        self.slots.push(Slot { host, backup_word, state, elem: self.elements, master });
         self.elements += host.len;
         self.owned.push(None);
         self.append_segments(self.slots.len() - 1, host.len);

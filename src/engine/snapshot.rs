@@ -22,7 +22,7 @@ impl Optimizer {
     }
 
     pub(super) fn state_len(&self) -> usize {
-        self.config.state_per_element() * self.tensors.iter().map(|t| t.len).sum::<usize>()
+        self.tensors.iter().map(|t| self.config.state_per_element(t.dtype) * t.len).sum()
     }
 
     /// Bytes [`save_state`](Self::save_state) writes now.
@@ -83,7 +83,6 @@ impl Optimizer {
             state: self.state_len(),
         };
         let s = checkpoint::decode(bytes, &want)?;
-        let per = self.config.state_per_element();
         if self.config.base == BaseOptimizer::AdamW {
             // Adam's second moments, each tensor's second state vector, are >= 0.
             let mut at = 0;
@@ -95,7 +94,7 @@ impl Optimizer {
                         format!("invalid value: tensor {k}, element {i}: Adam's second moment {} is negative", v[i]),
                     ));
                 }
-                at += per * t.len;
+                at += self.config.state_per_element(t.dtype) * t.len;
             }
         }
         let schedule = match s.schedule {

@@ -58,6 +58,8 @@ pub(super) struct Arena {
     pub(super) state_v: Option<wgpu::Buffer>,
     /// LookSAM's `g_v`, f32 laid out as the state.
     pub(super) look: Option<wgpu::Buffer>,
+    /// f32 master weights (half-precision arenas with master weights), laid out as the state.
+    pub(super) master: Option<wgpu::Buffer>,
     /// `(first word, tensor)` of every member, in order.
     pub(super) members: Vec<(u64, usize)>,
 }
@@ -262,6 +264,7 @@ impl GpuEngine {
                     state_m: has_m.then(|| state("samopt state m")),
                     state_v: has_v.then(|| state("samopt state v")),
                     look: self.look.then(|| state("samopt looksam g_v")),
+                    master: (self.master && *dtype != DType::F32).then(|| state("samopt master weights")),
                     members: members.clone(),
                 };
                 for &(offset, k) in members {
@@ -276,9 +279,12 @@ impl GpuEngine {
                     if let Home::Packed { arena: old, offset: old_offset } = t.home {
                         let pw = per_word(t.dtype);
                         let old = &self.arenas[old];
-                        for (src, dst) in
-                            [(&old.state_m, &arena.state_m), (&old.state_v, &arena.state_v), (&old.look, &arena.look)]
-                        {
+                        for (src, dst) in [
+                            (&old.state_m, &arena.state_m),
+                            (&old.state_v, &arena.state_v),
+                            (&old.look, &arena.look),
+                            (&old.master, &arena.master),
+                        ] {
                             if let (Some(src), Some(dst)) = (src, dst) {
                                 enc.copy_buffer_to_buffer(
                                     src,
@@ -306,10 +312,10 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// f32 state values per element: the base optimizer's 0, 1 (momentum) or 2 (Adam), then
-    /// LookSAM's `g_v`.
-    pub(super) fn state_per_elem(&self) -> usize {
-        self.base_state_per_elem() + self.look as usize
+    /// f32 state values per element of a tensor of `dtype`: the base optimizer's 0, 1 (momentum)
+    /// or 2 (Adam), then LookSAM's `g_v`, then the master weight (half precision).
+    pub(super) fn state_per_elem(&self, dtype: DType) -> usize {
+        self.base_state_per_elem() + self.look as usize + (self.master && dtype != DType::F32) as usize
     }
 
     /// The base optimizer's f32 state values per element.
@@ -322,15 +328,15 @@ impl GpuEngine {
     }
 
     /// An arena's f32 state buffers in checkpoint order: momentum or first moment, second
-    /// moment, `g_v`, each where the configuration has it.
+    /// moment, `g_v`, master weights, each where the configuration has it.
     pub(super) fn state_buffers(arena: &Arena) -> impl Iterator<Item = &wgpu::Buffer> {
-        [&arena.state_m, &arena.state_v, &arena.look].into_iter().flatten()
+        [&arena.state_m, &arena.state_v, &arena.look, &arena.master].into_iter().flatten()
     }
 
     /// Window size in words for an arena of `dtype`: one storage binding, or half of one for a
     /// half-precision arena whose f32 state takes twice the bytes of its words.
     pub(super) fn window_words_for(&self, dtype: DType) -> u64 {
-        let has_state = self.momentum || self.base == BaseOptimizer::AdamW || self.look;
+        let has_state = self.momentum || self.base == BaseOptimizer::AdamW || self.look || self.master;
         if dtype != DType::F32 && has_state { (self.window_words / 2 / 64 * 64).max(64) } else { self.window_words }
     }
 }

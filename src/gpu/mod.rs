@@ -61,6 +61,8 @@ pub(crate) struct GpuEngine {
     look: bool,
     /// Loss scaling: the second gradient is reduced (its overflow check) even without a base.
     scaled: bool,
+    /// f32 master weights for the half-precision arenas.
+    master: bool,
     module: wgpu::ShaderModule,
     layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
@@ -202,6 +204,7 @@ impl GpuEngine {
             keep_first: config.keeps_first_grad(),
             look: config.looksam(),
             scaled: config.loss_scale.is_some(),
+            master: config.master_weights,
             step: bytemuck::Zeroable::zeroed(),
             dummy,
             window_uniforms: Vec::new(),

@@ -35,7 +35,7 @@ impl GpuEngine {
                 quads: w.quads,
                 slot: w.slot,
                 index: i as u32,
-                pad0: 0,
+                fresh: t.fresh as u32,
                 lr: t.lr,
                 weight_decay: t.weight_decay,
                 keep: t.keep,
@@ -348,8 +348,7 @@ impl Passes for GpuEngine {
     }
 
     fn export_state(&mut self, out: &mut [f32]) -> Result<()> {
-        let per_tensor = self.state_per_elem();
-        if per_tensor == 0 {
+        if self.tensors.iter().all(|t| self.state_per_elem(t.dtype) == 0) {
             return Ok(());
         }
         out.fill(0.0); // tensors never packed have never been updated: zero state
@@ -363,7 +362,7 @@ impl Passes for GpuEngine {
                     jobs.push((buffer, offset * a.per_word() * 4, dst, t.len * 4));
                 }
             }
-            at += per_tensor * t.len;
+            at += self.state_per_elem(t.dtype) * t.len;
         }
         self.ctx.checked("reading the optimizer state", || {
             // SAFETY: every destination is a distinct range of `out` of exactly that many bytes.
@@ -372,8 +371,7 @@ impl Passes for GpuEngine {
     }
 
     fn import_state(&mut self, data: &[f32]) -> Result<()> {
-        let per_tensor = self.state_per_elem();
-        if per_tensor == 0 {
+        if self.tensors.iter().all(|t| self.state_per_elem(t.dtype) == 0) {
             return Ok(());
         }
         self.prepare()?; // every tensor gets its place in an arena
@@ -386,7 +384,7 @@ impl Passes for GpuEngine {
                     let values = &data[at + k * t.len..at + (k + 1) * t.len];
                     self.upload(buffer, offset * a.per_word() * 4, bytemuck::cast_slice(values));
                 }
-                at += per_tensor * t.len;
+                at += self.state_per_elem(t.dtype) * t.len;
             }
             self.ctx.queue.submit([]);
             self.ctx.wait()

@@ -17,8 +17,10 @@ pub(super) struct WindowRes {
     pub(super) groups: u32,
     pub(super) slot: u32,
     pub(super) bind_group: wgpu::BindGroup,
-    /// LookSAM: the same bindings with `g_v` in place of the backup, for the schedule's passes.
-    pub(super) look_bind_group: Option<wgpu::BindGroup>,
+    /// The same bindings with other buffers in bindings 2 and 3, indexed `2 * b2 + b3`: b2 = 1 puts
+    /// LookSAM's `g_v` in place of the backup, b3 = 1 the master weights in place of the partial
+    /// sums (see [`Entry::bindings`]); `[0]` is `bind_group`, built where an entry needs one.
+    pub(super) variants: [Option<wgpu::BindGroup>; 4],
 }
 
 /// What the windows need, rebuilt when the registrations change.
@@ -59,7 +61,7 @@ pub(super) struct WindowUniform {
     pub(super) quads: u32,
     pub(super) slot: u32,
     pub(super) index: u32,
-    pub(super) pad0: u32,
+    pub(super) fresh: u32,
     pub(super) lr: f32,
     pub(super) weight_decay: f32,
     pub(super) keep: f32,
@@ -85,9 +87,12 @@ pub(super) enum Entry {
 }
 
 impl Entry {
-    /// Whether the pass reads LookSAM's `g_v` from binding 2 (the look bind group).
-    pub(super) fn uses_look(self, look: bool) -> bool {
-        look && matches!(self, Entry::UpdateSingle | Entry::LookStore | Entry::LookDirection)
+    /// What the pass finds in bindings 2 and 3, as `2 * b2 + b3`: b2 = 1 for LookSAM's `g_v`
+    /// (else the backup), b3 = 1 for the master weights (else the partial sums).
+    pub(super) fn bindings(self, look: bool, master: bool) -> usize {
+        let b2 = look && matches!(self, Entry::UpdateSingle | Entry::LookStore | Entry::LookDirection);
+        let b3 = master && matches!(self, Entry::Update | Entry::UpdateSingle);
+        2 * b2 as usize + b3 as usize
     }
 }
 
@@ -163,6 +168,7 @@ impl GpuEngine {
                 ("GSAM", flag(self.gsam)),
                 ("KEEP_FIRST", flag(self.keep_first)),
                 ("LOOK", flag(self.look)),
+                ("MASTER", flag(self.master && dtype != DType::F32)),
             ];
             let pipeline = self.ctx.checked("compiling a SAM pipeline", || {
                 Ok(self.ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -251,8 +257,9 @@ impl GpuEngine {
                     })
                 };
                 let range = |buffer| range_at(buffer, 0);
-                // Binding 2: the backup, or (LookSAM's passes) g_v, laid out as the state.
-                let make_group = |saved: wgpu::BindingResource<'_>| {
+                // Binding 2: the backup, or (LookSAM's passes) g_v, laid out as the state; binding
+                // 3: the partial sums, or (the updates of a master arena) the master weights.
+                let make_group = |saved: wgpu::BindingResource<'_>, third: wgpu::BindingResource<'_>| {
                     d.create_bind_group(&wgpu::BindGroupDescriptor {
                         label: Some("samopt window"),
                         layout: &self.layout,
@@ -260,7 +267,7 @@ impl GpuEngine {
                             wgpu::BindGroupEntry { binding: 0, resource: range_at(&arena.param, arena.param_offset) },
                             wgpu::BindGroupEntry { binding: 1, resource: range_at(&arena.grad, arena.grad_offset) },
                             wgpu::BindGroupEntry { binding: 2, resource: saved },
-                            wgpu::BindGroupEntry { binding: 3, resource: partials.as_entire_binding() },
+                            wgpu::BindGroupEntry { binding: 3, resource: third },
                             wgpu::BindGroupEntry {
                                 binding: 4,
                                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -289,9 +296,23 @@ impl GpuEngine {
                         ],
                     })
                 };
-                let bind_group = make_group(range(&arena.backup));
-                let look_bind_group =
-                    arena.look.is_some().then(|| make_group(state_range(&arena.look, &self.dummy, (first, n, pw))));
+                let bind_group = make_group(range(&arena.backup), partials.as_entire_binding());
+                let (look, master) = (arena.look.is_some(), arena.master.is_some());
+                let mut variants: [Option<wgpu::BindGroup>; 4] = Default::default();
+                for (key, variant) in variants.iter_mut().enumerate().skip(1) {
+                    let (b2, b3) = (key & 2 != 0, key & 1 != 0);
+                    if (b2 && !look) || (b3 && !master) {
+                        continue;
+                    }
+                    let second =
+                        if b2 { state_range(&arena.look, &self.dummy, (first, n, pw)) } else { range(&arena.backup) };
+                    let third = if b3 {
+                        state_range(&arena.master, &self.dummy, (first, n, pw))
+                    } else {
+                        partials.as_entire_binding()
+                    };
+                    *variant = Some(make_group(second, third));
+                }
                 windows.push(WindowRes {
                     arena: a,
                     first_word: first,
@@ -299,7 +320,7 @@ impl GpuEngine {
                     groups,
                     slot,
                     bind_group,
-                    look_bind_group,
+                    variants,
                 });
             }
             Ok(Prepared {
@@ -337,10 +358,11 @@ impl GpuEngine {
         for i in windows {
             let w = &prepared.windows[i];
             pass.set_pipeline(self.pipeline(entry, self.arenas[w.arena].dtype));
-            let group = if entry.uses_look(self.look) {
-                w.look_bind_group.as_ref().expect("LookSAM arenas hold g_v")
-            } else {
-                &w.bind_group
+            let arena = &self.arenas[w.arena];
+            let key = entry.bindings(arena.look.is_some(), arena.master.is_some());
+            let group = match key {
+                0 => &w.bind_group,
+                _ => w.variants[key].as_ref().expect("built for the arena's buffers"),
             };
             pass.set_bind_group(0, group, &[]);
             pass.dispatch_workgroups(w.groups, 1, 1);

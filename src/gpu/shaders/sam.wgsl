@@ -24,6 +24,7 @@ override MOMENTUM: bool = false;  // SGD with a momentum buffer (in state_m)
 override GSAM: bool = false;      // the update's direction a*g' - b*g reads the first gradient
 override KEEP_FIRST: bool = false; // GSAM or LookSAM: the perturbation keeps the first gradient
 override LOOK: bool = false;      // LookSAM: binding 2 holds g_v in the schedule's passes
+override MASTER: bool = false;    // f32 master weights (half arenas): binding 3 holds them in the updates
 
 const WORKGROUP: u32 = 256u;
 
@@ -31,7 +32,7 @@ struct Window {
     quads: u32,        // 16-byte groups of words in this window
     slot: u32,         // first partial-sum slot of this window
     index: u32,        // this window's entry in first_bad
-    pad0: u32,
+    fresh: u32,        // master weights: the arena's first update, so the copy is taken from w
     lr: f32,           // the arena's learning rate (lr times its group's scale)
     weight_decay: f32, // SGD: added to the gradient
     keep: f32,         // SGD: buf <- keep*buf + take*d
@@ -66,7 +67,9 @@ struct Step {
 @group(0) @binding(2) var<storage, read_write> backup: array<vec4<u32>>;
 // Per workgroup of a reduction: (bits of the f32 scaled sum of squares q, bits of the partial dot
 // product (second reduction only), non-finite flag, the scale's exponent k as i32 bits); the sum
-// of squares is q * 2^(2k) (see "scaled sums of squares" below).
+// of squares is q * 2^(2k) (see "scaled sums of squares" below). In the update passes of a half
+// arena with master weights (which reduce nothing) the bind group puts the f32 master weights
+// here instead, laid out as the state (see master_at).
 @group(0) @binding(3) var<storage, read_write> partials: array<vec4<u32>>;
 @group(0) @binding(4) var<uniform> window: Window;
 @group(0) @binding(5) var<uniform> step: Step;
@@ -428,6 +431,12 @@ fn update(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
                 v[q] = state_v[pw * i + q];
             }
         }
+        var master = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+        if (MASTER) {
+            for (var q = 0u; q < pw; q++) {
+                master[q] = master_at(i, q);
+            }
+        }
         var out = vec4<u32>(0u);
         for (var k = 0u; k < 4u; k++) {
             var word = 0u;
@@ -436,7 +445,14 @@ fn update(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
                 var mk = m[e / 4u][e % 4u];
                 var vk = v[e / 4u][e % 4u];
                 let d = direction(element(g2[k], h), element(g1[k], h));
-                let r = base_update(element(wq[k], h), d, &mk, &vk);
+                var w = element(wq[k], h);
+                if (MASTER && window.fresh == 0u) {
+                    w = master[e / 4u][e % 4u];
+                }
+                let r = base_update(w, d, &mk, &vk);
+                if (MASTER) {
+                    master[e / 4u][e % 4u] = r;
+                }
                 m[e / 4u][e % 4u] = mk;
                 v[e / 4u][e % 4u] = vk;
                 if (DTYPE == 0u) {
@@ -455,8 +471,16 @@ fn update(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
             if (BASE == 2u) {
                 state_v[pw * i + q] = v[q];
             }
+            if (MASTER) {
+                partials[pw * i + q] = bitcast<vec4<u32>>(master[q]);
+            }
         }
     }
+}
+
+// The f32 master weights of quad i, vec4 q (binding 3 in the update passes of a master arena).
+fn master_at(i: u32, q: u32) -> vec4<f32> {
+    return bitcast<vec4<f32>>(partials[per_word() * i + q]);
 }
 
 // ---- step schedules ----
@@ -492,6 +516,12 @@ fn update_single(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
                 gv[q] = look_at(i, q);
             }
         }
+        var master = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+        if (MASTER) {
+            for (var q = 0u; q < pw; q++) {
+                master[q] = master_at(i, q);
+            }
+        }
         var out = vec4<u32>(0u);
         for (var k = 0u; k < 4u; k++) {
             var word = 0u;
@@ -503,7 +533,14 @@ fn update_single(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
                 if (LOOK) {
                     d = direction(element(g[k], h), gv[e / 4u][e % 4u]);
                 }
-                let r = base_update(element(wq[k], h), d, &mk, &vk);
+                var w = element(wq[k], h);
+                if (MASTER && window.fresh == 0u) {
+                    w = master[e / 4u][e % 4u];
+                }
+                let r = base_update(w, d, &mk, &vk);
+                if (MASTER) {
+                    master[e / 4u][e % 4u] = r;
+                }
                 m[e / 4u][e % 4u] = mk;
                 v[e / 4u][e % 4u] = vk;
                 if (DTYPE == 0u) {
@@ -521,6 +558,9 @@ fn update_single(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
             }
             if (BASE == 2u) {
                 state_v[pw * i + q] = v[q];
+            }
+            if (MASTER) {
+                partials[pw * i + q] = bitcast<vec4<u32>>(master[q]);
             }
         }
     }
