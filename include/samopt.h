@@ -302,6 +302,13 @@ typedef struct {
      * tensor's first update, authoritative afterwards, and in checkpoints. Needs a built-in base.
      */
     bool master_weights;
+    /**
+     * With `SAM_BASE_ADAMW`: perturb along AdamW's preconditioned gradient,
+     * `e = rho P g / ||P g||`, `P = 1 / (sqrt(v_hat) + adam_eps)` (plain SAM for a tensor before
+     * its first update), as preconditioned SAM in Functional-SAM (arXiv 2502.02407). False by
+     * default. Not with ASAM or `norm_p = INFINITY`.
+     */
+    bool preconditioned;
 } SamConfig;
 
 /**

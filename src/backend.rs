@@ -121,6 +121,10 @@ pub(crate) trait Passes: Send {
     /// Reads every gradient (and, under ASAM, every weight) once; writes nothing.
     fn ascent_norm(&mut self, config: &Config) -> Result<AscentNorm>;
 
+    /// The preconditioned perturbation: tensor k's `sqrt(1 - beta2^t)` after its `t` updates
+    /// (0 before the first: plain SAM for it), for the next norm and perturbation passes.
+    fn precondition(&mut self, bias2_sqrt: &[f32], eps: f32);
+
     /// Saves every weight's bits, then moves it to `w + e(w)`.
     fn perturb(&mut self, perturbation: &Perturbation) -> Result<()>;
 

@@ -309,6 +309,12 @@ pub struct Config {
     /// taken from the weights at a tensor's first update and is authoritative from then on (it is
     /// in checkpoints). Needs a built-in base optimizer.
     pub master_weights: bool,
+    /// AdamW only: perturb along AdamW's preconditioned gradient, `e = rho P g / ||P g||` with
+    /// `P = 1 / (sqrt(v_hat) + adam_eps)` from each element's second moment after the tensor's
+    /// updates so far (plain SAM before its first update), as preconditioned SAM in Functional-SAM
+    /// (Singh et al. 2025, arXiv 2502.02407) defines it for language models. Default false. Not
+    /// with ASAM or the sign perturbation.
+    pub preconditioned: bool,
 }
 
 impl Default for Config {
@@ -336,6 +342,7 @@ impl Default for Config {
             schedule: Schedule::Every,
             loss_scale: None,
             master_weights: false,
+            preconditioned: false,
         }
     }
 }
@@ -408,6 +415,20 @@ impl Config {
         if let Some(scale) = &self.loss_scale {
             scale.validate()?;
         }
+        if self.preconditioned {
+            if self.base != BaseOptimizer::AdamW {
+                return Err(Error::invalid(format!(
+                    "preconditioned = true needs base = adamw (its second moment is the preconditioner), not {}",
+                    self.base.name()
+                )));
+            }
+            if self.adaptive || self.norm != Norm::L2 {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    "preconditioned = true with ASAM or p = infinity: the preconditioned perturbation is the L2 one",
+                ));
+            }
+        }
         if self.master_weights && self.base == BaseOptimizer::None {
             return Err(Error::invalid(
                 "master_weights = true needs a built-in base optimizer (base = sgd or adamw): with base = none the \
@@ -466,6 +487,7 @@ impl Config {
             }
         };
         let h = if self.master_weights { h.u64(6) } else { h };
+        let h = if self.preconditioned { h.u64(7) } else { h };
         let h = match self.loss_scale {
             None => h,
             Some(l) => h.u64(5).f64(l.growth_factor).f64(l.backoff_factor).u64(l.growth_interval),
@@ -565,6 +587,7 @@ mod tests {
             (Config { schedule: Schedule::ae_sam(0), ..Config::default() }, "aesam_planned_steps"),
             (Config { loss_scale: Some(LossScale::fixed(0.0)), ..Config::default() }, "loss_scale"),
             (Config { master_weights: true, ..Config::default() }, "master_weights"),
+            (Config { preconditioned: true, base: BaseOptimizer::Sgd, ..Config::default() }, "preconditioned"),
             (Config { loss_scale: Some(LossScale::fixed(f64::INFINITY)), ..Config::default() }, "loss_scale"),
             (
                 Config {

@@ -115,6 +115,11 @@ pub struct SamConfig {
     /// updates below half a unit in the last place are not lost. Taken from the weights at a
     /// tensor's first update, authoritative afterwards, and in checkpoints. Needs a built-in base.
     pub master_weights: bool,
+    /// With `SAM_BASE_ADAMW`: perturb along AdamW's preconditioned gradient,
+    /// `e = rho P g / ||P g||`, `P = 1 / (sqrt(v_hat) + adam_eps)` (plain SAM for a tensor before
+    /// its first update), as preconditioned SAM in Functional-SAM (arXiv 2502.02407). False by
+    /// default. Not with ASAM or `norm_p = INFINITY`.
+    pub preconditioned: bool,
 }
 
 /// The first released `SamConfig` layout (ABI 1, samopt 0.1), which the exported symbol
@@ -192,6 +197,7 @@ impl Default for SamConfig {
             loss_scale_backoff: 0.5,
             loss_scale_interval: 2000,
             master_weights: false,
+            preconditioned: false,
         }
     }
 }
@@ -205,6 +211,7 @@ pub(super) unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
         ("adaptive", offset_of!(SamConfig, adaptive)),
         ("nesterov", offset_of!(SamConfig, nesterov)),
         ("master_weights", offset_of!(SamConfig, master_weights)),
+        ("preconditioned", offset_of!(SamConfig, preconditioned)),
     ];
     // SAFETY: the caller's contract.
     let c = unsafe { read_versioned(ptr, "config", &CONFIG_SIZES, SamConfig::default(), &bools) }?;
@@ -257,6 +264,7 @@ pub(super) unsafe fn read_config(ptr: *const SamConfig) -> Result<Config> {
     });
     let config = Config {
         master_weights: c.master_weights,
+        preconditioned: c.preconditioned,
         loss_scale,
         schedule,
         base,

@@ -700,3 +700,105 @@ unsafe fn look_direction_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, 
         }
     }
 }
+
+// ---- The preconditioned perturbation (AdamW): e = rho P g / ||P g||, P = 1 / (sqrt(v_hat) + eps) ----
+
+dispatch! {
+    /// [`precond_norm_segment_any`] for `isa`.
+    ///
+    /// # Safety
+    /// As [`precond_norm_segment_any`]; `isa` must come from [`Isa::detect`].
+    unsafe fn precond_norm_segment(slot: &Slot, seg: &Segment, bufs: Buffers, pre: Precond) -> f64 = precond_norm_segment_any
+}
+
+dispatch! {
+    /// [`precond_perturb_segment_any`] for `isa`.
+    ///
+    /// # Safety
+    /// As [`precond_perturb_segment_any`]; `isa` must come from [`Isa::detect`].
+    unsafe fn precond_perturb_segment(slot: &Slot, seg: &Segment, bufs: Buffers, pre: Precond, scale: f32) = precond_perturb_segment_any
+}
+
+/// A tensor's preconditioner: `P = 1 / (sqrt(v) / bias2_sqrt + eps)` from AdamW's second moment
+/// `v` (state vector 1), with `bias2_sqrt = sqrt(1 - beta2^t)` after the tensor's `t` updates.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Precond {
+    pub bias2_sqrt: f32,
+    pub eps: f32,
+}
+
+impl Precond {
+    /// `P g` for one element, in the order of AdamW's denominator.
+    #[inline(always)]
+    fn apply(self, g: f32, v: f32) -> f32 {
+        g / (v.sqrt() / self.bias2_sqrt + self.eps)
+    }
+}
+
+/// `sum (P g)^2` over a segment, in f64 over eight lanes.
+///
+/// # Safety
+/// As [`segment_slices`], read-only; the tensor's state holds AdamW's second moment.
+#[inline(always)]
+unsafe fn precond_norm_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, pre: Precond) -> f64 {
+    #[inline(always)]
+    unsafe fn typed<T: Element>(slot: &Slot, seg: &Segment, bufs: Buffers, pre: Precond) -> f64 {
+        let (_, g) = unsafe { segment_slices::<T>(&slot.host, seg) };
+        let v: &[f32] = unsafe { state_slice(slot, seg, bufs, 1) };
+        let (mut gf, mut pg) = ([0f32; BLOCK], [0f32; BLOCK]);
+        let mut sum = 0.0;
+        for (gb, vb) in g.chunks(BLOCK).zip(v.chunks(BLOCK)) {
+            let n = gb.len();
+            T::widen(gb, &mut gf[..n]);
+            for ((p, &g), &v) in pg[..n].iter_mut().zip(&gf[..n]).zip(vb) {
+                *p = pre.apply(g, v);
+            }
+            sum += sum_sq(&pg[..n], &pg[..n], false, 0.0);
+        }
+        sum
+    }
+    unsafe {
+        match slot.host.dtype {
+            DType::F32 => typed::<f32>(slot, seg, bufs, pre),
+            DType::F16 => typed::<f16>(slot, seg, bufs, pre),
+            DType::BF16 => typed::<bf16>(slot, seg, bufs, pre),
+        }
+    }
+}
+
+/// Backs up `w` (and keeps the first gradient where asked), then `w <- w + scale * P g`.
+///
+/// # Safety
+/// As [`perturb_segment_any`]; the tensor's state holds AdamW's second moment.
+#[inline(always)]
+unsafe fn precond_perturb_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, pre: Precond, scale: f32) {
+    #[inline(always)]
+    unsafe fn typed<T: Element>(slot: &Slot, seg: &Segment, bufs: Buffers, pre: Precond, scale: f32) {
+        let (w, g) = unsafe { segment_slices::<T>(&slot.host, seg) };
+        let (saved, mut first) = unsafe { engine_slices::<T>(slot, seg, bufs) };
+        let v: &[f32] = unsafe { state_slice(slot, seg, bufs, 1) };
+        let (mut wf, mut gf) = ([0f32; BLOCK], [0f32; BLOCK]);
+        for (k, (((wb, gb), sb), vb)) in
+            w.chunks_mut(BLOCK).zip(g.chunks(BLOCK)).zip(saved.chunks_mut(BLOCK)).zip(v.chunks(BLOCK)).enumerate()
+        {
+            let n = wb.len();
+            sb.copy_from_slice(wb);
+            if let Some(f) = first.as_deref_mut() {
+                f[k * BLOCK..k * BLOCK + n].copy_from_slice(gb);
+            }
+            T::widen(wb, &mut wf[..n]);
+            T::widen(gb, &mut gf[..n]);
+            for ((w, &g), &v) in wf[..n].iter_mut().zip(&gf[..n]).zip(vb) {
+                *w += pre.apply(g, v) * scale;
+            }
+            T::narrow(&wf[..n], wb);
+        }
+    }
+    unsafe {
+        match slot.host.dtype {
+            DType::F32 => typed::<f32>(slot, seg, bufs, pre, scale),
+            DType::F16 => typed::<f16>(slot, seg, bufs, pre, scale),
+            DType::BF16 => typed::<bf16>(slot, seg, bufs, pre, scale),
+        }
+    }
+}

@@ -27,8 +27,9 @@ use crate::math::{Perturbation, TensorStep, UpdateStep};
 mod kernels;
 pub(crate) use kernels::{Isa, first_non_finite};
 use kernels::{
-    UpdateJob, accumulate_segment, look_direction_segment, look_store_segment, mean_segment, norm_segment,
-    perturb_segment, reduce_segment, update_segment, update_single_segment,
+    Precond, UpdateJob, accumulate_segment, look_direction_segment, look_store_segment, mean_segment, norm_segment,
+    perturb_segment, precond_norm_segment, precond_perturb_segment, reduce_segment, update_segment,
+    update_single_segment,
 };
 
 /// Elements per unit of parallel work.
@@ -132,6 +133,10 @@ pub(crate) struct CpuEngine {
     look: bool,
     /// f32 master copies of f16/bf16 weights, the state vector after the others.
     master_weights: bool,
+    /// The preconditioned perturbation: per tensor, `sqrt(1 - beta2^t)` (0: plain SAM for it),
+    /// and AdamW's eps.
+    precond: Vec<f32>,
+    precond_eps: f32,
     state: Vec<f32>,
     /// Per-chunk partial sums of the second step's reduction: `(||g'||^2, g . g')`.
     partials2: Vec<[f64; 2]>,
@@ -243,6 +248,8 @@ impl CpuEngine {
             base_state: config.base_state_per_element(),
             look: config.looksam(),
             master_weights: config.master_weights,
+            precond: Vec::new(),
+            precond_eps: 0.0,
             state: Vec::new(),
             partials2: Vec::new(),
             acc: Vec::new(),
@@ -373,17 +380,33 @@ impl Passes for CpuEngine {
         Ok(())
     }
 
+    fn precondition(&mut self, bias2_sqrt: &[f32], eps: f32) {
+        self.precond.clear();
+        self.precond.extend_from_slice(bias2_sqrt);
+        self.precond_eps = eps;
+    }
+
     fn ascent_norm(&mut self, config: &Config) -> Result<AscentNorm> {
         let (adaptive, eta, isa) = (config.adaptive, config.eta, self.isa);
+        let pre = config.preconditioned;
+        let bufs = self.buffers();
         let slots = &self.slots;
         let segments = &self.segments;
         let chunks = &self.chunks;
+        let (precond, eps) = (&self.precond, self.precond_eps);
         self.pool.install(|| {
             self.partials.par_iter_mut().zip(chunks.par_iter()).for_each(|(partial, chunk)| {
                 let mut sum = 0.0;
                 for seg in &segments[chunk.clone()] {
-                    // SAFETY: the segment lies inside a registered tensor (see `append_segments`).
-                    sum += unsafe { norm_segment(isa, &slots[seg.tensor].host, seg, adaptive, eta) };
+                    let b = if pre { precond[seg.tensor] } else { 0.0 };
+                    sum += if b > 0.0 {
+                        let p = Precond { bias2_sqrt: b, eps };
+                        // SAFETY: the segment lies inside its tensor; AdamW's state exists; reads only.
+                        unsafe { precond_norm_segment(isa, &slots[seg.tensor], seg, bufs, p) }
+                    } else {
+                        // SAFETY: the segment lies inside a registered tensor (see `append_segments`).
+                        unsafe { norm_segment(isa, &slots[seg.tensor].host, seg, adaptive, eta) }
+                    };
                 }
                 *partial = sum;
             })
@@ -401,6 +424,13 @@ impl Passes for CpuEngine {
             this.chunks.par_iter().for_each(|chunk| {
                 for seg in this.chunk_segments(chunk) {
                     let slot = &this.slots[seg.tensor];
+                    let b = this.precond.get(seg.tensor).copied().unwrap_or(0.0);
+                    if b > 0.0 {
+                        let pre = Precond { bias2_sqrt: b, eps: this.precond_eps };
+                        // SAFETY: as below; AdamW's state exists.
+                        unsafe { precond_perturb_segment(this.isa, slot, seg, bufs, pre, p.scale) };
+                        continue;
+                    }
                     // SAFETY: the segment lies inside its tensor and its backup; chunks are
                     // disjoint, so no two workers touch the same bytes.
                     unsafe { perturb_segment(this.isa, slot, seg, bufs, p) };

@@ -182,6 +182,8 @@ pub struct Optimizer {
     lr: f64,
     /// Per-tensor scalars of the update, reused every step.
     tensor_steps: Vec<TensorStep>,
+    /// The preconditioned perturbation's per-tensor bias corrections, reused every step.
+    precond_bias: Vec<f32>,
     /// The host's all-reduce, for parameters sharded across workers: the first step's squared
     /// norm and (with a base optimizer) the second step's reduction are summed with it.
     allreduce: Option<AllReduce>,
@@ -259,6 +261,7 @@ impl Optimizer {
             groups: vec![Group { lr_scale: 1.0, weight_decay }],
             lr,
             tensor_steps: Vec::new(),
+            precond_bias: Vec::new(),
             allreduce: None,
             local_sum_sq: None,
             shards: 0,

@@ -150,6 +150,20 @@ impl Optimizer {
         }
         self.passes()?;
         self.take_fault(Fault::Norm)?;
+        if self.config.preconditioned {
+            // AdamW's bias correction after each tensor's updates so far; 0 before the first
+            // (plain SAM for it, v being still zero).
+            let beta2 = self.config.beta2;
+            let mut b = std::mem::take(&mut self.precond_bias);
+            b.clear();
+            b.extend(self.tensors.iter().map(|t| {
+                let t = t.updates.min(i32::MAX as u64) as i32;
+                if t == 0 { 0.0 } else { (1.0 - beta2.powi(t)).sqrt() as f32 }
+            }));
+            let eps = self.config.adam_eps as f32;
+            self.passes.as_mut().expect("checked above").precondition(&b, eps);
+            self.precond_bias = b;
+        }
         let (config, passes) = (&self.config, self.passes.as_mut().expect("checked above"));
         let norm = passes.ascent_norm(config)?;
         if !norm.sum_sq.is_finite() {

@@ -63,6 +63,9 @@ pub(crate) struct GpuEngine {
     scaled: bool,
     /// f32 master weights for the half-precision arenas.
     master: bool,
+    /// The preconditioned perturbation, and per tensor `sqrt(1 - beta2^t)` (0: plain SAM).
+    precond: bool,
+    precond_bias: Vec<f32>,
     module: wgpu::ShaderModule,
     layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
@@ -205,6 +208,8 @@ impl GpuEngine {
             look: config.looksam(),
             scaled: config.loss_scale.is_some(),
             master: config.master_weights,
+            precond: config.preconditioned,
+            precond_bias: Vec::new(),
             step: bytemuck::Zeroable::zeroed(),
             dummy,
             window_uniforms: Vec::new(),

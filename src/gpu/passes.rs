@@ -43,7 +43,7 @@ impl GpuEngine {
                 decay: t.decay,
                 step_size: t.step_size,
                 bias2_sqrt: t.bias2_sqrt,
-                pad1: 0,
+                pre_bias2_sqrt: 0.0,
             });
         }
         let single = entry == Entry::UpdateSingle;
@@ -156,11 +156,36 @@ impl Passes for GpuEngine {
         })
     }
 
+    fn precondition(&mut self, bias2_sqrt: &[f32], eps: f32) {
+        self.precond_bias.clear();
+        self.precond_bias.extend_from_slice(bias2_sqrt);
+        self.step.adam_eps = eps;
+    }
+
     fn ascent_norm(&mut self, config: &Config) -> Result<AscentNorm> {
         self.prepare()?;
         self.step.eta = config.eta as f32;
         self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&self.step));
         let prepared = self.prepared.as_ref().expect("prepared above");
+        if self.precond {
+            // Each window's preconditioner bias for this step's norm and perturbation passes (the
+            // update pass writes its own scalars over them).
+            for (i, w) in prepared.windows.iter().enumerate() {
+                let b = self.precond_bias.get(self.arenas[w.arena].members[0].1).copied().unwrap_or(0.0);
+                let u = WindowUniform {
+                    quads: w.quads,
+                    slot: w.slot,
+                    index: i as u32,
+                    pre_bias2_sqrt: b,
+                    ..bytemuck::Zeroable::zeroed()
+                };
+                self.ctx.queue.write_buffer(
+                    &prepared.window_uniforms,
+                    i as u64 * prepared.stride,
+                    bytemuck::bytes_of(&u),
+                );
+            }
+        }
         let bytes = 16 * prepared.slots as u64;
         // Reused every step: no allocation once the windows are built.
         let mut bad_windows = std::mem::take(&mut self.bad_windows);

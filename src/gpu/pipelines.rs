@@ -69,7 +69,7 @@ pub(super) struct WindowUniform {
     pub(super) decay: f32,
     pub(super) step_size: f32,
     pub(super) bias2_sqrt: f32,
-    pub(super) pad1: u32,
+    pub(super) pre_bias2_sqrt: f32,
 }
 /// The shader's entry points, each specialised per dtype (`restore` moves words, whatever they
 /// hold).
@@ -169,6 +169,7 @@ impl GpuEngine {
                 ("KEEP_FIRST", flag(self.keep_first)),
                 ("LOOK", flag(self.look)),
                 ("MASTER", flag(self.master && dtype != DType::F32)),
+                ("PRECOND", flag(self.precond)),
             ];
             let pipeline = self.ctx.checked("compiling a SAM pipeline", || {
                 Ok(self.ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {

@@ -25,6 +25,7 @@ override GSAM: bool = false;      // the update's direction a*g' - b*g reads the
 override KEEP_FIRST: bool = false; // GSAM or LookSAM: the perturbation keeps the first gradient
 override LOOK: bool = false;      // LookSAM: binding 2 holds g_v in the schedule's passes
 override MASTER: bool = false;    // f32 master weights (half arenas): binding 3 holds them in the updates
+override PRECOND: bool = false;   // AdamW-preconditioned perturbation: g -> g / (sqrt(v)/b + eps)
 
 const WORKGROUP: u32 = 256u;
 
@@ -40,7 +41,7 @@ struct Window {
     decay: f32,        // AdamW: 1 - lr * weight_decay
     step_size: f32,    // AdamW: lr / (1 - beta1^t)
     bias2_sqrt: f32,   // AdamW: sqrt(1 - beta2^t)
-    pad1: u32,
+    pre_bias2_sqrt: f32, // the preconditioned perturbation: sqrt(1 - beta2^t) so far, 0 for plain SAM
 }
 
 struct Step {
@@ -269,8 +270,21 @@ fn ascent_norm(
     let stride = nwg.x * WORKGROUP;
     var sum = ssq_zero();
     var bad = false;
+    let pre = PRECOND && window.pre_bias2_sqrt > 0.0;
     for (var i = wid.x * WORKGROUP + lid; i < window.quads; i += stride) {
         let g = grad[i];
+        if (pre) {
+            let pw = per_word();
+            for (var k = 0u; k < 4u; k++) {
+                for (var h = 0u; h < pw; h++) {
+                    let e = k * pw + h;
+                    let v = state_v[pw * i + e / 4u][e % 4u];
+                    sum = ssq_add(sum, preconditioned(element(g[k], h), v));
+                    bad = bad || non_finite(g[k], h);
+                }
+            }
+            continue;
+        }
         var w = vec4<u32>(0u);
         if (ADAPTIVE) {
             w = param[i];
@@ -281,6 +295,11 @@ fn ascent_norm(
         sum = norm_word(sum, w.w, g.w, &bad);
     }
     finish_reduction(lid, wid.x, sum, 0.0, u32(bad));
+}
+
+// P g for one element, with P = 1 / (sqrt(v_hat) + eps) in the order of AdamW's denominator.
+fn preconditioned(g: f32, v: f32) -> f32 {
+    return g / (sqrt(v) / window.pre_bias2_sqrt + step.adam_eps);
 }
 
 // The fixed tree of a workgroup's reduction: this invocation's sums in, the workgroup's partial
@@ -320,6 +339,26 @@ fn perturb(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
         backup[i] = w;
         if (KEEP_FIRST) {
             first_grad[i] = g;
+        }
+        if (PRECOND && window.pre_bias2_sqrt > 0.0) {
+            let pw = per_word();
+            var out = vec4<u32>(0u);
+            for (var k = 0u; k < 4u; k++) {
+                var word = 0u;
+                for (var h = 0u; h < pw; h++) {
+                    let e = k * pw + h;
+                    let v = state_v[pw * i + e / 4u][e % 4u];
+                    let r = element(w[k], h) + preconditioned(element(g[k], h), v) * step.scale;
+                    if (DTYPE == 0u) {
+                        word = bitcast<u32>(r);
+                    } else {
+                        word |= to_half(r) << (16u * h);
+                    }
+                }
+                out[k] = word;
+            }
+            param[i] = out;
+            continue;
         }
         param[i] = vec4<u32>(perturbed_word(w.x, g.x), perturbed_word(w.y, g.y),
                              perturbed_word(w.z, g.z), perturbed_word(w.w, g.w));
