@@ -1024,6 +1024,24 @@ SamStatus sam_register_vulkan(SamOptimizer *opt,
                               uint32_t *out_id);
 
 /**
+ * Re-points tensor `id`, registered with `sam_register_vulkan`, at other `VkBuffer` ranges of
+ * the same size, keeping its state (momentum, Adam's moments, LookSAM's `g_v`, master weights):
+ * for engines whose allocator hands out new buffers between steps. The new parameter range must
+ * hold the weights. Checked as at registration (its own old ranges excepted); refused between the
+ * two steps, or for a tensor not registered with `sam_register_vulkan`; a refused call changes
+ * nothing. Nothing is copied; the next pass rebuilds the bindings of this tensor's windows.
+ *
+ * # Safety
+ * As `sam_register_vulkan` for the new buffers.
+ */
+SamStatus sam_rebind_vulkan(SamOptimizer *opt,
+                            uint32_t id,
+                            uint64_t param_buffer,
+                            uint64_t param_offset,
+                            uint64_t grad_buffer,
+                            uint64_t grad_offset);
+
+/**
  * Stores the number of registered tensors in `*out`.
  *
  * # Safety

@@ -194,6 +194,25 @@ pub(crate) trait Passes: Send {
         ))
     }
 
+    /// Re-points in-place tensor `tensor` at other device buffers (GPU only), keeping its state.
+    fn rebind_external(&mut self, _tensor: usize, _external: External) -> Result<()> {
+        Err(crate::error::Error::new(
+            crate::error::ErrorKind::Unsupported,
+            "device buffers need a GPU backend on the same device",
+        ))
+    }
+
+    /// Re-points in-place tensor `tensor` at other `VkBuffer`s (a GPU engine on the host's device).
+    ///
+    /// # Safety
+    /// As `GpuEngine::add_vulkan` for the new buffers.
+    unsafe fn rebind_vulkan(&mut self, _tensor: usize, _param: (u64, u64), _grad: (u64, u64)) -> Result<()> {
+        Err(crate::error::Error::new(
+            crate::error::ErrorKind::Unsupported,
+            "Vulkan buffers need an optimizer from sam_create_vulkan",
+        ))
+    }
+
     /// Tensors of one cohort (group, and the number of updates applied before it was registered)
     /// share every per-tensor scalar of every step; the GPU packs each cohort on its own.
     fn set_cohort(&mut self, _tensor: usize, _cohort: (u32, u64)) {}

@@ -331,13 +331,68 @@ fn host_vulkan_buffers_in_place() {
                 }
             }
         }
+        // sam_rebind_vulkan: tensor 0 moves to new VkBuffers (its weights copied over by the
+        // host) and training goes on with its momentum, as the CPU reference's does.
+        let (pbuf2, pmem2, pptr2) = make(storage);
+        let (gbuf2, gmem2, gptr2) = make(storage);
+        let n0 = lens[0];
+        std::ptr::copy_nonoverlapping(pptr.add(offsets[0] as usize / 4), pptr2, n0);
+        let mut id_count = 0;
+        sam_tensor_count(opt, &mut id_count);
+        assert_eq!(
+            sam_rebind_vulkan(opt, 0, pbuf.as_raw(), offsets[1], gbuf2.as_raw(), 0),
+            SamStatus::SAM_ERR_INVALID_ARGUMENT,
+            "onto tensor 1's range"
+        );
+        assert!(common::last_error().contains("overlap"), "{}", common::last_error());
+        assert_eq!(
+            sam_rebind_vulkan(opt, 7, pbuf2.as_raw(), 0, gbuf2.as_raw(), 0),
+            SamStatus::SAM_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            sam_rebind_vulkan(opt, 0, pbuf2.as_raw(), 0, gbuf2.as_raw(), 0),
+            SamStatus::SAM_OK,
+            "{}",
+            common::last_error()
+        );
+        for step in 4..6 {
+            for pass in 0..2 {
+                let g: Vec<f32> = (0..n0).map(|i| ((i + 5 * step + 2 * pass) as f32 * 0.17).cos() * 0.1).collect();
+                std::ptr::copy_nonoverlapping(g.as_ptr(), gptr2, n0);
+                cpu.write_grad(0, &g).unwrap();
+                for (k, &n) in lens.iter().enumerate().skip(1) {
+                    let g: Vec<f32> = (0..n).map(|i| ((i + k + step + pass) as f32 * 0.3).sin() * 0.1).collect();
+                    std::ptr::copy_nonoverlapping(g.as_ptr(), gptr.add(offsets[k] as usize / 4), n);
+                    cpu.write_grad(k as u32, &g).unwrap();
+                }
+                let g = vec![0.01f32; SHARED];
+                std::ptr::copy_nonoverlapping(g.as_ptr(), sptr.add(shared_grad as usize / 4), SHARED);
+                cpu.write_grad(2, &g).unwrap();
+                if pass == 0 {
+                    assert_eq!(sam_first_step(opt), SamStatus::SAM_OK, "{}", common::last_error());
+                    cpu.first_step().unwrap();
+                } else {
+                    assert_eq!(sam_second_step(opt), SamStatus::SAM_OK, "{}", common::last_error());
+                    cpu.second_step().unwrap();
+                }
+                let got = std::slice::from_raw_parts(pptr2, n0);
+                let mut want = vec![0f32; n0];
+                cpu.read_param(0, &mut want).unwrap();
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1e-2),
+                        "rebound step {step} pass {pass} [{i}]: {a} vs {b}"
+                    );
+                }
+            }
+        }
         sam_destroy(opt);
 
         // The host's objects are still the host's: use one, then destroy them all.
         *pptr = 42.0;
         assert_eq!(*pptr, 42.0);
         device.device_wait_idle().unwrap();
-        for (b, m) in [(pbuf, pmem), (gbuf, gmem), (sbuf, smem)] {
+        for (b, m) in [(pbuf, pmem), (gbuf, gmem), (sbuf, smem), (pbuf2, pmem2), (gbuf2, gmem2)] {
             device.unmap_memory(m);
             device.destroy_buffer(b, None);
             device.free_memory(m, None);

@@ -317,3 +317,53 @@ fn finding_14_param_and_grad_in_one_buffer() {
         assert!((stepped[i] as f64 - want).abs() <= 1e-6, "stepped {i}: {} vs {want}", stepped[i]);
     }
 }
+
+/// `rebind_wgpu`: a run that moves its tensor to freshly allocated device buffers before every step
+/// (the weights copied over by the host) ends with the same weights and the same optimizer state,
+/// bit for bit, as a run that never moves; a bad rebind changes nothing.
+#[test]
+fn rebinding_device_buffers_keeps_the_state() {
+    let Some(host) = host() else { return };
+    let config = Config { base: BaseOptimizer::AdamW, lr: 0.01, master_weights: false, ..Config::default() };
+    let n = 4096usize;
+    let mut rng = Rng::new(41);
+    let w0: Vec<f32> = (0..n).map(|_| rng.sym(1.0) as f32).collect();
+    let grads: Vec<(Vec<f32>, Vec<f32>)> = (0..6)
+        .map(|_| ((0..n).map(|_| rng.sym(0.5) as f32).collect(), (0..n).map(|_| rng.sym(0.5) as f32).collect()))
+        .collect();
+    let run = |moving: bool| {
+        let mut sam =
+            Optimizer::on_wgpu_device(host.device.clone(), host.queue.clone(), Some(host.info.clone()), config.clone())
+                .unwrap();
+        let (mut p, mut g) = param_and_grad_buffers(&host, n as u64 * 4);
+        host.queue.write_buffer(&p, 0, &bytes(&w0));
+        let id = sam.register_wgpu(&p, 0, &g, 0, n, DType::F32).unwrap();
+        for (g1, g2) in &grads {
+            if moving {
+                let (p2, g2buf) = param_and_grad_buffers(&host, n as u64 * 4);
+                let mut enc = host.device.create_command_encoder(&Default::default());
+                enc.copy_buffer_to_buffer(&p, 0, &p2, 0, n as u64 * 4);
+                host.queue.submit([enc.finish()]);
+                sam.rebind_wgpu(id, &p2, 0, &g2buf, 0).unwrap();
+                (p, g) = (p2, g2buf);
+            }
+            host.queue.write_buffer(&g, 0, &bytes(g1));
+            sam.first_step().unwrap();
+            host.queue.write_buffer(&g, 0, &bytes(g2));
+            sam.second_step().unwrap();
+        }
+        let mut state = vec![0u8; sam.state_size()];
+        sam.save_state(&mut state).unwrap();
+        // Refused: another tensor's range, and a buffer too small; nothing changes.
+        let (small, _) = param_and_grad_buffers(&host, 64);
+        assert_eq!(sam.rebind_wgpu(id, &small, 0, &g, 0).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(sam.rebind_wgpu(id + 1, &p, 0, &g, 0).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        let mut again = vec![0u8; sam.state_size()];
+        sam.save_state(&mut again).unwrap();
+        assert!(again == state);
+        (read(&host, &p, 0, n), state)
+    };
+    let (still, moved) = (run(false), run(true));
+    assert!(still.0 == moved.0, "the weights differ after rebinding");
+    assert!(still.1 == moved.1, "the optimizer state differs after rebinding");
+}

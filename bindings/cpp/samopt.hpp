@@ -150,6 +150,13 @@ public:
         return id;
     }
 
+    /// sam_rebind_vulkan: tensor `id` (from register_vulkan) now lives in these VkBuffer ranges;
+    /// its state is kept.
+    void rebind_vulkan(uint32_t id, uint64_t param_buffer, uint64_t param_offset, uint64_t grad_buffer,
+                       uint64_t grad_offset) {
+        check(sam_rebind_vulkan(handle_, id, param_buffer, param_offset, grad_buffer, grad_offset));
+    }
+
     /// sam_register_host: a parameter buffer and its gradient buffer, both owned by the caller
     /// and kept in place for the optimizer's lifetime. Returns the tensor's id.
     uint32_t register_host(void *param, const void *grad, size_t len, SamDType dtype) {

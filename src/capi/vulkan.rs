@@ -216,3 +216,29 @@ pub unsafe extern "C" fn sam_register_vulkan(
         unsafe { write_out(out_id, "out_id", id) }
     })
 }
+
+/// Re-points tensor `id`, registered with `sam_register_vulkan`, at other `VkBuffer` ranges of
+/// the same size, keeping its state (momentum, Adam's moments, LookSAM's `g_v`, master weights):
+/// for engines whose allocator hands out new buffers between steps. The new parameter range must
+/// hold the weights. Checked as at registration (its own old ranges excepted); refused between the
+/// two steps, or for a tensor not registered with `sam_register_vulkan`; a refused call changes
+/// nothing. Nothing is copied; the next pass rebuilds the bindings of this tensor's windows.
+///
+/// # Safety
+/// As `sam_register_vulkan` for the new buffers.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_rebind_vulkan(
+    opt: *mut SamOptimizer,
+    id: u32,
+    param_buffer: u64,
+    param_offset: u64,
+    grad_buffer: u64,
+    grad_offset: u64,
+) -> SamStatus {
+    boundary("sam_rebind_vulkan", || {
+        // SAFETY: the caller's contract.
+        let opt = unsafe { arg_ref(opt, "opt") }?;
+        // SAFETY: the host's contract for its buffers.
+        unsafe { opt.lock()?.rebind_vulkan(id, (param_buffer, param_offset), (grad_buffer, grad_offset)) }
+    })
+}

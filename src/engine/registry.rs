@@ -59,6 +59,50 @@ impl Optimizer {
         })
     }
 
+    /// Re-points tensor `id`, registered with [`register_wgpu`](Self::register_wgpu), at other
+    /// device buffers of the same size (checked as at registration, its own old ranges excepted),
+    /// keeping its state: for engines whose allocator moves tensors between steps. The new
+    /// parameter range must hold the weights. Refused between the two steps; a refused call
+    /// changes nothing. Nothing is copied: the next pass rebuilds that tensor's bindings.
+    pub fn rebind_wgpu(
+        &mut self,
+        id: TensorId,
+        param: &wgpu::Buffer,
+        param_offset: u64,
+        grad: &wgpu::Buffer,
+        grad_offset: u64,
+    ) -> Result<()> {
+        self.device_tensor(id, "rebind a tensor")?;
+        let external = crate::gpu::External { param: param.clone(), param_offset, grad: grad.clone(), grad_offset };
+        self.passes()?.rebind_external(id as usize, external)
+    }
+
+    /// Re-points a `register_vulkan` tensor at other `VkBuffer` ranges, keeping its state.
+    ///
+    /// # Safety
+    /// As [`register_vulkan`](Self::register_vulkan) for the new buffers.
+    pub(crate) unsafe fn rebind_vulkan(&mut self, id: TensorId, param: (u64, u64), grad: (u64, u64)) -> Result<()> {
+        self.device_tensor(id, "rebind a tensor")?;
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.passes()?.rebind_vulkan(id as usize, param, grad) }
+    }
+
+    /// Checks that `id` is a tensor in device buffers and the optimizer is idle.
+    fn device_tensor(&self, id: TensorId, action: &str) -> Result<()> {
+        self.expect_idle(action)?;
+        let count = self.tensors.len();
+        let t = self
+            .tensors
+            .get(id as usize)
+            .ok_or_else(|| Error::invalid(format!("id = {id}: only {count} tensors are registered")))?;
+        if t.owned || t.host.is_some() {
+            return Err(Error::invalid(format!(
+                "id = {id}: not a tensor in device buffers (it is in host memory): use rebind_host_raw / sam_rebind_host"
+            )));
+        }
+        Ok(())
+    }
+
     /// Registers a tensor in the host's `VkBuffer`s (handles and byte offsets).
     ///
     /// # Safety

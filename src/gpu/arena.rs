@@ -103,12 +103,57 @@ impl GpuEngine {
         };
         self.tensors.push(GpuTensor { len, dtype, words, home, staged, cohort: (0, 0), external: None });
         self.prepared = None;
+        self.packed = false;
         Ok(())
     }
 
     /// Registers a tensor in the host's own device buffers; the passes run on them in place.
     /// Checked here: usage, alignment, sizes; the device is the caller's promise.
     pub fn add_external(&mut self, e: External, len: usize, dtype: DType) -> Result<()> {
+        self.check_external(&e, len, dtype, None)?;
+        let bytes = len as u64 * dtype.size() as u64;
+        self.tensors.push(GpuTensor {
+            len,
+            dtype,
+            words: bytes / 4,
+            home: Home::Unplaced,
+            staged: None,
+            cohort: (0, 0),
+            external: Some(e),
+        });
+        self.prepared = None;
+        self.packed = false;
+        Ok(())
+    }
+
+    /// Re-points in-place tensor `tensor` at other device buffers (checked as at registration,
+    /// its own old ranges excepted); its state stays. Only its arena's buffers change: the windows'
+    /// bind groups are rebuilt at the next pass, nothing is copied.
+    pub fn rebind_external(&mut self, tensor: usize, e: External) -> Result<()> {
+        let t = &self.tensors[tensor];
+        if t.external.is_none() {
+            return Err(Error::invalid(format!(
+                "id = {tensor}: not a tensor in device buffers (register_wgpu / sam_register_vulkan)"
+            )));
+        }
+        let (len, dtype) = (t.len, t.dtype);
+        self.check_external(&e, len, dtype, Some(tensor))?;
+        if let Home::Packed { arena, .. } = self.tensors[tensor].home {
+            // An in-place tensor has an arena of its own, around the host's buffers.
+            let a = &mut self.arenas[arena];
+            a.param = e.param.clone();
+            a.param_offset = e.param_offset;
+            a.grad = e.grad.clone();
+            a.grad_offset = e.grad_offset;
+            self.prepared = None;
+        }
+        self.tensors[tensor].external = Some(e);
+        Ok(())
+    }
+
+    /// The checks of an in-place tensor's buffers: usage, alignment, sizes, and overlaps with every
+    /// other in-place tensor (but `except`); the device is the caller's promise.
+    fn check_external(&self, e: &External, len: usize, dtype: DType, except: Option<usize>) -> Result<()> {
         let bytes = len as u64 * dtype.size() as u64;
         let align = self.ctx.limits.min_storage_buffer_offset_alignment as u64;
         if !bytes.is_multiple_of(16) {
@@ -137,7 +182,7 @@ impl GpuEngine {
         if e.param == e.grad && e.param_offset < e.grad_offset + bytes && e.grad_offset < e.param_offset + bytes {
             return Err(Error::invalid("param and grad overlap in the same buffer"));
         }
-        for (k, t) in self.tensors.iter().enumerate() {
+        for (k, t) in self.tensors.iter().enumerate().filter(|&(k, _)| Some(k) != except) {
             if let Some(o) = &t.external {
                 let o_bytes = t.len as u64 * t.dtype.size() as u64;
                 for (b, off) in [(&e.param, e.param_offset), (&e.grad, e.grad_offset)] {
@@ -149,16 +194,6 @@ impl GpuEngine {
                 }
             }
         }
-        self.tensors.push(GpuTensor {
-            len,
-            dtype,
-            words: bytes / 4,
-            home: Home::Unplaced,
-            staged: None,
-            cohort: (0, 0),
-            external: Some(e),
-        });
-        self.prepared = None;
         Ok(())
     }
 

@@ -80,6 +80,9 @@ pub(crate) struct GpuEngine {
     tensors: Vec<GpuTensor>,
     arenas: Vec<Arena>,
     prepared: Option<Prepared>,
+    /// Whether the arenas hold every tensor as registered (a registration or a group change
+    /// repacks; a rebinding only rebuilds the windows).
+    packed: bool,
     /// Largest arena, in u32 words (the device's largest buffer).
     arena_words: u64,
     /// Window size in u32 words: the storage-binding limit, a multiple of the offset alignment.
@@ -91,10 +94,10 @@ pub(crate) struct GpuEngine {
     window_uniforms: Vec<WindowUniform>,
     /// The wgpu instance and adapter around a host's Vulkan device, kept as long as the device.
     keep_alive: Option<(wgpu::Instance, wgpu::Adapter)>,
-    /// The host's `VkBuffer` ranges registered so far, `(handle, start, end)`: one `VkBuffer`
+    /// The host's `VkBuffer` ranges registered so far, `(tensor, handle, start, end)`: one `VkBuffer`
     /// registered twice gets two wgpu wrappers, which wgpu cannot tell apart, so samopt checks
     /// their overlaps itself.
-    vulkan_ranges: Vec<(u64, u64, u64)>,
+    vulkan_ranges: Vec<(usize, u64, u64, u64)>,
     timing: Option<Timing>,
 }
 
@@ -224,6 +227,7 @@ impl GpuEngine {
             tensors: Vec::new(),
             arenas: Vec::new(),
             prepared: None,
+            packed: false,
             arena_words,
             window_words,
             max_groups,

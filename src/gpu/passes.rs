@@ -425,6 +425,15 @@ impl Passes for GpuEngine {
         unsafe { GpuEngine::add_vulkan(self, param, grad, len, dtype) }
     }
 
+    fn rebind_external(&mut self, tensor: usize, external: External) -> Result<()> {
+        GpuEngine::rebind_external(self, tensor, external)
+    }
+
+    unsafe fn rebind_vulkan(&mut self, tensor: usize, param: (u64, u64), grad: (u64, u64)) -> Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { GpuEngine::rebind_vulkan(self, tensor, param, grad) }
+    }
+
     fn limit_window(&mut self, bytes: u64) {
         // Windows start at multiples of the storage offset alignment (and of 16 bytes).
         let align = (self.ctx.limits.min_storage_buffer_offset_alignment as u64).max(16);
@@ -436,6 +445,7 @@ impl Passes for GpuEngine {
         if self.tensors[tensor].cohort != cohort {
             self.tensors[tensor].cohort = cohort;
             self.prepared = None;
+            self.packed = false;
         }
     }
 

@@ -195,7 +195,11 @@ impl GpuEngine {
         if self.prepared.is_some() {
             return Ok(());
         }
-        self.pack()?;
+        // A rebinding only changes an arena's buffers: the windows are rebuilt, not the arenas.
+        if !self.packed {
+            self.pack()?;
+            self.packed = true;
+        }
         for dtype in self.arenas.iter().map(|a| a.dtype).collect::<Vec<_>>() {
             self.compile(dtype)?;
         }

@@ -184,14 +184,58 @@ impl GpuEngine {
     /// optimizer's lifetime.
     pub(crate) unsafe fn add_vulkan(
         &mut self,
+        param: (u64, u64),
+        grad: (u64, u64),
+        len: usize,
+        dtype: DType,
+    ) -> Result<()> {
+        let tensor = self.tensors.len();
+        // SAFETY: the caller's contract, passed on.
+        let (external, ranges) = unsafe { self.wrap_vulkan(param, grad, len, dtype, None) }?;
+        self.add_external(external, len, dtype)?;
+        self.vulkan_ranges.extend(ranges.map(|(h, s, e)| (tensor, h, s, e)));
+        Ok(())
+    }
+
+    /// Re-points Vulkan tensor `tensor` at other `VkBuffer` ranges (checked as at registration,
+    /// its own old ranges excepted), keeping its state.
+    ///
+    /// # Safety
+    /// As [`add_vulkan`](Self::add_vulkan) for the new buffers.
+    pub(crate) unsafe fn rebind_vulkan(&mut self, tensor: usize, param: (u64, u64), grad: (u64, u64)) -> Result<()> {
+        if !self.vulkan_ranges.iter().any(|&(t, ..)| t == tensor) {
+            return Err(Error::invalid(format!("id = {tensor}: not a tensor registered with sam_register_vulkan")));
+        }
+        let (len, dtype) = (self.tensors[tensor].len, self.tensors[tensor].dtype);
+        // SAFETY: the caller's contract, passed on.
+        let (external, ranges) = unsafe { self.wrap_vulkan(param, grad, len, dtype, Some(tensor)) }?;
+        self.rebind_external(tensor, external)?;
+        self.vulkan_ranges.retain(|&(t, ..)| t != tensor);
+        self.vulkan_ranges.extend(ranges.map(|(h, s, e)| (tensor, h, s, e)));
+        Ok(())
+    }
+
+    /// Wraps the host's `VkBuffer` ranges for wgpu, after checking them: handles, sizes, and
+    /// overlaps with the ranges of every Vulkan tensor but `except` (wgpu cannot tell two
+    /// wrappers of one `VkBuffer` apart, so samopt checks those itself).
+    ///
+    /// # Safety
+    /// As [`add_vulkan`](Self::add_vulkan).
+    unsafe fn wrap_vulkan(
+        &self,
         (param, param_offset): (u64, u64),
         (grad, grad_offset): (u64, u64),
         len: usize,
         dtype: DType,
-    ) -> Result<()> {
+        except: Option<usize>,
+    ) -> Result<(External, [(u64, u64, u64); 2])> {
         let bytes = (len as u64)
             .checked_mul(dtype.size() as u64)
             .ok_or_else(|| Error::invalid(format!("len = {len}: overflows")))?;
+        let ranges = [
+            (param, param_offset, param_offset.saturating_add(bytes)),
+            (grad, grad_offset, grad_offset.saturating_add(bytes)),
+        ];
         let wrap = |handle: u64, offset: u64, name: &str| -> Result<wgpu::Buffer> {
             if handle == 0 {
                 return Err(Error::new(ErrorKind::NullPointer, format!("{name}_buffer is VK_NULL_HANDLE")));
@@ -243,21 +287,16 @@ impl GpuEngine {
                 grad_offset,
             }
         };
-        let ranges = [
-            (param, param_offset, param_offset.saturating_add(bytes)),
-            (grad, grad_offset, grad_offset.saturating_add(bytes)),
-        ];
         for (name, &(handle, start, end)) in ["param", "grad"].iter().zip(&ranges) {
-            let earlier = self.vulkan_ranges.iter().any(|&(h, s, e)| h == handle && s < end && start < e);
+            let earlier =
+                self.vulkan_ranges.iter().any(|&(t, h, s, e)| Some(t) != except && h == handle && s < end && start < e);
             if earlier {
                 return Err(Error::invalid(format!(
                     "{name}: bytes {start}..{end} of VkBuffer {handle:#x} overlap a range registered before"
                 )));
             }
         }
-        self.add_external(external, len, dtype)?;
-        self.vulkan_ranges.extend(ranges);
-        Ok(())
+        Ok((external, ranges))
     }
 }
 
