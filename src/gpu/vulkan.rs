@@ -175,6 +175,9 @@ pub(crate) fn open(h: &VulkanHandles, config: &Config) -> Result<GpuEngine> {
     Ok(engine)
 }
 
+/// A range of a host `VkBuffer`: `(handle, start byte, end byte)`.
+type VkRange = (u64, u64, u64);
+
 impl GpuEngine {
     /// Registers a tensor in the host's `VkBuffer`s: `len` elements of `dtype` at byte offsets.
     ///
@@ -228,7 +231,7 @@ impl GpuEngine {
         len: usize,
         dtype: DType,
         except: Option<usize>,
-    ) -> Result<(External, [(u64, u64, u64); 2])> {
+    ) -> Result<(External, [VkRange; 2])> {
         let bytes = (len as u64)
             .checked_mul(dtype.size() as u64)
             .ok_or_else(|| Error::invalid(format!("len = {len}: overflows")))?;
