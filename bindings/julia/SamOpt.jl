@@ -88,6 +88,8 @@ struct SamConfig
     loss_scale_growth::Cdouble
     loss_scale_backoff::Cdouble
     loss_scale_interval::UInt64
+    master_weights::Bool
+    preconditioned::Bool
 end
 
 const BACKENDS = Dict(:auto => UInt32(0), :cpu => UInt32(1), :gpu => UInt32(2))
@@ -104,7 +106,8 @@ const SCHEDULES = Dict(:every => UInt32(0), :interval => UInt32(1), :random => U
                    schedule_k = 10, schedule_p = 0.5, schedule_seed = 0, looksam_alpha = 0.7,
                    aesam_delta = 0.9, aesam_lambda1 = -1.0, aesam_lambda2 = 1.0,
                    aesam_planned_steps = 0, loss_scale = 0.0, loss_scale_growth = 2.0,
-                   loss_scale_backoff = 0.5, loss_scale_interval = 2000)
+                   loss_scale_backoff = 0.5, loss_scale_interval = 2000, master_weights = false,
+                   preconditioned = false)
 
 Creates an optimizer (`sam_create`). `backend` is `:auto`, `:cpu` or `:gpu`; `base` is `:none`
 (the second step only restores; run your own optimizer after it), `:sgd` or `:adamw` (PyTorch's
@@ -118,7 +121,9 @@ weight `looksam_alpha`; without a built-in base, register the gradients with
 `aesam_planned_steps`): on the other steps `first_step!` returns `:single_gradient`.
 `loss_scale` (0: off; 65536.0 is GradScaler's) turns on loss scaling: multiply the loss by
 `loss_scale(opt)` before each backward; an overflow makes `first_step!`/`second_step!` return
-`:skipped` with nothing changed and the scale lowered.
+`:skipped` with nothing changed and the scale lowered. `master_weights = true` keeps f32 master
+copies of Float16/bf16 weights (needs a base); `preconditioned = true` (base `:adamw`) perturbs
+along AdamW's preconditioned gradient.
 """
 mutable struct SamOptimizer
     handle::Ptr{Cvoid}
@@ -134,7 +139,8 @@ mutable struct SamOptimizer
                           schedule_k = 10, schedule_p = 0.5, schedule_seed = 0, looksam_alpha = 0.7,
                           aesam_delta = 0.9, aesam_lambda1 = -1.0, aesam_lambda2 = 1.0,
                           aesam_planned_steps = 0, loss_scale = 0.0, loss_scale_growth = 2.0,
-                          loss_scale_backoff = 0.5, loss_scale_interval = 2000)
+                          loss_scale_backoff = 0.5, loss_scale_interval = 2000, master_weights = false,
+                          preconditioned = false)
         haskey(BACKENDS, backend) || throw(ArgumentError("backend = $backend: use :auto, :cpu or :gpu"))
         haskey(BASES, base) || throw(ArgumentError("base = $base: use :none, :sgd or :adamw"))
         haskey(SCHEDULES, schedule) ||
@@ -149,7 +155,8 @@ mutable struct SamOptimizer
                            weight_decay, beta1, beta2, adam_eps, max_grad_norm, gsam_alpha,
                            SCHEDULES[schedule], schedule_k, schedule_p, schedule_seed, looksam_alpha,
                            aesam_delta, aesam_lambda1, aesam_lambda2, aesam_planned_steps,
-                           loss_scale, loss_scale_growth, loss_scale_backoff, loss_scale_interval)
+                           loss_scale, loss_scale_growth, loss_scale_backoff, loss_scale_interval,
+                           master_weights, preconditioned)
         out = Ref{Ptr{Cvoid}}(C_NULL)
         check(ccall((:sam_create, libsamopt), Int32, (Ref{SamConfig}, Ref{Ptr{Cvoid}}), config, out))
         opt = new(out[], Any[], nothing)

@@ -376,6 +376,42 @@ static void check_loss_scale(void) {
            "bad scale: %s", sam_last_error());
 }
 
+/* Master weights through C: bf16 weights of 1.0 take 256 SGD updates of 2^-16 each, below half a
+ * unit in the last place (2^-9): lost without master weights, summed to exactly 1 - 2^-8 (bf16
+ * 0x3F7F) with them. The preconditioned perturbation needs AdamW. */
+static void check_master_weights(void) {
+    for (int master = 0; master <= 1; master++) {
+        SamConfig config = sam_config_default();
+        config.base = SAM_BASE_SGD;
+        config.lr = 1.0 / 1024;
+        config.master_weights = master;
+        SamOptimizer *opt = NULL;
+        EXPECT(sam_create(&config, &opt) == SAM_OK, "create, master %d", master);
+        if (!opt) return;
+        uint16_t w[8], g[8];
+        for (int i = 0; i < 8; i++) w[i] = 0x3F80; /* bf16 1.0 */
+        uint32_t id;
+        EXPECT(sam_register_host(opt, w, g, 8, SAM_DTYPE_BF16, &id) == SAM_OK, "register bf16");
+        for (int t = 0; t < 256; t++) {
+            for (int i = 0; i < 8; i++) g[i] = 0x3C80; /* 2^-6 */
+            EXPECT(sam_first_step(opt) == SAM_OK, "first step");
+            EXPECT(sam_second_step(opt) == SAM_OK, "second step");
+        }
+        uint16_t want = master ? 0x3F7F : 0x3F80;
+        EXPECT(w[0] == want && w[7] == want, "master %d: w = %04x, want %04x", master, w[0], want);
+        sam_destroy(opt);
+    }
+    SamConfig config = sam_config_default();
+    config.base = SAM_BASE_SGD;
+    config.preconditioned = true;
+    SamOptimizer *opt = NULL;
+    EXPECT(sam_create(&config, &opt) == SAM_ERR_INVALID_ARGUMENT && strstr(sam_last_error(), "preconditioned"),
+           "preconditioned needs AdamW: %s", sam_last_error());
+    config.base = SAM_BASE_ADAMW;
+    EXPECT(sam_create(&config, &opt) == SAM_OK, "preconditioned AdamW");
+    sam_destroy(opt);
+}
+
 int main(void) {
     for (int adaptive = 0; adaptive <= 1; adaptive++)
         for (int sign = 0; sign <= 1; sign++) check_f32_step(adaptive, sign);
@@ -384,6 +420,7 @@ int main(void) {
     check_schedule();
     check_rebind();
     check_loss_scale();
+    check_master_weights();
     check_gpu();
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;

@@ -132,6 +132,31 @@ using .SamOpt
         @test second_step!(o) == :done
         @test W == Float32[1 - 0.5 * 0.5, 2 + 0.5 * 0.25]
         close(o)
+
+        # Master weights: Float16 weights take 200 updates of 1e-5, far below half an ulp of 1.0;
+        # with f32 copies they follow the Float64 reference within one Float16 rounding.
+        for master in (false, true)
+            H = Float16[1, 1]
+            dH = zeros(Float16, 2)
+            o = SamOptimizer(backend = :cpu, base = :sgd, lr = 1e-3, master_weights = master)
+            register!(o, H, dH)
+            for _ in 1:200
+                dH .= Float16(0.01)
+                first_step!(o)
+                dH .= Float16(0.01)
+                second_step!(o)
+            end
+            want = 1 - 200 * 1e-3 * Float64(Float16(0.01))
+            if master
+                @test abs(Float64(H[1]) - want) <= eps(Float16(want))
+            else
+                @test H == Float16[1, 1]
+            end
+            close(o)
+        end
+        @test_throws SamError SamOptimizer(preconditioned = true, base = :sgd)
+        o = SamOptimizer(backend = :cpu, base = :adamw, preconditioned = true)
+        close(o)
         o = SamOptimizer(backend = :cpu)
         register!(o, zeros(Float32, 4), zeros(Float32, 4))
         @test_throws ArgumentError rebind!(o, 0, zeros(Float32, 3), zeros(Float32, 3))
