@@ -7,7 +7,7 @@
 //! `bash scripts/gpu-bench.sh`, which prints the table last.
 
 use samopt::bench;
-use samopt::{Config, DType};
+use samopt::{BaseOptimizer, Config, DType, LossScale};
 
 const LAYOUTS: &str = include_str!("param_layouts.json");
 
@@ -43,17 +43,27 @@ fn main() {
             }
         }
     }
+    // The fused update with unscaling (loss scale) and with master weights (bf16), wall clock.
+    let sgd = Config { base: BaseOptimizer::Sgd, momentum: 0.9, ..Config::default() };
+    for (name, dtype, c) in [
+        ("SGD update, f32", DType::F32, sgd.clone()),
+        ("SGD update, loss scale, f32", DType::F32, Config { loss_scale: Some(LossScale::dynamic()), ..sgd.clone() }),
+        ("SGD update, bf16", DType::BF16, sgd.clone()),
+        ("SGD update, master, bf16", DType::BF16, Config { master_weights: true, ..sgd.clone() }),
+    ] {
+        rows.push((name.to_owned(), bench::gpu(&lens, dtype, &c, reps).expect("the GPU ran above")));
+    }
     let staged = bench::gpu_staged(&lens, &config, reps.min(5)).expect("staged run");
 
     println!("samopt {} GPU benchmark", samopt::VERSION);
     println!("{}; {} tensors, {} parameters, median of {reps}", rows[0].1.backend, lens.len(), rows[0].1.elements);
     println!("timing: {}", rows[0].1.timing);
     println!();
-    println!("{:<30} {:>10} {:>10} {:>10}", "pass", "ms", "GB/s", "vs copy");
+    println!("{:<40} {:>10} {:>10} {:>10}", "pass", "ms", "GB/s", "vs copy");
     for (name, m) in &rows {
         let copy_bw = m.copy_bytes / m.copy_seconds;
         println!(
-            "{:<30} {:>10.3} {:>10.1} {:>10.2}",
+            "{:<40} {:>10.3} {:>10.1} {:>10.2}",
             format!("copy ({name})"),
             m.copy_seconds * 1e3,
             copy_bw / 1e9,
@@ -68,12 +78,12 @@ fn main() {
                 ("  restore", p.restore_ns, 2.0 * s * n),
             ] {
                 let bw = bytes / (ns * 1e-9);
-                println!("{:<30} {:>10.3} {:>10.1} {:>10.2}", pass, ns * 1e-6, bw / 1e9, bw / copy_bw);
+                println!("{:<40} {:>10.3} {:>10.1} {:>10.2}", pass, ns * 1e-6, bw / 1e9, bw / copy_bw);
             }
         }
         let bw = m.sam_bytes / m.sam_seconds;
         println!(
-            "{:<30} {:>10.3} {:>10.1} {:>10.2}",
+            "{:<40} {:>10.3} {:>10.1} {:>10.2}",
             format!("SAM step ({name})"),
             m.sam_seconds * 1e3,
             bw / 1e9,
@@ -82,7 +92,7 @@ fn main() {
     }
     let bw = staged.sam_bytes / staged.sam_seconds;
     println!(
-        "{:<30} {:>10.3} {:>10.1} {:>10.2}",
+        "{:<40} {:>10.3} {:>10.1} {:>10.2}",
         "SAM step, staged host f32",
         staged.sam_seconds * 1e3,
         bw / 1e9,

@@ -7,7 +7,7 @@
 //! reallocates its buffers every step pays) beside one SAM step (first + second step) on it.
 
 use samopt::bench;
-use samopt::{BaseOptimizer, Config, DType};
+use samopt::{BaseOptimizer, Config, DType, LossScale};
 
 const LAYOUTS: &str = include_str!("param_layouts.json");
 
@@ -40,6 +40,24 @@ fn main() {
             Config { base: BaseOptimizer::Sgd, momentum: 0.9, ..plain.clone() },
         ),
         ("resnet50, AdamW", resnet.clone(), DType::F32, Config { base: BaseOptimizer::AdamW, ..plain.clone() }),
+        (
+            "resnet50, SGD, loss scale",
+            resnet.clone(),
+            DType::F32,
+            Config { base: BaseOptimizer::Sgd, momentum: 0.9, loss_scale: Some(LossScale::dynamic()), ..plain.clone() },
+        ),
+        (
+            "resnet50, SGD momentum",
+            resnet.clone(),
+            DType::BF16,
+            Config { base: BaseOptimizer::Sgd, momentum: 0.9, ..plain.clone() },
+        ),
+        (
+            "resnet50, SGD, master",
+            resnet.clone(),
+            DType::BF16,
+            Config { base: BaseOptimizer::Sgd, momentum: 0.9, master_weights: true, ..plain.clone() },
+        ),
     ];
     if args.iter().any(|a| a == "--gpt2") {
         cases.push(("gpt2-small, 148 tensors", layout("gpt2_small"), DType::F32, plain.clone()));

@@ -9,7 +9,11 @@
 //! restore:   read backup; write w                2s  (no base optimizer)
 //! reduce:    read g'                             s   (base optimizer)
 //! update:    read backup, g'; write w; state     3s + 8 (SGD with momentum), 3s + 16 (AdamW)
+//!            master weights (f16/bf16)           + 8 (read and write the f32 copy)
 //! ```
+//!
+//! Loss scaling moves no extra byte: the unscale is folded into the update's coefficients, and
+//! without a base optimizer the second step's reduction (its overflow check) reads g' once (+s).
 //!
 //! The reference copy moves `2s` bytes per element (read and write the parameters' bytes).
 
@@ -53,12 +57,14 @@ pub fn bytes_per_element(config: &Config, dtype: DType) -> usize {
     let s = dtype.size();
     let first = if config.adaptive { 6 } else { 5 } * s;
     let second = match config.base {
+        BaseOptimizer::None if config.loss_scale.is_some() => 3 * s,
         BaseOptimizer::None => 2 * s,
         BaseOptimizer::Sgd if config.momentum != 0.0 => 4 * s + 8,
         BaseOptimizer::Sgd => 4 * s,
         BaseOptimizer::AdamW => 4 * s + 16,
     };
-    first + second
+    let master = if config.has_master(dtype) { 8 } else { 0 };
+    first + second + master
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
