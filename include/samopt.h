@@ -644,13 +644,31 @@ SamStatus sam_register_host_ex(SamOptimizer *opt,
  * buffers may be reused), and refused between the two steps (`SAM_ERR_INVALID_STATE`) or for a
  * tensor that is not in host buffers (`SAM_ERR_INVALID_ARGUMENT`); a refused call changes
  * nothing. The gradient keeps the writability it was registered with. Cheap (no data moves):
- * call it at every step for every tensor if the addresses change that often.
+ * call it at every step for every tensor if the addresses change that often. When several
+ * tensors move at once (one may land where another was), use `sam_rebind_hosts`.
  *
  * # Safety
  * As `sam_register_host` for the new buffers (and `grad` writable if the tensor was registered
  * with `SAM_REGISTER_GRAD_WRITABLE`); samopt never touches the old buffers again.
  */
 SamStatus sam_rebind_host(SamOptimizer *opt, uint32_t id, void *param, void *grad);
+
+/**
+ * `sam_rebind_host` for `count` tensors at once, all or nothing: tensor `ids[k]` moves to
+ * `params[k]` and `grads[k]`. The new buffers are checked against each other and against the
+ * tensors that do not move, so one tensor may take over an address another moving tensor held
+ * until now, as a framework's caching allocator hands them out after `zero_grad()`. A refused
+ * call (the message names the tensor) changes nothing.
+ *
+ * # Safety
+ * `ids`, `params` and `grads` must be NULL or hold `count` elements; each pair of buffers as for
+ * `sam_rebind_host`.
+ */
+SamStatus sam_rebind_hosts(SamOptimizer *opt,
+                           size_t count,
+                           const uint32_t *ids,
+                           void *const *params,
+                           void *const *grads);
 
 /**
  * The ascent (first) step: computes one L2 norm over the gradients of every registered tensor,

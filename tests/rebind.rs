@@ -142,3 +142,52 @@ fn bad_rebinds_are_refused_with_nothing_changed() {
     // SAFETY: as above.
     unsafe { opt.rebind_host_raw(1, base.cast(), base.wrapping_add(64).cast()) }.unwrap();
 }
+
+/// An allocator may hand one tensor the address another one held: rebinding them one at a time
+/// is refused (the other's old range is still registered), rebinding them together succeeds and
+/// keeps each tensor's state.
+#[test]
+fn tensors_that_swap_addresses_rebind_together() {
+    let config =
+        Config { backend: Backend::Cpu, base: BaseOptimizer::Sgd, lr: 0.1, momentum: 0.9, ..Config::default() };
+    let mut opt = Optimizer::new(config).unwrap();
+    let mut a = (vec![1.0f32; 32], vec![0.0f32; 32]);
+    let mut b = (vec![2.0f32; 32], vec![0.0f32; 32]);
+    // SAFETY: the vectors outlive the optimizer and are only touched between its calls.
+    unsafe {
+        opt.register_host_raw(a.0.as_mut_ptr().cast(), a.1.as_ptr().cast(), 32, DType::F32).unwrap();
+        opt.register_host_raw(b.0.as_mut_ptr().cast(), b.1.as_ptr().cast(), 32, DType::F32).unwrap();
+    }
+    a.1.fill(0.5);
+    b.1.fill(-0.5);
+    opt.first_step().unwrap();
+    opt.second_step().unwrap();
+    // Swap the gradient buffers between the two tensors.
+    let (ga, gb) = (a.1.as_ptr().cast::<u8>(), b.1.as_ptr().cast::<u8>());
+    // SAFETY: all buffers are live; the call must refuse before touching any.
+    let e = unsafe { opt.rebind_host_raw(0, a.0.as_mut_ptr().cast(), gb) }.unwrap_err();
+    assert!(e.message().contains("overlaps a buffer of tensor 1"), "{}", e.message());
+    // SAFETY: as above; this one succeeds.
+    unsafe { opt.rebind_hosts_raw(&[(0, a.0.as_mut_ptr().cast(), gb), (1, b.0.as_mut_ptr().cast(), ga)]) }.unwrap();
+    // The gradients now come from the swapped buffers; momentum continues per tensor.
+    b.1.fill(0.5); // tensor 0's gradient
+    a.1.fill(-0.5); // tensor 1's gradient
+    opt.first_step().unwrap();
+    opt.second_step().unwrap();
+    // SGD momentum, two updates of +-0.5: w - 0.1 * (0.5 + (0.9 * 0.5 + 0.5)).
+    let want0 = 1.0f32 - 0.1 * 0.5 - 0.1 * (0.9 * 0.5 + 0.5);
+    let want1 = 2.0f32 + 0.1 * 0.5 + 0.1 * (0.9 * 0.5 + 0.5);
+    assert!((a.0[0] - want0).abs() < 1e-6 && (b.0[0] - want1).abs() < 1e-6, "{} {}", a.0[0], b.0[0]);
+    // Duplicates and overlapping new buffers are refused, all or nothing.
+    // SAFETY: as above.
+    let e = unsafe { opt.rebind_hosts_raw(&[(0, a.0.as_mut_ptr().cast(), gb), (0, b.0.as_mut_ptr().cast(), ga)]) }
+        .unwrap_err();
+    assert!(e.message().contains("appears twice"), "{}", e.message());
+    // SAFETY: as above.
+    let e = unsafe { opt.rebind_hosts_raw(&[(0, a.0.as_mut_ptr().cast(), ga), (1, b.0.as_mut_ptr().cast(), ga)]) }
+        .unwrap_err();
+    assert!(e.message().contains("of tensor 1 overlaps a buffer of tensor 0"), "{}", e.message());
+    // Nothing moved: the swapped binding still holds.
+    // SAFETY: as above; rebinding to the current buffers is allowed.
+    unsafe { opt.rebind_hosts_raw(&[(0, a.0.as_mut_ptr().cast(), gb), (1, b.0.as_mut_ptr().cast(), ga)]) }.unwrap();
+}

@@ -209,6 +209,15 @@ public:
     /// length and dtype; its state is kept. For frameworks that reallocate between steps.
     void rebind_host(uint32_t id, void *param, void *grad) { check(sam_rebind_host(handle_, id, param, grad)); }
 
+    /// sam_rebind_hosts: several tensors move at once, all or nothing (one may take over the
+    /// address another held: a caching allocator after zero_grad()).
+    void rebind_hosts(const std::vector<uint32_t> &ids, const std::vector<void *> &params,
+                      const std::vector<void *> &grads) {
+        if (ids.size() != params.size() || ids.size() != grads.size())
+            throw Error(SAM_ERR_INVALID_ARGUMENT, "samopt::Optimizer::rebind_hosts: ids, params and grads differ in size");
+        check(sam_rebind_hosts(handle_, ids.size(), ids.data(), params.data(), grads.data()));
+    }
+
     /// Contiguous containers, as register_host.
     template <class C, class = decltype(std::data(std::declval<C &>())), class = decltype(std::size(std::declval<C &>()))>
     void rebind_host(uint32_t id, C &params, C &grads) {

@@ -449,7 +449,8 @@ pub unsafe extern "C" fn sam_register_host_ex(
 /// buffers may be reused), and refused between the two steps (`SAM_ERR_INVALID_STATE`) or for a
 /// tensor that is not in host buffers (`SAM_ERR_INVALID_ARGUMENT`); a refused call changes
 /// nothing. The gradient keeps the writability it was registered with. Cheap (no data moves):
-/// call it at every step for every tensor if the addresses change that often.
+/// call it at every step for every tensor if the addresses change that often. When several
+/// tensors move at once (one may land where another was), use `sam_rebind_hosts`.
 ///
 /// # Safety
 /// As `sam_register_host` for the new buffers (and `grad` writable if the tensor was registered
@@ -468,6 +469,47 @@ pub unsafe extern "C" fn sam_rebind_host(
         non_null(grad, "grad")?;
         // SAFETY: the host's promise about the new buffers, passed on.
         unsafe { opt.lock()?.rebind_host_raw(id, param.cast(), grad.cast_const().cast()) }
+    })
+}
+
+/// `sam_rebind_host` for `count` tensors at once, all or nothing: tensor `ids[k]` moves to
+/// `params[k]` and `grads[k]`. The new buffers are checked against each other and against the
+/// tensors that do not move, so one tensor may take over an address another moving tensor held
+/// until now, as a framework's caching allocator hands them out after `zero_grad()`. A refused
+/// call (the message names the tensor) changes nothing.
+///
+/// # Safety
+/// `ids`, `params` and `grads` must be NULL or hold `count` elements; each pair of buffers as for
+/// `sam_rebind_host`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_rebind_hosts(
+    opt: *mut SamOptimizer,
+    count: usize,
+    ids: *const u32,
+    params: *const *mut c_void,
+    grads: *const *mut c_void,
+) -> SamStatus {
+    boundary("sam_rebind_hosts", || {
+        // SAFETY: the caller's contract.
+        let opt = unsafe { arg_ref(opt, "opt") }?;
+        if count == 0 {
+            return Ok(());
+        }
+        non_null(ids, "ids")?;
+        non_null(params, "params")?;
+        non_null(grads, "grads")?;
+        // SAFETY: the caller's contract: `count` elements each.
+        let (ids, params, grads) = unsafe {
+            (
+                std::slice::from_raw_parts(ids, count),
+                std::slice::from_raw_parts(params, count),
+                std::slice::from_raw_parts(grads, count),
+            )
+        };
+        let items: Vec<(u32, *mut u8, *const u8)> =
+            (0..count).map(|k| (ids[k], params[k].cast::<u8>(), grads[k].cast_const().cast::<u8>())).collect();
+        // SAFETY: the host's promise about the new buffers, passed on.
+        unsafe { opt.lock()?.rebind_hosts_raw(&items) }
     })
 }
 

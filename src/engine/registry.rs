@@ -198,64 +198,102 @@ impl Optimizer {
 
     /// Re-points host tensor `id` at new parameter and gradient buffers of the same length and
     /// dtype, keeping everything samopt holds for it (momentum or Adam's moments, LookSAM's `g_v`,
-    /// its group and update count): for hosts that reallocate their buffers between steps
-    /// (PyTorch's `zero_grad(set_to_none=True)`, arena allocators). The new `param` must hold the
-    /// tensor's current weights (samopt does not copy them over). The checks are registration's
-    /// (NULL, alignment, `param` and `grad` disjoint and disjoint from every other tensor's
-    /// buffers; the tensor's own old buffers may be reused), and it is refused between the two
-    /// steps; a refused call changes nothing. The gradient keeps the writability it was registered
-    /// with. Costs a few map updates: cheap enough for every tensor at every step.
+    /// master weights, its group and update count): for hosts that reallocate their buffers
+    /// between steps (PyTorch's `zero_grad(set_to_none=True)`, arena allocators). The new `param`
+    /// must hold the tensor's current weights (samopt does not copy them over). The checks are
+    /// registration's (NULL, alignment, `param` and `grad` disjoint and disjoint from every other
+    /// tensor's buffers; the tensor's own old buffers may be reused), and it is refused between the
+    /// two steps; a refused call changes nothing. The gradient keeps the writability it was
+    /// registered with. Costs a few map updates: cheap enough for every tensor at every step.
+    /// When several tensors move at once (an allocator hands one tensor's old address to another),
+    /// rebind them together with [`rebind_hosts_raw`](Self::rebind_hosts_raw).
     ///
     /// # Safety
     /// As [`register_host_raw`](Self::register_host_raw) for the new buffers (and `grad` valid for
     /// writes when the tensor was registered with a writable gradient); the old buffers are not
     /// touched again.
     pub unsafe fn rebind_host_raw(&mut self, id: TensorId, param: *mut u8, grad: *const u8) -> Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.rebind_hosts_raw(&[(id, param, grad)]) }
+    }
+
+    /// [`rebind_host_raw`](Self::rebind_host_raw) for several tensors at once, all or nothing: the
+    /// new buffers are checked against each other and against the tensors that do not move, so a
+    /// buffer may take over an address another moving tensor held until now.
+    ///
+    /// # Safety
+    /// As [`rebind_host_raw`](Self::rebind_host_raw), for every item.
+    pub unsafe fn rebind_hosts_raw(&mut self, items: &[(TensorId, *mut u8, *const u8)]) -> Result<()> {
         self.expect_idle("rebind a tensor")?;
         let count = self.tensors.len();
-        let info = *self
-            .tensors
-            .get(id as usize)
-            .ok_or_else(|| Error::invalid(format!("id = {id}: only {count} tensors are registered")))?;
-        let Some((old_p, old_g)) = info.host else {
-            return Err(Error::invalid(format!(
-                "id = {id}: not a tensor in host buffers (it was allocated by the optimizer or registered in device \
-                 buffers); only sam_register_host tensors are rebound"
-            )));
-        };
-        let bytes = info.len * info.dtype.size();
-        let p = Self::check_range("param", param as usize, bytes, info.dtype)?;
-        let g = Self::check_range("grad", grad as usize, bytes, info.dtype)?;
-        if p.start < g.end && g.start < p.end {
-            return Err(Error::invalid(format!(
-                "param = {param:p} and grad = {grad:p} overlap ({bytes} bytes each): they must be separate buffers"
-            )));
-        }
-        // This tensor's own old ranges do not count: take them out for the check, and put them
-        // back if it fails.
-        let old = [(old_p, self.ranges.remove(&old_p)), (old_g, self.ranges.remove(&old_g))];
-        let clash =
-            [("param", &p), ("grad", &g)].into_iter().find_map(|(name, r)| self.overlapping(r).map(|t| (name, r, t)));
-        let rebound = match clash {
-            Some((name, r, other)) => Err(Error::invalid(format!(
-                "{name} = {:#x} ({bytes} bytes) overlaps a buffer of tensor {other}",
-                r.start
-            ))),
-            None => {
-                self.passes()?.rebind_host(id as usize, HostTensor { param, grad, len: info.len, dtype: info.dtype })
+        let mut checked = Vec::with_capacity(items.len());
+        for (k, &(id, param, grad)) in items.iter().enumerate() {
+            let info = *self
+                .tensors
+                .get(id as usize)
+                .ok_or_else(|| Error::invalid(format!("id = {id}: only {count} tensors are registered")))?;
+            let Some(old) = info.host else {
+                return Err(Error::invalid(format!(
+                    "id = {id}: not a tensor in host buffers (it was allocated by the optimizer or registered in \
+                     device buffers); only sam_register_host tensors are rebound"
+                )));
+            };
+            if items[..k].iter().any(|&(other, ..)| other == id) {
+                return Err(Error::invalid(format!("id = {id} appears twice")));
             }
-        };
-        if let Err(e) = rebound {
-            for (start, range) in old {
-                if let Some(range) = range {
-                    self.ranges.insert(start, range);
+            let bytes = info.len * info.dtype.size();
+            let p = Self::check_range("param", param as usize, bytes, info.dtype)?;
+            let g = Self::check_range("grad", grad as usize, bytes, info.dtype)?;
+            if p.start < g.end && g.start < p.end {
+                return Err(Error::invalid(format!(
+                    "param = {param:p} and grad = {grad:p} of tensor {id} overlap ({bytes} bytes each): they must be \
+                     separate buffers"
+                )));
+            }
+            checked.push((id, info, old, p, g));
+        }
+        // The moving tensors' old ranges do not count: take them out, put the new ones in one by
+        // one (so that new overlapping new is caught too), and undo it all if anything clashes.
+        let mut old_ranges = Vec::with_capacity(2 * checked.len());
+        for &(_, _, (old_p, old_g), _, _) in &checked {
+            for start in [old_p, old_g] {
+                if let Some(range) = self.ranges.remove(&start) {
+                    old_ranges.push((start, range));
                 }
             }
+        }
+        let mut inserted = Vec::with_capacity(2 * checked.len());
+        let mut clash = None;
+        'check: for (id, info, _, p, g) in &checked {
+            for (name, r) in [("param", p), ("grad", g)] {
+                if let Some(other) = self.overlapping(r) {
+                    let bytes = info.len * info.dtype.size();
+                    clash = Some(Error::invalid(format!(
+                        "{name} = {:#x} ({bytes} bytes) of tensor {id} overlaps a buffer of tensor {other}",
+                        r.start
+                    )));
+                    break 'check;
+                }
+                self.ranges.insert(r.start, (r.end, *id));
+                inserted.push(r.start);
+            }
+        }
+        let passes = if clash.is_none() { self.passes().err() } else { None };
+        if let Some(e) = clash.or(passes) {
+            for start in inserted {
+                self.ranges.remove(&start);
+            }
+            self.ranges.extend(old_ranges);
             return Err(e);
         }
-        self.ranges.insert(p.start, (p.end, id));
-        self.ranges.insert(g.start, (g.end, id));
-        self.tensors[id as usize].host = Some((p.start, g.start));
+        let passes = self.passes.as_mut().expect("checked above");
+        for &(id, info, _, ref p, ref g) in &checked {
+            let host =
+                HostTensor { param: p.start as *mut u8, grad: g.start as *const u8, len: info.len, dtype: info.dtype };
+            // Infallible on both backends (new addresses only); checked before anything changed.
+            passes.rebind_host(id as usize, host)?;
+            self.tensors[id as usize].host = Some((p.start, g.start));
+        }
         Ok(())
     }
 

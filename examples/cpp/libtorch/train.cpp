@@ -1,11 +1,14 @@
 // A LibTorch training loop with samopt: an MLP with BatchNorm on generated data, its parameters'
 // data_ptr and gradients' data_ptr registered with the plugin, trained with SAM.
 //
-// Two modes, each checked against a plain-LibTorch implementation of the reference SAM (sam.py:
+// Three modes, each checked against a plain-LibTorch implementation of the reference SAM (sam.py:
 // one global norm over the parameters' gradient norms, e = rho * g / (norm + 1e-12), the old
 // weights copied back) over 60 steps from the same initialisation and batches:
 //   host:  samopt perturbs and restores; the host's torch::optim::SGD steps (as sam.py does);
-//   fused: samopt's built-in SGD (same hyper-parameters) steps, fused with its restore.
+//   fused: samopt's built-in SGD (same hyper-parameters) steps, fused with its restore;
+//   host, zero_grad(): as host, but every step starts with zero_grad() at its default
+//          (set_to_none = true), so LibTorch frees the gradients and the next backward allocates
+//          new ones; samopt follows with sam_rebind_host before the first step, keeping its state.
 // It prints the largest relative difference of the weights (max |a - b| / max |b| per tensor) and
 // fails above 1e-5.
 //
@@ -105,7 +108,7 @@ static void reference_step(Net &net, torch::optim::SGD &sgd, const Batch &ascent
     sgd.step();
 }
 
-static bool run(bool fused, double ascent_fraction, int steps) {
+static bool run(bool fused, bool set_to_none, double ascent_fraction, int steps) {
     const auto batches = make_batches(steps, 64);
     torch::manual_seed(2);
     Net plugin_net, reference_net;
@@ -131,10 +134,14 @@ static bool run(bool fused, double ascent_fraction, int steps) {
         config.momentum = kMomentum;
     }
     samopt::Optimizer sam(config);
-    for (auto &p : plugin_net->parameters())
+    std::vector<float *> registered_grads;  // where samopt last saw each gradient
+    for (auto &p : plugin_net->parameters()) {
         sam.register_host(p.data_ptr<float>(), p.grad().data_ptr<float>(), static_cast<size_t>(p.numel()));
+        registered_grads.push_back(p.grad().data_ptr<float>());
+    }
 
     double worst = 0;
+    int moved = 0;  // steps at which a gradient's address changed
     for (int step = 0; step < steps; step++) {
         const Batch &full = batches[step];
         const int64_t n = std::max<int64_t>(2, static_cast<int64_t>(ascent_fraction * full.x.size(0)));
@@ -147,8 +154,29 @@ static bool run(bool fused, double ascent_fraction, int steps) {
             auto batch_mean = plugin_net->fc1->forward(ascent.x).mean(0);
             expected_mean = 0.9 * plugin_net->bn->running_mean + 0.1 * batch_mean;
         }
-        host_sgd.zero_grad(false);
-        torch::nn::functional::cross_entropy(plugin_net->forward(ascent.x), ascent.y).backward();
+        if (set_to_none) {
+            // PyTorch's default: the gradients are freed, and this backward allocates new ones.
+            host_sgd.zero_grad();
+            torch::nn::functional::cross_entropy(plugin_net->forward(ascent.x), ascent.y).backward();
+            // Re-point samopt at wherever the gradients live now, all tensors in one call: the
+            // caching allocator may hand one tensor the address another one had (no data moves).
+            std::vector<uint32_t> ids;
+            std::vector<void *> params, grads;
+            bool any = false;
+            for (auto &p : plugin_net->parameters()) {
+                float *grad = p.grad().data_ptr<float>();
+                any = any || grad != registered_grads[ids.size()];
+                registered_grads[ids.size()] = grad;
+                ids.push_back(static_cast<uint32_t>(ids.size()));
+                params.push_back(p.data_ptr<float>());
+                grads.push_back(grad);
+            }
+            sam.rebind_hosts(ids, params, grads);
+            moved += any;
+        } else {
+            host_sgd.zero_grad(false);
+            torch::nn::functional::cross_entropy(plugin_net->forward(ascent.x), ascent.y).backward();
+        }
         sam.first_step();  // w -> w + e(w), in the tensors' own storage
         host_sgd.zero_grad(false);
         set_bn_momentum(plugin_net, 0.0);
@@ -171,8 +199,12 @@ static bool run(bool fused, double ascent_fraction, int steps) {
             std::printf("  step %3d  loss %.4f  largest relative difference so far %.2e\n", step + 1,
                         loss.item<double>(), worst);
     }
+    if (set_to_none)
+        std::printf("  zero_grad() freed the gradients: new addresses at %d of %d steps, followed by sam_rebind_hosts\n",
+                    moved, steps);
     std::printf("%s mode, ascent on %.0f%% of each batch, %d steps: largest relative difference %.3e (limit 1e-5)\n",
-                fused ? "fused (samopt's SGD)" : "host (torch::optim::SGD)", 100 * ascent_fraction, steps, worst);
+                fused ? "fused (samopt's SGD)" : set_to_none ? "host (torch::optim::SGD), zero_grad()" : "host (torch::optim::SGD)",
+                100 * ascent_fraction, steps, worst);
     return worst < 1e-5;
 }
 
@@ -196,7 +228,9 @@ int main(int argc, char **argv) {
     torch::set_num_threads(1);  // deterministic reductions, the same in both models
     std::printf("samopt %s with LibTorch %s\n", samopt::version(), TORCH_VERSION);
     bool ok = true;
-    for (bool fused : {false, true}) ok = run(fused, ascent_fraction, steps) && ok;
+    ok = run(false, false, ascent_fraction, steps) && ok;
+    ok = run(true, false, ascent_fraction, steps) && ok;
+    ok = run(false, true, ascent_fraction, steps) && ok;
     std::printf(ok ? "ok\n" : "FAILED\n");
     return ok ? 0 : 1;
 }
