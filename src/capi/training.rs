@@ -6,7 +6,8 @@ use crate::error::Error;
 
 /// Stores in `*out` the L2 norm `||T_w * g||_2` (plain `||g||_2` without ASAM) that the last
 /// successful first step computed, over every registered tensor. Also computed for
-/// `norm_p = INFINITY`, where the perturbation does not use it. `SAM_ERR_INVALID_STATE` before the
+/// `norm_p = INFINITY`, where the perturbation does not use it. With loss scaling, of the true
+/// gradient (the buffers' divided by the scale). `SAM_ERR_INVALID_STATE` before the
 /// first successful first step.
 ///
 /// # Safety
