@@ -43,6 +43,9 @@ fn help_documents_every_command_and_option() {
         "--labels",
         "--schedule",
         "--compare",
+        "--amp",
+        "--loss-scale",
+        "--no-master",
     ] {
         assert!(text.contains(opt), "demo --help lacks {opt}");
     }
@@ -256,19 +259,29 @@ fn bad_schedules_are_refused_naming_the_value() {
 }
 
 /// The counters of a run are consistent: gradient evaluations are one per step plus one per SAM
-/// step, and their ratio to the steps is `grad_evals_per_step`.
+/// step, and their ratio to the steps is `grad_evals_per_step`. Under --amp, steps the loss scale
+/// skipped (overflow) count among the steps, with one or two gradient evaluations each, and the SGD
+/// run is samopt's, on single-gradient steps only.
 fn check_counts(r: &serde_json::Value) -> f64 {
     let steps = r["steps"].as_u64().unwrap();
     let evals = r["grad_evals"].as_u64().unwrap();
     let per_step = r["grad_evals_per_step"].as_f64().unwrap();
     assert!((per_step - evals as f64 / steps as f64).abs() < 1e-12, "{r}");
+    let skipped = r["skipped_steps"].as_u64();
+    assert_eq!(skipped.is_some(), r["loss_scale"].is_f64(), "{r}");
+    let skipped = skipped.unwrap_or(0);
     if r["optimizer"] == "sgd" {
+        assert!(r["schedule"].is_null(), "{r}");
+    }
+    if r["optimizer"] == "sgd" && r["sam_steps"].is_null() {
         assert_eq!(evals, steps, "{r}");
-        assert!(r["sam_steps"].is_null() && r["schedule"].is_null(), "{r}");
     } else {
         let (sam, single) = (r["sam_steps"].as_u64().unwrap(), r["single_steps"].as_u64().unwrap());
-        assert_eq!(sam + single, steps, "{r}");
-        assert_eq!(2 * sam + single, evals, "{r}");
+        if r["optimizer"] == "sgd" {
+            assert_eq!((sam, evals), (0, steps), "{r}");
+        }
+        assert_eq!(sam + single + skipped, steps, "{r}");
+        assert!(2 * sam + single + skipped <= evals && evals <= 2 * sam + single + 2 * skipped, "{r}");
     }
     assert!(r["wall_s"].as_f64().unwrap() >= 0.0, "{r}");
     per_step
@@ -365,4 +378,116 @@ fn comparison_lists_every_method() {
     let names: Vec<&str> = rows.iter().map(|l| l.split_whitespace().next().unwrap()).collect();
     assert_eq!(names, ["sgd", "sam", "random:0.5", "looksam:2:0.7"], "{table}");
     assert!(table.contains("gain kept") && table.contains("grads/step"), "{table}");
+}
+
+/// `--amp`: bf16 weights and gradients with f32 master weights in samopt and a dynamic loss scale,
+/// for the SGD run too. The summary names the mode, and each run its final loss scale and skipped
+/// steps; without --amp the mode is f32 and those fields are null.
+#[test]
+fn amp_runs_and_reports_the_loss_scale() {
+    let mut args = vec!["demo", "--json", "--amp"];
+    args.extend(QUICK);
+    let v = json(&samopt(&args));
+    let p = &v["precision"];
+    assert_eq!((p["mode"].as_str(), p["dtype"].as_str()), (Some("amp"), Some("bf16")), "{p}");
+    assert_eq!(p["master_weights"], true);
+    assert_eq!(p["loss_scale"]["kind"], "dynamic");
+    assert_eq!(p["loss_scale"]["init"], 65536.0);
+    assert_eq!(p["loss_scale"]["growth_interval"], 2000);
+    assert_eq!(v["setup"]["fused"], true, "--amp implies --fused");
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for r in runs {
+        check_counts(r);
+        // bf16 has f32's exponent range: a gradient times 2^16 does not overflow it here.
+        assert_eq!((r["loss_scale"].as_f64(), r["skipped_steps"].as_u64()), (Some(65536.0), Some(0)), "{r}");
+        // Close to the f32 run's learning: clearly below the initial loss (ln 4 = 1.386).
+        assert!(r["train_loss"].as_f64().unwrap() < 1.33, "{r}");
+    }
+    assert_eq!(runs[0]["single_steps"], 15, "the SGD run: samopt's SGD, one gradient a step");
+
+    // The table: the mode and two more columns, only with --amp.
+    let mut args = vec!["demo", "--amp", "--no-master"];
+    args.extend(QUICK);
+    let o = samopt(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("mixed precision (--amp): bf16") && table.contains("no master weights"), "{table}");
+    let header = table.lines().find(|l| l.starts_with("run ")).unwrap();
+    assert!(header.ends_with("loss scale skipped"), "{table}");
+    let row = table.lines().find(|l| l.starts_with("sam ")).unwrap();
+    assert!(row.ends_with("65536       0"), "{table}");
+
+    let mut args = vec!["demo", "--json"];
+    args.extend(QUICK);
+    let v = json(&samopt(&args));
+    assert_eq!(v["precision"]["mode"], "f32");
+    for r in v["runs"].as_array().unwrap() {
+        assert!(r["loss_scale"].is_null() && r["skipped_steps"].is_null(), "{r}");
+    }
+    let mut args = vec!["demo"];
+    args.extend(QUICK);
+    let table = String::from_utf8_lossy(&samopt(&args).stdout).into_owned();
+    assert!(!table.contains("loss scale") && !table.contains("mixed precision"), "{table}");
+}
+
+/// f16's range is small: a gradient times 2^16 overflows it, samopt skips that step and halves the
+/// scale. Every run of a comparison, schedules included, goes through the same path.
+#[test]
+fn amp_f16_skips_overflowing_steps() {
+    let mut args = vec!["demo", "--json", "--amp", "f16", "--compare", "--schedule", "interval:2"];
+    args.extend(QUICK);
+    let v = json(&samopt(&args));
+    assert_eq!(v["precision"]["dtype"], "f16");
+    let runs = v["runs"].as_array().unwrap();
+    let names: Vec<&str> = runs.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(names, ["sgd", "sam", "interval:2"]);
+    let mut skipped_somewhere = false;
+    for r in runs {
+        check_counts(r);
+        let skipped = r["skipped_steps"].as_u64().unwrap();
+        skipped_somewhere |= skipped > 0;
+        // Fewer than 2000 good steps: the scale never grew, and halved at each skip.
+        let scale = r["loss_scale"].as_f64().unwrap();
+        assert_eq!(scale * 2f64.powi(skipped as i32), 65536.0, "{r}");
+        assert!(r["test_accuracy"].as_f64().unwrap().is_finite(), "{r}");
+    }
+    assert!(skipped_somewhere, "no step overflowed f16 at a scale of 2^16: {v}");
+
+    // A fixed scale stays, and is reported.
+    let mut args = vec!["demo", "--json", "--amp", "--loss-scale", "1024"];
+    args.extend(QUICK);
+    let v = json(&samopt(&args));
+    assert_eq!(v["precision"]["loss_scale"]["kind"], "fixed");
+    assert!(v["precision"]["loss_scale"]["growth_interval"].is_null());
+    for r in v["runs"].as_array().unwrap() {
+        assert_eq!(r["loss_scale"], 1024.0, "{r}");
+    }
+}
+
+#[test]
+fn bad_amp_combinations_are_refused() {
+    for (args, needles) in [
+        (vec!["demo", "--loss-scale", "1024"], vec!["--loss-scale", "--amp"]),
+        (vec!["demo", "--no-master"], vec!["--no-master", "--amp"]),
+        (vec!["demo", "--amp", "fp8"], vec!["--amp", "fp8", "bf16"]),
+        (vec!["demo", "--amp", "--loss-scale", "0"], vec!["--loss-scale", "> 0"]),
+        (vec!["demo", "--amp", "--loss-scale", "-2"], vec!["--loss-scale", "> 0"]),
+        (vec!["demo", "--amp", "--loss-scale", "1e39"], vec!["--loss-scale", "largest f32"]),
+        (vec!["demo", "--amp", "--loss-scale", "inf"], vec!["--loss-scale", "> 0"]),
+        (vec!["demo", "--amp", "--loss-scale", "auto"], vec!["--loss-scale", "dynamic"]),
+    ] {
+        let o = samopt(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = stderr(&o);
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        for needle in needles {
+            assert!(err.contains(needle), "{args:?}: {needle:?} not in {err}");
+        }
+    }
+    // What the library refuses is refused under --amp as without it, naming the option.
+    let o = samopt(&["demo", "--amp", "--adaptive", "--schedule", "looksam:5", "--epochs", "1"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("--schedule looksam:5:0.7") && err.contains("adaptive"), "{err}");
 }

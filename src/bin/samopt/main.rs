@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use samopt::{Backend, BaseOptimizer, Config, DType};
+use samopt::{Backend, BaseOptimizer, Config, DType, LossScale};
 
 /// Sharpness-Aware Minimization as an embeddable optimizer: demo, benchmark and device info.
 #[derive(Parser, Debug)]
@@ -93,9 +93,27 @@ struct DemoArgs {
     /// The IDX label file that goes with an IDX image file given to --data.
     #[arg(long, value_name = "FILE", requires = "data")]
     labels: Option<PathBuf>,
-    /// Let samopt run the SGD update too, fused with its restore, instead of the demo's own SGD.
+    /// Let samopt run the SGD update too, fused with its restore, instead of the demo's own SGD
+    /// (implied by --amp).
     #[arg(long)]
     fused: bool,
+    /// Mixed precision, as AMP trains today: the network's weights and gradients are bf16 (or
+    /// f16: --amp f16) tensors registered with samopt; the matmuls run in f32 on the widened
+    /// weights, and the gradient is multiplied by the loss scale and rounded to the 16-bit type
+    /// (an overflow there skips the step). samopt keeps f32 master weights and a dynamic loss
+    /// scale (GradScaler's: 2^16, x2 after 2000 good steps, x0.5 on overflow). Implies --fused
+    /// (master weights need samopt's SGD), for the SGD run too: samopt's SGD with one gradient a
+    /// step (a schedule that never takes a SAM step).
+    #[arg(long, value_enum, value_name = "TYPE", num_args = 0..=1, default_missing_value = "bf16")]
+    amp: Option<AmpType>,
+    /// With --amp: the loss scale, `dynamic` (the default) or a fixed S (overflowing steps are
+    /// still skipped, S stays).
+    #[arg(long, value_name = "dynamic|S", value_parser = parse_loss_scale, allow_hyphen_values = true)]
+    loss_scale: Option<LossScale>,
+    /// With --amp: no f32 master weights; samopt's SGD updates the 16-bit weights directly, so
+    /// updates below half a unit in their last place are lost.
+    #[arg(long)]
+    no_master: bool,
     /// Width of the two hidden layers.
     #[arg(long, default_value = "128", value_parser = clap::value_parser!(u32).range(1..=65_536))]
     hidden: u32,
@@ -120,6 +138,26 @@ struct DemoArgs {
     /// them: test accuracy, sharpness, gradient evaluations per step (SGD = 1) and wall time.
     #[arg(long)]
     compare: bool,
+}
+
+/// The 16-bit type of `--amp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum AmpType {
+    Bf16,
+    F16,
+}
+
+/// `--loss-scale`: `dynamic` (GradScaler's defaults) or a fixed, positive, finite f32 value.
+fn parse_loss_scale(s: &str) -> Result<LossScale, String> {
+    if s == "dynamic" {
+        return Ok(LossScale::dynamic());
+    }
+    let v: f64 = s.parse().map_err(|_| "neither `dynamic` nor a number".to_owned())?;
+    if v.is_finite() && v > 0.0 && v <= f32::MAX as f64 {
+        Ok(LossScale::fixed(v))
+    } else {
+        Err(format!("a fixed loss scale is > 0 and at most {:e} (the largest f32)", f32::MAX))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -205,6 +243,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Usage errors clap's declarations cannot word well: one line, exit 2, as clap's own.
+    if let Command::Demo(a) = &cli.command
+        && let Err(message) = check_demo_args(a)
+    {
+        eprintln!("samopt: {message} (see samopt demo --help)");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Demo(args) => run_demo(args),
         Command::Bench(args) => run_bench(args),
@@ -217,6 +262,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The demo's options that only mean something together.
+fn check_demo_args(a: &DemoArgs) -> Result<(), String> {
+    if a.amp.is_none() {
+        if a.loss_scale.is_some() {
+            return Err("--loss-scale needs --amp: loss scaling is part of the mixed-precision mode (f32 gradients \
+                        need none)"
+                .into());
+        }
+        if a.no_master {
+            return Err("--no-master needs --amp: master weights are the f32 copies of --amp's 16-bit weights".into());
+        }
+    }
+    Ok(())
 }
 
 fn run_demo(a: DemoArgs) -> Result<(), String> {
@@ -248,8 +308,16 @@ fn run_demo(a: DemoArgs) -> Result<(), String> {
         rho: a.rho,
         adaptive: a.adaptive,
         backend: a.backend.into(),
-        fused: a.fused,
+        fused: a.fused || a.amp.is_some(),
         seed: a.seed,
+        amp: a.amp.map(|t| demo::Amp {
+            dtype: match t {
+                AmpType::Bf16 => DType::BF16,
+                AmpType::F16 => DType::F16,
+            },
+            master_weights: !a.no_master,
+            loss_scale: a.loss_scale.unwrap_or_else(LossScale::dynamic),
+        }),
     };
     let methods = demo_methods(&a)?;
     let bar = indicatif::ProgressBar::with_draw_target(
@@ -299,6 +367,7 @@ fn run_demo(a: DemoArgs) -> Result<(), String> {
                 "schedules": runs.iter().filter_map(|r| r.schedule.map(|s| s.to_string())).collect::<Vec<_>>(),
             },
             "compare": a.compare,
+            "precision": precision_json(setup.amp),
             "runs": runs.iter().map(|r| serde_json::json!({
                 "optimizer": r.optimizer,
                 "method": r.label,
@@ -315,6 +384,8 @@ fn run_demo(a: DemoArgs) -> Result<(), String> {
                 "grad_evals_per_step": r.grad_evals_per_step(),
                 "sam_steps": r.sam_steps,
                 "single_steps": r.single_steps,
+                "loss_scale": r.loss_scale,
+                "skipped_steps": r.skipped_steps,
                 "sam_gain_kept": gain_kept(r),
             })).collect::<Vec<_>>(),
         });
@@ -351,6 +422,13 @@ fn run_demo(a: DemoArgs) -> Result<(), String> {
         },
         backend
     );
+    if let Some(amp) = &setup.amp {
+        println!(
+            "mixed precision (--amp): {}; every run steps with samopt's fused SGD (sgd: one gradient a step, never \
+             a SAM step)",
+            amp.describe()
+        );
+    }
     println!();
     let width = runs.iter().map(|r| r.label.len()).max().unwrap_or(0).max(5);
     print!(
@@ -365,6 +443,9 @@ fn run_demo(a: DemoArgs) -> Result<(), String> {
         "grads/step",
         "wall s"
     );
+    if setup.amp.is_some() {
+        print!(" {:>10} {:>7}", "loss scale", "skipped");
+    }
     println!("{}", if a.compare { format!(" {:>9}", "gain kept") } else { String::new() });
     for r in &runs {
         print!(
@@ -379,6 +460,10 @@ fn run_demo(a: DemoArgs) -> Result<(), String> {
             r.grad_evals_per_step(),
             r.wall_s,
         );
+        if setup.amp.is_some() {
+            let scale = r.loss_scale.map_or_else(|| "-".to_owned(), demo::scale_text);
+            print!(" {scale:>10} {:>7}", r.skipped_steps.unwrap_or(0));
+        }
         match gain_kept(r) {
             Some(g) => println!(" {:>8.0}%", 100.0 * g),
             None if a.compare => println!(" {:>9}", "-"),
@@ -394,6 +479,13 @@ fn run_demo(a: DemoArgs) -> Result<(), String> {
         "grads/step: forward/backward passes per training step (SGD 1, SAM 2); wall s: the training steps, without \
          the per-epoch test evaluation."
     );
+    if let Some(amp) = &setup.amp {
+        println!(
+            "loss scale: at the end of the run; skipped: steps whose scaled {} gradient held inf or NaN (overflow), \
+             skipped by samopt with the weights restored and the scale lowered (they count in ms/step).",
+            amp.dtype.name()
+        );
+    }
     if !plain {
         println!(
             "A schedule is SAM taking its second gradient on some steps only (see samopt demo --help){}",
@@ -405,6 +497,28 @@ fn run_demo(a: DemoArgs) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// The `precision` object of the JSON summary: f32, or the mixed-precision mode of `--amp`.
+fn precision_json(amp: Option<demo::Amp>) -> serde_json::Value {
+    let Some(amp) = amp else {
+        return serde_json::json!({ "mode": "f32", "dtype": "f32", "master_weights": false, "loss_scale": null });
+    };
+    let l = amp.loss_scale;
+    let dynamic = !amp.fixed_scale();
+    serde_json::json!({
+        "mode": "amp",
+        "dtype": amp.dtype.name(),
+        "master_weights": amp.master_weights,
+        "loss_scale": {
+            "kind": if dynamic { "dynamic" } else { "fixed" },
+            "init": l.init,
+            "growth_factor": l.growth_factor,
+            "backoff_factor": l.backoff_factor,
+            "growth_interval": if dynamic { Some(l.growth_interval) } else { None },
+        },
+        "sgd_run": "samopt's fused SGD with the same precision path, one gradient a step (never a SAM step)",
+    })
 }
 
 /// The runs of a demo: SGD, then SAM under the `--schedule` (every step by default); with
