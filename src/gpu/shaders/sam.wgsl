@@ -450,69 +450,80 @@ fn base_update(w_in: f32, d_in: f32, m: ptr<function, f32>, v: ptr<function, f32
 @compute @workgroup_size(256)
 fn update(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let stride = nwg.x * WORKGROUP;
-    let has_m = MOMENTUM || BASE == 2u;
     let pw = per_word();
     for (var i = gid.x; i < window.quads; i += stride) {
-        let wq = backup[i];
         let g2 = grad[i];
         var g1 = vec4<u32>(0u);
         if (GSAM) {
             g1 = first_grad[i];
         }
-        // pw vec4s of state per quad: four elements each.
-        var m = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
-        var v = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
-        for (var q = 0u; q < pw; q++) {
-            if (has_m) {
-                m[q] = state_m[pw * i + q];
-            }
-            if (BASE == 2u) {
-                v[q] = state_v[pw * i + q];
-            }
-        }
-        var master = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
-        if (MASTER) {
-            for (var q = 0u; q < pw; q++) {
-                master[q] = master_at(i, q);
-            }
-        }
-        var out = vec4<u32>(0u);
+        // The directions of the quad's elements, in element order e = k * pw + h.
+        var d = array<f32, 8>();
         for (var k = 0u; k < 4u; k++) {
-            var word = 0u;
             for (var h = 0u; h < pw; h++) {
-                let e = k * pw + h;
-                var mk = m[e / 4u][e % 4u];
-                var vk = v[e / 4u][e % 4u];
-                let d = direction(element(g2[k], h), element(g1[k], h));
-                var w = element(wq[k], h);
-                if (MASTER && window.fresh == 0u) {
-                    w = master[e / 4u][e % 4u];
-                }
-                let r = base_update(w, d, &mk, &vk);
-                if (MASTER) {
-                    master[e / 4u][e % 4u] = r;
-                }
-                m[e / 4u][e % 4u] = mk;
-                v[e / 4u][e % 4u] = vk;
-                if (DTYPE == 0u) {
-                    word = bitcast<u32>(r);
-                } else {
-                    word |= to_half(r) << (16u * h);
-                }
+                d[k * pw + h] = direction(element(g2[k], h), element(g1[k], h));
             }
-            out[k] = word;
         }
-        param[i] = out;
-        for (var q = 0u; q < pw; q++) {
-            if (has_m) {
-                state_m[pw * i + q] = m[q];
+        update_quad(i, backup[i], d);
+    }
+}
+
+// The base update of quad i from its weights `wq` (the restored bits, or the weights in place)
+// and its elements' directions: the state (and master weights) read and written once, the new
+// weights into param.
+fn update_quad(i: u32, wq: vec4<u32>, d: array<f32, 8>) {
+    let has_m = MOMENTUM || BASE == 2u;
+    let pw = per_word();
+    // pw vec4s of state per quad: four elements each.
+    var m = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+    var v = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+    var master = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var q = 0u; q < pw; q++) {
+        if (has_m) {
+            m[q] = state_m[pw * i + q];
+        }
+        if (BASE == 2u) {
+            v[q] = state_v[pw * i + q];
+        }
+        if (MASTER) {
+            master[q] = master_at(i, q);
+        }
+    }
+    var out = vec4<u32>(0u);
+    for (var k = 0u; k < 4u; k++) {
+        var word = 0u;
+        for (var h = 0u; h < pw; h++) {
+            let e = k * pw + h;
+            var mk = m[e / 4u][e % 4u];
+            var vk = v[e / 4u][e % 4u];
+            var w = element(wq[k], h);
+            if (MASTER && window.fresh == 0u) {
+                w = master[e / 4u][e % 4u];
             }
-            if (BASE == 2u) {
-                state_v[pw * i + q] = v[q];
-            }
+            let r = base_update(w, d[e], &mk, &vk);
             if (MASTER) {
-                partials[pw * i + q] = bitcast<vec4<u32>>(master[q]);
+                master[e / 4u][e % 4u] = r;
             }
+            m[e / 4u][e % 4u] = mk;
+            v[e / 4u][e % 4u] = vk;
+            if (DTYPE == 0u) {
+                word = bitcast<u32>(r);
+            } else {
+                word |= to_half(r) << (16u * h);
+            }
+        }
+        out[k] = word;
+    }
+    param[i] = out;
+    for (var q = 0u; q < pw; q++) {
+        if (has_m) {
+            state_m[pw * i + q] = m[q];
+        }
+        if (BASE == 2u) {
+            state_v[pw * i + q] = v[q];
+        }
+        if (MASTER) {
+            partials[pw * i + q] = bitcast<vec4<u32>>(master[q]);
         }
     }
 }
@@ -536,72 +547,26 @@ fn look_at(i: u32, q: u32) -> vec4<f32> {
 @compute @workgroup_size(256)
 fn update_single(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let stride = nwg.x * WORKGROUP;
-    let has_m = MOMENTUM || BASE == 2u;
     let pw = per_word();
     for (var i = gid.x; i < window.quads; i += stride) {
-        let wq = param[i];
         let g = grad[i];
-        var m = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
-        var v = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
         var gv = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
-        for (var q = 0u; q < pw; q++) {
-            if (has_m) {
-                m[q] = state_m[pw * i + q];
-            }
-            if (BASE == 2u) {
-                v[q] = state_v[pw * i + q];
-            }
-            if (LOOK) {
+        if (LOOK) {
+            for (var q = 0u; q < pw; q++) {
                 gv[q] = look_at(i, q);
             }
         }
-        var master = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
-        if (MASTER) {
-            for (var q = 0u; q < pw; q++) {
-                master[q] = master_at(i, q);
-            }
-        }
-        var out = vec4<u32>(0u);
+        var d = array<f32, 8>();
         for (var k = 0u; k < 4u; k++) {
-            var word = 0u;
             for (var h = 0u; h < pw; h++) {
                 let e = k * pw + h;
-                var mk = m[e / 4u][e % 4u];
-                var vk = v[e / 4u][e % 4u];
-                var d = step.a * element(g[k], h);
+                d[e] = step.a * element(g[k], h);
                 if (LOOK) {
-                    d = direction(element(g[k], h), gv[e / 4u][e % 4u]);
+                    d[e] = direction(element(g[k], h), gv[e / 4u][e % 4u]);
                 }
-                var w = element(wq[k], h);
-                if (MASTER && window.fresh == 0u) {
-                    w = master[e / 4u][e % 4u];
-                }
-                let r = base_update(w, d, &mk, &vk);
-                if (MASTER) {
-                    master[e / 4u][e % 4u] = r;
-                }
-                m[e / 4u][e % 4u] = mk;
-                v[e / 4u][e % 4u] = vk;
-                if (DTYPE == 0u) {
-                    word = bitcast<u32>(r);
-                } else {
-                    word |= to_half(r) << (16u * h);
-                }
-            }
-            out[k] = word;
-        }
-        param[i] = out;
-        for (var q = 0u; q < pw; q++) {
-            if (has_m) {
-                state_m[pw * i + q] = m[q];
-            }
-            if (BASE == 2u) {
-                state_v[pw * i + q] = v[q];
-            }
-            if (MASTER) {
-                partials[pw * i + q] = bitcast<vec4<u32>>(master[q]);
             }
         }
+        update_quad(i, param[i], d);
     }
 }
 
