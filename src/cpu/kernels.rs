@@ -321,50 +321,22 @@ unsafe fn update_segment_any(slot: &Slot, seg: &Segment, bufs: Buffers, job: &Up
             std::slice::from_raw_parts_mut(bufs.state.at(slot.state + k * len + seg.start), seg.len)
         };
         let adamw = job.base == BaseOptimizer::AdamW;
-        let mut m: &mut [f32] = if job.has_state { state(0) } else { &mut [] };
-        let mut v: &mut [f32] = if adamw { state(1) } else { &mut [] };
-        let mut g1: &[T] = g1.as_deref().unwrap_or(&[]);
+        let m: &mut [f32] = if job.has_state { state(0) } else { &mut [] };
+        let v: &mut [f32] = if adamw { state(1) } else { &mut [] };
+        let g1: &[T] = g1.as_deref().unwrap_or(&[]);
         let (s, t) = (job.step, job.tensor);
         // f32 in place: no conversion buffers.
         if let (Some(w), Some(saved), Some(g2)) = (T::as_f32_mut(w), T::as_f32(saved), T::as_f32(g2)) {
             let g1 = T::as_f32(g1).expect("same type");
             return fused(w, saved, g2, g1, m, v, adamw, s, t);
         }
-        let (mut wf, mut out, mut f2, mut f1) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
-        let mut w = w;
-        let (mut saved, mut g2): (&[T], &[T]) = (saved, g2);
         // Master weights: w is the f32 copy (taken from the saved bits at the first update), and
         // the update writes the copy and its rounding to the host's tensor.
-        let mut master: &mut [f32] = match slot.master {
+        let master: &mut [f32] = match slot.master {
             Some(k) => unsafe { state_slice(slot, seg, bufs, k) },
             None => &mut [],
         };
-        while !w.is_empty() {
-            let n = w.len().min(BLOCK);
-            // Absent buffers (no GSAM, no state) stay empty.
-            let part = |len: usize| if len == 0 { 0 } else { n };
-            let (nm, nv, n1) = (part(m.len()), part(v.len()), part(g1.len()));
-            // The restore: w is the saved bits, widened (or the master copy).
-            if master.is_empty() || t.fresh {
-                T::widen(&saved[..n], &mut wf[..n]);
-            } else {
-                wf[..n].copy_from_slice(&master[..n]);
-            }
-            T::widen(&g2[..n], &mut f2[..n]);
-            T::widen(&g1[..n1], &mut f1[..n1]);
-            let (mb, mr) = std::mem::take(&mut m).split_at_mut(nm);
-            let (vb, vr) = std::mem::take(&mut v).split_at_mut(nv);
-            fused(&mut out[..n], &wf[..n], &f2[..n], &f1[..n1], mb, vb, adamw, s, t);
-            let (wb, wr) = std::mem::take(&mut w).split_at_mut(n);
-            T::narrow(&out[..n], wb);
-            if !master.is_empty() {
-                let (mb, mr) = std::mem::take(&mut master).split_at_mut(n);
-                mb.copy_from_slice(&out[..n]);
-                master = mr;
-            }
-            (w, m, v) = (wr, mr, vr);
-            (saved, g2, g1) = (&saved[n..], &g2[n..], &g1[n1..]);
-        }
+        update_blocks(w, Some(saved), g2, Operand::Typed(g1), m, v, master, adamw, s, t);
     }
     unsafe {
         match slot.host.dtype {
@@ -448,6 +420,73 @@ unsafe fn mean_segment_any(slot: &Slot, seg: &Segment, acc: Shared<f32>, scale: 
             DType::F16 => typed::<f16>(slot, seg, acc, scale),
             DType::BF16 => typed::<bf16>(slot, seg, acc, scale),
         }
+    }
+}
+
+/// The second operand of an update's direction `a*g' - b*g1`: GSAM's first gradient in the
+/// tensor's dtype, LookSAM's `g_v` in f32 (empty slices where there is none).
+enum Operand<'a, T> {
+    Typed(&'a [T]),
+    F32(&'a [f32]),
+}
+
+/// The block loop of both updates over one segment, in L1-sized blocks: `w` widened from `src`
+/// (the backup: the restore) or, with `src` = `None`, from the weights in place (a single-gradient
+/// step), or taken from the master copy after the tensor's first update; the direction's operands
+/// widened; [`fused`]; the result rounded into `w` and, with master weights, kept in the copy.
+/// `m`, `v`, `master` and the operand are empty where the configuration has none.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn update_blocks<T: Element>(
+    mut w: &mut [T],
+    mut src: Option<&[T]>,
+    mut g2: &[T],
+    mut g1: Operand<'_, T>,
+    mut m: &mut [f32],
+    mut v: &mut [f32],
+    mut master: &mut [f32],
+    adamw: bool,
+    s: &UpdateStep,
+    t: &TensorStep,
+) {
+    let (mut wf, mut out, mut f2, mut f1) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+    while !w.is_empty() {
+        let n = w.len().min(BLOCK);
+        let part = |len: usize| if len == 0 { 0 } else { n };
+        let (nm, nv) = (part(m.len()), part(v.len()));
+        if master.is_empty() || t.fresh {
+            T::widen(src.map_or(&w[..n], |src| &src[..n]), &mut wf[..n]);
+        } else {
+            wf[..n].copy_from_slice(&master[..n]);
+        }
+        T::widen(&g2[..n], &mut f2[..n]);
+        let n1 = match g1 {
+            Operand::Typed(g) => {
+                let k = part(g.len());
+                T::widen(&g[..k], &mut f1[..k]);
+                g1 = Operand::Typed(&g[k..]);
+                k
+            }
+            Operand::F32(g) => {
+                let k = part(g.len());
+                f1[..k].copy_from_slice(&g[..k]);
+                g1 = Operand::F32(&g[k..]);
+                k
+            }
+        };
+        let (mb, mr) = std::mem::take(&mut m).split_at_mut(nm);
+        let (vb, vr) = std::mem::take(&mut v).split_at_mut(nv);
+        fused(&mut out[..n], &wf[..n], &f2[..n], &f1[..n1], mb, vb, adamw, s, t);
+        let (wb, wr) = std::mem::take(&mut w).split_at_mut(n);
+        T::narrow(&out[..n], wb);
+        if !master.is_empty() {
+            let (kb, kr) = std::mem::take(&mut master).split_at_mut(n);
+            kb.copy_from_slice(&out[..n]);
+            master = kr;
+        }
+        (w, m, v) = (wr, mr, vr);
+        src = src.map(|src| &src[n..]);
+        g2 = &g2[n..];
     }
 }
 
@@ -622,42 +661,19 @@ unsafe fn update_single_segment_any(
     unsafe fn typed<T: Element>(slot: &Slot, seg: &Segment, bufs: Buffers, job: &UpdateJob<'_>, look: Option<usize>) {
         let (w, g) = unsafe { segment_slices::<T>(&slot.host, seg) };
         let adamw = job.base == BaseOptimizer::AdamW;
-        let mut m: &mut [f32] = if job.has_state { unsafe { state_slice(slot, seg, bufs, 0) } } else { &mut [] };
-        let mut v: &mut [f32] = if adamw { unsafe { state_slice(slot, seg, bufs, 1) } } else { &mut [] };
-        let mut gv: &[f32] = match look {
+        let m: &mut [f32] = if job.has_state { unsafe { state_slice(slot, seg, bufs, 0) } } else { &mut [] };
+        let v: &mut [f32] = if adamw { unsafe { state_slice(slot, seg, bufs, 1) } } else { &mut [] };
+        let gv: &[f32] = match look {
             Some(k) => unsafe { state_slice(slot, seg, bufs, k) },
             None => &[],
         };
         let (s, t) = (job.step, job.tensor);
-        let (mut wf, mut out, mut f2) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
-        let (mut w, mut g) = (w, g);
-        let mut master: &mut [f32] = match slot.master {
+        let master: &mut [f32] = match slot.master {
             Some(k) => unsafe { state_slice(slot, seg, bufs, k) },
             None => &mut [],
         };
-        while !w.is_empty() {
-            let n = w.len().min(BLOCK);
-            let part = |len: usize| if len == 0 { 0 } else { n };
-            let (nm, nv, ng) = (part(m.len()), part(v.len()), part(gv.len()));
-            if master.is_empty() || t.fresh {
-                T::widen(&w[..n], &mut wf[..n]);
-            } else {
-                wf[..n].copy_from_slice(&master[..n]);
-            }
-            T::widen(&g[..n], &mut f2[..n]);
-            let (mb, mr) = std::mem::take(&mut m).split_at_mut(nm);
-            let (vb, vr) = std::mem::take(&mut v).split_at_mut(nv);
-            fused(&mut out[..n], &wf[..n], &f2[..n], &gv[..ng], mb, vb, adamw, s, t);
-            let (wb, wr) = std::mem::take(&mut w).split_at_mut(n);
-            T::narrow(&out[..n], wb);
-            if !master.is_empty() {
-                let (mb, mr) = std::mem::take(&mut master).split_at_mut(n);
-                mb.copy_from_slice(&out[..n]);
-                master = mr;
-            }
-            (w, m, v) = (wr, mr, vr);
-            (g, gv) = (&g[n..], &gv[ng..]);
-        }
+        // w in place: nothing was perturbed, so there is nothing to restore.
+        update_blocks(w, None, g, Operand::F32(gv), m, v, master, adamw, s, t);
     }
     unsafe {
         match slot.host.dtype {
