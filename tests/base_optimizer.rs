@@ -23,61 +23,10 @@ mod common;
 use std::io::Write;
 
 use common::{Rng, Ty, optimizer_or_skip};
-use samopt::half::{bf16, f16};
 use samopt::{Backend, BaseOptimizer, Config, Optimizer, SecondStep};
 
 const STEPS: usize = 50;
 const SIZES: [usize; 4] = [1, 7, 1000, 4099];
-
-fn round(ty: Ty, x: f64) -> f64 {
-    match ty {
-        Ty::F32 => x as f32 as f64,
-        Ty::F16 => f16::from_f64(x).to_f64(),
-        Ty::BF16 => bf16::from_f64(x).to_f64(),
-    }
-}
-
-fn tolerance(ty: Ty) -> f64 {
-    match ty {
-        Ty::F32 => 1e-5,
-        Ty::F16 => 1.5e-3,
-        Ty::BF16 => 1.2e-2,
-    }
-}
-
-fn write(opt: &mut Optimizer, id: u32, ty: Ty, grad: bool, v: &[f64]) {
-    macro_rules! go {
-        ($t:ty, $conv:expr) => {{
-            let data: Vec<$t> = v.iter().map(|&x| $conv(x)).collect();
-            if grad { opt.write_grad(id, &data).unwrap() } else { opt.write_param(id, &data).unwrap() }
-        }};
-    }
-    match ty {
-        Ty::F32 => go!(f32, |x: f64| x as f32),
-        Ty::F16 => go!(f16, f16::from_f64),
-        Ty::BF16 => go!(bf16, bf16::from_f64),
-    }
-}
-
-fn read(opt: &mut Optimizer, id: u32, ty: Ty, n: usize) -> Vec<f64> {
-    match ty {
-        Ty::F32 => {
-            let mut out = vec![0f32; n];
-            opt.read_param(id, &mut out).unwrap();
-            out.iter().map(|&x| x as f64).collect()
-        }
-        Ty::F16 => {
-            let mut out = vec![f16::ZERO; n];
-            opt.read_param(id, &mut out).unwrap();
-            out.iter().map(|x| x.to_f64()).collect()
-        }
-        Ty::BF16 => {
-            let mut out = vec![bf16::ZERO; n];
-            opt.read_param(id, &mut out).unwrap();
-            out.iter().map(|x| x.to_f64()).collect()
-        }
-    }
-}
 
 /// One tensor of the float64 reference: PyTorch's per-parameter state.
 struct RefTensor {
@@ -177,9 +126,9 @@ fn run(case: &Case, backend: Backend, ty: Ty) -> Option<f64> {
 
     let mut reference = Vec::new();
     for (k, &n) in SIZES.iter().enumerate() {
-        let w: Vec<f64> = (0..n).map(|_| round(ty, rng.sym(1.0))).collect();
-        let id = opt.add_zeroed_tensor(n, ty_dtype(ty)).unwrap();
-        write(&mut opt, id, ty, false, &w);
+        let w: Vec<f64> = (0..n).map(|_| ty.round(rng.sym(1.0))).collect();
+        let id = opt.add_zeroed_tensor(n, ty.dtype()).unwrap();
+        common::write_values(&mut opt, id, ty, false, &w);
         let group = k % group_ids.len();
         opt.set_group(id, group_ids[group]).unwrap();
         reference.push(RefTensor { w, buf: vec![0.0; n], m: vec![0.0; n], v: vec![0.0; n], t: 0, group });
@@ -194,14 +143,14 @@ fn run(case: &Case, backend: Backend, ty: Ty) -> Option<f64> {
         }
         // The host's two gradients: independent of the weights, so a last-bit difference between
         // the engine and the reference cannot grow through them.
-        let g1: Vec<Vec<f64>> = SIZES.iter().map(|&n| (0..n).map(|_| round(ty, rng.sym(0.5))).collect()).collect();
-        let g2: Vec<Vec<f64>> = SIZES.iter().map(|&n| (0..n).map(|_| round(ty, rng.sym(0.5))).collect()).collect();
+        let g1: Vec<Vec<f64>> = SIZES.iter().map(|&n| (0..n).map(|_| ty.round(rng.sym(0.5))).collect()).collect();
+        let g2: Vec<Vec<f64>> = SIZES.iter().map(|&n| (0..n).map(|_| ty.round(rng.sym(0.5))).collect()).collect();
         for (id, g) in g1.iter().enumerate() {
-            write(&mut opt, id as u32, ty, true, g);
+            common::write_values(&mut opt, id as u32, ty, true, g);
         }
         opt.first_step().unwrap();
         for (id, g) in g2.iter().enumerate() {
-            write(&mut opt, id as u32, ty, true, g);
+            common::write_values(&mut opt, id as u32, ty, true, g);
         }
         assert_eq!(opt.second_step().unwrap(), SecondStep::Updated);
 
@@ -240,15 +189,15 @@ fn run(case: &Case, backend: Backend, ty: Ty) -> Option<f64> {
                     }
                     BaseOptimizer::None => unreachable!(),
                 };
-                r.w[i] = round(ty, new);
+                r.w[i] = ty.round(new);
             }
         }
         for (k, r) in reference.iter().enumerate() {
-            let got = read(&mut opt, k as u32, ty, r.w.len());
+            let got = common::read_values(&mut opt, k as u32, ty, r.w.len(), false);
             for (i, (&a, &b)) in got.iter().zip(&r.w).enumerate() {
                 let rel = (a - b).abs() / b.abs().max(1.0);
                 assert!(
-                    rel <= tolerance(ty),
+                    rel <= ty.trajectory_tolerance(),
                     "{} {backend:?} {ty:?} step {step} tensor {k}[{i}]: engine {a}, reference {b} (rel {rel:e})",
                     case.name
                 );
@@ -258,14 +207,6 @@ fn run(case: &Case, backend: Backend, ty: Ty) -> Option<f64> {
     }
     assert_eq!(opt.steps(), STEPS as u64);
     Some(worst)
-}
-
-fn ty_dtype(ty: Ty) -> samopt::DType {
-    match ty {
-        Ty::F32 => samopt::DType::F32,
-        Ty::F16 => samopt::DType::F16,
-        Ty::BF16 => samopt::DType::BF16,
-    }
 }
 
 fn run_all(backend: Backend) {

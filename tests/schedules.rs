@@ -14,84 +14,19 @@
 mod common;
 
 use common::{Rng, ThreadAllReduce, Ty, optimizer_or_skip};
-use samopt::half::{bf16, f16};
 use samopt::{Backend, BaseOptimizer, Config, ErrorKind, FirstStep, Optimizer, Schedule, SecondStep};
 
 const STEPS: usize = 40;
 const SIZES: [usize; 3] = [5, 1000, 4099];
-
-fn round(ty: Ty, x: f64) -> f64 {
-    match ty {
-        Ty::F32 => x as f32 as f64,
-        Ty::F16 => f16::from_f64(x).to_f64(),
-        Ty::BF16 => bf16::from_f64(x).to_f64(),
-    }
-}
-
-fn tolerance(ty: Ty) -> f64 {
-    match ty {
-        Ty::F32 => 1e-5,
-        Ty::F16 => 1.5e-3,
-        Ty::BF16 => 1.2e-2,
-    }
-}
-
-fn dtype(ty: Ty) -> samopt::DType {
-    match ty {
-        Ty::F32 => samopt::DType::F32,
-        Ty::F16 => samopt::DType::F16,
-        Ty::BF16 => samopt::DType::BF16,
-    }
-}
-
-fn write(opt: &mut Optimizer, id: u32, ty: Ty, grad: bool, v: &[f64]) {
-    macro_rules! go {
-        ($t:ty, $conv:expr) => {{
-            let data: Vec<$t> = v.iter().map(|&x| $conv(x)).collect();
-            if grad { opt.write_grad(id, &data).unwrap() } else { opt.write_param(id, &data).unwrap() }
-        }};
-    }
-    match ty {
-        Ty::F32 => go!(f32, |x: f64| x as f32),
-        Ty::F16 => go!(f16, f16::from_f64),
-        Ty::BF16 => go!(bf16, bf16::from_f64),
-    }
-}
-
-fn read(opt: &mut Optimizer, id: u32, ty: Ty, n: usize, grad: bool) -> Vec<f64> {
-    macro_rules! go {
-        ($t:ty, $zero:expr, $conv:expr) => {{
-            let mut out = vec![$zero; n];
-            if grad {
-                opt.read_grad(id, &mut out).unwrap()
-            } else {
-                opt.read_param(id, &mut out).unwrap()
-            }
-            out.iter().map(|&x| $conv(x)).collect()
-        }};
-    }
-    match ty {
-        Ty::F32 => go!(f32, 0f32, |x: f32| x as f64),
-        Ty::F16 => go!(f16, f16::ZERO, |x: f16| x.to_f64()),
-        Ty::BF16 => go!(bf16, bf16::ZERO, |x: bf16| x.to_f64()),
-    }
-}
-
-/// SplitMix64, written out again from its published definition (Steele, Lea, Flood 2014).
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// The float64 reference: the schedule's decisions and statistics, and PyTorch's SGD / AdamW.
 struct Reference {
     config: Config,
     rho: f64,
     t: u64,
-    rng: u64,
+    /// The random schedule's generator: SplitMix64 (Steele, Lea, Flood 2014), `common::Rng`,
+    /// written in the tests independently of the crate.
+    rng: Rng,
     mean: f64,
     var: f64,
     /// LookSAM's g_v, per tensor, once kept.
@@ -106,7 +41,7 @@ struct Reference {
 impl Reference {
     fn new(config: &Config, w: Vec<Vec<f64>>) -> Reference {
         let zeros: Vec<Vec<f64>> = w.iter().map(|t| vec![0.0; t.len()]).collect();
-        let rng = if let Schedule::Random { seed, .. } = config.schedule { seed } else { 0 };
+        let rng = Rng::new(if let Schedule::Random { seed, .. } = config.schedule { seed } else { 0 });
         Reference {
             config: config.clone(),
             rho: config.rho,
@@ -130,7 +65,7 @@ impl Reference {
         match self.config.schedule {
             Schedule::Every => true,
             Schedule::Interval { k } | Schedule::LookSam { k, .. } => t.is_multiple_of(k),
-            Schedule::Random { p, .. } => ((splitmix(&mut self.rng) >> 11) as f64 / (1u64 << 53) as f64) < p,
+            Schedule::Random { p, .. } => ((self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p,
             Schedule::AeSam { delta, lambda1, lambda2, planned_steps } => {
                 // mu_t = delta mu + (1 - delta) x; s_t = delta s + (1 - delta) (x - mu_t)^2.
                 self.mean = delta * self.mean + (1.0 - delta) * grad_sq;
@@ -174,7 +109,7 @@ impl Reference {
                     // The host's own optimizer in these tests: plain SGD.
                     BaseOptimizer::None => w - lr * d[k][i],
                 };
-                self.w[k][i] = round(ty, new);
+                self.w[k][i] = ty.round(new);
             }
         }
     }
@@ -192,7 +127,7 @@ fn check(what: &str, got: &[f64], want: &[f64], ty: Ty) -> f64 {
     let mut worst = 0.0f64;
     for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
         let rel = (a - b).abs() / b.abs().max(1.0);
-        assert!(rel <= tolerance(ty), "{what}[{i}]: engine {a}, reference {b} (rel {rel:e})");
+        assert!(rel <= ty.trajectory_tolerance(), "{what}[{i}]: engine {a}, reference {b} (rel {rel:e})");
         worst = worst.max(rel);
     }
     worst
@@ -268,8 +203,8 @@ fn cases() -> Vec<Case> {
 /// something to decide.
 fn gradients(rng: &mut Rng, ty: Ty) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
     let scale = 0.2 + rng.unit();
-    let g1 = SIZES.iter().map(|&n| (0..n).map(|_| round(ty, scale * rng.sym(0.5))).collect()).collect();
-    let g2 = SIZES.iter().map(|&n| (0..n).map(|_| round(ty, scale * rng.sym(0.5))).collect()).collect();
+    let g1 = SIZES.iter().map(|&n| (0..n).map(|_| ty.round(scale * rng.sym(0.5))).collect()).collect();
+    let g2 = SIZES.iter().map(|&n| (0..n).map(|_| ty.round(scale * rng.sym(0.5))).collect()).collect();
     (g1, g2)
 }
 
@@ -280,10 +215,10 @@ fn run(case: &Case, backend: Backend, ty: Ty) -> Option<(f64, Vec<bool>)> {
     let mut rng = Rng::new(4321 + ty as u64);
     let mut w0 = Vec::new();
     for &n in &SIZES {
-        let w: Vec<f64> = (0..n).map(|_| round(ty, rng.sym(1.0))).collect();
+        let w: Vec<f64> = (0..n).map(|_| ty.round(rng.sym(1.0))).collect();
         // Owned tensors: their gradients are writable, as LookSAM without a base needs.
-        let id = opt.add_zeroed_tensor(n, dtype(ty)).unwrap();
-        write(&mut opt, id, ty, false, &w);
+        let id = opt.add_zeroed_tensor(n, ty.dtype()).unwrap();
+        common::write_values(&mut opt, id, ty, false, &w);
         w0.push(w);
     }
     let mut r = Reference::new(&config, w0);
@@ -296,13 +231,14 @@ fn run(case: &Case, backend: Backend, ty: Ty) -> Option<(f64, Vec<bool>)> {
         }
         let (g1, g2) = gradients(&mut rng, ty);
         for (id, g) in g1.iter().enumerate() {
-            write(&mut opt, id as u32, ty, true, g);
+            common::write_values(&mut opt, id as u32, ty, true, g);
         }
         // The ascent norm: ||T_w g|| under ASAM, which AE-SAM would read; the cases here use the
         // plain norm for every rule that reads it.
         let grad_sq: f64 = g1.iter().flatten().map(|x| x * x).sum();
         let sam = r.decide(grad_sq);
-        let before: Vec<Vec<f64>> = (0..SIZES.len()).map(|k| read(&mut opt, k as u32, ty, SIZES[k], false)).collect();
+        let before: Vec<Vec<f64>> =
+            (0..SIZES.len()).map(|k| common::read_values(&mut opt, k as u32, ty, SIZES[k], false)).collect();
         let got = opt.first_step().unwrap();
         let label = format!("{} {backend:?} {ty:?} step {step}", case.name);
         assert_eq!(got == FirstStep::Perturbed, sam, "{label}: decision");
@@ -313,13 +249,13 @@ fn run(case: &Case, backend: Backend, ty: Ty) -> Option<(f64, Vec<bool>)> {
                 // The perturbed weights: w + rho g / ||g||, rounded to the dtype.
                 let s = r.rho / (grad_sq.sqrt() + c.eps);
                 for (k, g) in g1.iter().enumerate() {
-                    let want: Vec<f64> = r.w[k].iter().zip(g).map(|(w, g)| round(ty, w + s * g)).collect();
-                    let got = read(&mut opt, k as u32, ty, want.len(), false);
+                    let want: Vec<f64> = r.w[k].iter().zip(g).map(|(w, g)| ty.round(w + s * g)).collect();
+                    let got = common::read_values(&mut opt, k as u32, ty, want.len(), false);
                     worst = worst.max(check(&format!("{label}: perturbed tensor {k}"), &got, &want, ty));
                 }
             }
             for (id, g) in g2.iter().enumerate() {
-                write(&mut opt, id as u32, ty, true, g);
+                common::write_values(&mut opt, id as u32, ty, true, g);
             }
             let norm2: f64 = g2.iter().flatten().map(|x| x * x).sum();
             if let Schedule::LookSam { .. } = c.schedule {
@@ -334,7 +270,7 @@ fn run(case: &Case, backend: Backend, ty: Ty) -> Option<(f64, Vec<bool>)> {
         } else {
             // A single-gradient step: nothing moved.
             for (k, w) in before.iter().enumerate() {
-                let got = read(&mut opt, k as u32, ty, w.len(), false);
+                let got = common::read_values(&mut opt, k as u32, ty, w.len(), false);
                 assert!(got == *w, "{label}: a single-gradient first step moved tensor {k}");
             }
             let clip = c.max_grad_norm.map_or(1.0, |m| (m / (grad_sq.sqrt() + 1e-6)).min(1.0));
@@ -358,19 +294,19 @@ fn run(case: &Case, backend: Backend, ty: Ty) -> Option<(f64, Vec<bool>)> {
             // dtype), and steps with plain SGD.
             let lr = c.lr;
             for (k, dk) in d.iter().enumerate() {
-                let want: Vec<f64> = dk.iter().map(|&x| round(ty, x)).collect();
-                let got = read(&mut opt, k as u32, ty, want.len(), true);
+                let want: Vec<f64> = dk.iter().map(|&x| ty.round(x)).collect();
+                let got = common::read_values(&mut opt, k as u32, ty, want.len(), true);
                 worst = worst.max(check(&format!("{label}: direction in the gradient of tensor {k}"), &got, &want, ty));
-                let w = read(&mut opt, k as u32, ty, want.len(), false);
+                let w = common::read_values(&mut opt, k as u32, ty, want.len(), false);
                 assert!(w == before[k], "{label}: restore of tensor {k}");
-                let next: Vec<f64> = w.iter().zip(&got).map(|(w, g)| round(ty, w - lr * g)).collect();
-                write(&mut opt, k as u32, ty, false, &next);
+                let next: Vec<f64> = w.iter().zip(&got).map(|(w, g)| ty.round(w - lr * g)).collect();
+                common::write_values(&mut opt, k as u32, ty, false, &next);
             }
             r.update(&d, ty, lr);
             // The host stepped with the engine's own rounded direction: adopt its weights, so that
             // only this step's difference is measured (the direction was checked above).
             for (k, w) in r.w.iter_mut().enumerate() {
-                let got = read(&mut opt, k as u32, ty, w.len(), false);
+                let got = common::read_values(&mut opt, k as u32, ty, w.len(), false);
                 worst = worst.max(check(&format!("{label}: host step of tensor {k}"), &got, w, ty));
                 *w = got;
             }
@@ -378,7 +314,7 @@ fn run(case: &Case, backend: Backend, ty: Ty) -> Option<(f64, Vec<bool>)> {
             assert_eq!(second, SecondStep::Updated, "{label}");
             r.update(&d, ty, c.lr);
             for (k, w) in r.w.iter().enumerate() {
-                let got = read(&mut opt, k as u32, ty, w.len(), false);
+                let got = common::read_values(&mut opt, k as u32, ty, w.len(), false);
                 worst = worst.max(check(&format!("{label}: tensor {k}"), &got, w, ty));
             }
         }
@@ -430,21 +366,21 @@ fn checkpoint_resume_mid_schedule_is_bit_identical() {
             let mut rng = Rng::new(99);
             for opt in [&mut a, &mut b] {
                 for &n in &SIZES {
-                    opt.add_zeroed_tensor(n, dtype(ty)).unwrap();
+                    opt.add_zeroed_tensor(n, ty.dtype()).unwrap();
                 }
             }
             for (k, &n) in SIZES.iter().enumerate() {
-                let w: Vec<f64> = (0..n).map(|_| round(ty, rng.sym(1.0))).collect();
-                write(&mut a, k as u32, ty, false, &w);
+                let w: Vec<f64> = (0..n).map(|_| ty.round(rng.sym(1.0))).collect();
+                common::write_values(&mut a, k as u32, ty, false, &w);
             }
             let step = |opt: &mut Optimizer, g1: &[Vec<f64>], g2: &[Vec<f64>]| {
                 for (id, g) in g1.iter().enumerate() {
-                    write(opt, id as u32, ty, true, g);
+                    common::write_values(opt, id as u32, ty, true, g);
                 }
                 let first = opt.first_step().unwrap();
                 if first == FirstStep::Perturbed {
                     for (id, g) in g2.iter().enumerate() {
-                        write(opt, id as u32, ty, true, g);
+                        common::write_values(opt, id as u32, ty, true, g);
                     }
                 }
                 opt.second_step().unwrap();
@@ -456,8 +392,8 @@ fn checkpoint_resume_mid_schedule_is_bit_identical() {
                     let mut checkpoint = vec![0u8; a.state_size()];
                     a.save_state(&mut checkpoint).unwrap();
                     for (k, &n) in SIZES.iter().enumerate() {
-                        let w = read(&mut a, k as u32, ty, n, false);
-                        write(&mut b, k as u32, ty, false, &w);
+                        let w = common::read_values(&mut a, k as u32, ty, n, false);
+                        common::write_values(&mut b, k as u32, ty, false, &w);
                     }
                     b.load_state(&checkpoint).unwrap();
                     assert_eq!((b.sam_steps(), b.single_steps(), b.rho()), (a.sam_steps(), a.single_steps(), a.rho()));
@@ -467,7 +403,10 @@ fn checkpoint_resume_mid_schedule_is_bit_identical() {
                     let fb = step(&mut b, g1, g2);
                     assert_eq!(fa, fb, "{} {backend:?} step {s}: decision after resume", case.name);
                     for (k, &n) in SIZES.iter().enumerate() {
-                        let (wa, wb) = (read(&mut a, k as u32, ty, n, false), read(&mut b, k as u32, ty, n, false));
+                        let (wa, wb) = (
+                            common::read_values(&mut a, k as u32, ty, n, false),
+                            common::read_values(&mut b, k as u32, ty, n, false),
+                        );
                         let same = wa.iter().zip(&wb).all(|(x, y)| x.to_bits() == y.to_bits());
                         assert!(same, "{} {backend:?} step {s}: tensor {k} differs after resume", case.name);
                     }

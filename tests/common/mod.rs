@@ -284,6 +284,73 @@ pub fn register_all(opt: *mut SamOptimizer, tensors: &mut [Tensor]) {
     }
 }
 
+impl Ty {
+    /// `x` rounded to the nearest value of this type, as f64.
+    pub fn round(self, x: f64) -> f64 {
+        match self {
+            Ty::F32 => x as f32 as f64,
+            Ty::F16 => f16::from_f64(x).to_f64(),
+            Ty::BF16 => bf16::from_f64(x).to_f64(),
+        }
+    }
+
+    /// The tolerance of a multi-step trajectory against a float64 reference, relative to
+    /// `max(|w|, 1)`: f32 1e-5; f16 1.5e-3 and bf16 1.2e-2, three units in the last place of
+    /// [0.5, 1) (both sides round the weights to the type after every update, from f32 and from
+    /// f64, and may land on either side of a rounding boundary).
+    pub fn trajectory_tolerance(self) -> f64 {
+        match self {
+            Ty::F32 => 1e-5,
+            Ty::F16 => 1.5e-3,
+            Ty::BF16 => 1.2e-2,
+        }
+    }
+
+    /// The crate's dtype.
+    pub fn dtype(self) -> samopt::DType {
+        match self {
+            Ty::F32 => samopt::DType::F32,
+            Ty::F16 => samopt::DType::F16,
+            Ty::BF16 => samopt::DType::BF16,
+        }
+    }
+}
+
+/// Writes `v` (rounded to `ty`) into the parameter or (`grad`) the gradient of owned tensor `id`.
+pub fn write_values(opt: &mut samopt::Optimizer, id: u32, ty: Ty, grad: bool, v: &[f64]) {
+    macro_rules! go {
+        ($t:ty, $conv:expr) => {{
+            let data: Vec<$t> = v.iter().map(|&x| $conv(x)).collect();
+            if grad { opt.write_grad(id, &data).unwrap() } else { opt.write_param(id, &data).unwrap() }
+        }};
+    }
+    match ty {
+        Ty::F32 => go!(f32, |x: f64| x as f32),
+        Ty::F16 => go!(f16, f16::from_f64),
+        Ty::BF16 => go!(bf16, bf16::from_f64),
+    }
+}
+
+/// The parameter or (`grad`) the gradient of owned tensor `id`, `n` values of `ty`, as f64.
+pub fn read_values(opt: &mut samopt::Optimizer, id: u32, ty: Ty, n: usize, grad: bool) -> Vec<f64> {
+    macro_rules! go {
+        ($t:ty, $zero:expr, $conv:expr) => {{
+            let mut out = vec![$zero; n];
+            if grad {
+                opt.read_grad(id, &mut out).unwrap()
+            } else {
+                opt.read_param(id, &mut out).unwrap()
+            }
+            out.iter().map(|&x| $conv(x)).collect()
+        }};
+    }
+    match ty {
+        Ty::F32 => go!(f32, 0f32, |x: f32| x as f64),
+        Ty::F16 => go!(f16, f16::ZERO, |x: f16| x.to_f64()),
+        Ty::BF16 => go!(bf16, bf16::ZERO, |x: bf16| x.to_f64()),
+    }
+}
+
 /// An optimizer for `config`, or `None` when it asks for the GPU backend and no adapter exists:
 /// the test then skips with a notice, unless `SAMOPT_REQUIRE_GPU=1` (as CI sets), which makes a
 /// missing adapter fail. Any other error fails the test.
