@@ -18,6 +18,6 @@ mpicc -std=c11 -Wall -Wextra -Werror -O2 -Iinclude examples/mpi/train.c -Ltarget
 # As root (CI), Open MPI wants --allow-run-as-root; --oversubscribe lets 2 ranks share fewer cores.
 flags=(--oversubscribe)
 [ "$(id -u)" = 0 ] && flags+=(--allow-run-as-root)
-for mode in replicated msharp sharded; do
+for mode in replicated msharp sharded sharded-looksam; do
     mpirun "${flags[@]}" -np "$ranks" target/mpi/train_mpi --mode "$mode"
 done

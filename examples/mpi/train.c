@@ -34,12 +34,23 @@
  *                       whole parameter vector and plain SAM over the whole batch (the same as for
  *                       replicated); the gathered perturbed and final weights must match it.
  *
+ *   --mode sharded-looksam
+ *                       As sharded, with a step schedule and loss scaling: LookSAM (SAM every
+ *                       third step, the others reuse its orthogonal direction with one gradient)
+ *                       and a dynamic loss scale (the host multiplies its gradients by
+ *                       sam_get_loss_scale). samopt decides each step from the sums it
+ *                       exchanges (two doubles in each step under LookSAM), so every rank takes
+ *                       the same kind of step; on a single-gradient step (sam_first_step returns
+ *                       SAM_STEP_SINGLE_GRADIENT) the ranks skip the second forward and backward.
+ *                       Reference: one process with the same schedule and scale over the whole
+ *                       batch.
+ *
  * Rank 0 prints one line with the largest differences from the reference; the program exits
  * non-zero when a check fails. (Bit-identical weights on every rank rely on MPI_Allreduce giving
  * every rank the same sum, as the MPI standard advises implementations to do.)
  *
  *   mpicc -std=c11 -Iinclude examples/mpi/train.c -Ltarget/release -lsamopt -lm -o train_mpi
- *   mpirun -np 2 ./train_mpi --mode replicated      (or msharp, sharded)
+ *   mpirun -np 2 ./train_mpi --mode replicated      (or msharp, sharded, sharded-looksam)
  */
 #include <math.h>
 #include <mpi.h>
@@ -60,7 +71,8 @@ enum { N = 960, D = 16, P = D + 1, STEPS = 50 };
  * second gradients is MPI's sum instead of samopt's accumulator, and in sharded mode the squared
  * norm is a sum of per-rank sums. Each changes a value by about one float32 rounding (6e-8
  * relative to the terms summed); this convex, well-conditioned problem does not amplify that over
- * 50 steps: the measured differences are at most 2e-7 on 2 to 6 and 8 ranks. 1e-5 leaves a factor
+ * 50 steps: the measured differences are at most 2e-7 on 2 to 6 and 8 ranks (sharded-looksam:
+ * 1.2e-6 on 2 to 4 ranks, LookSAM's reused direction carrying the sums' order). 1e-5 leaves a factor
  * of 50 for other MPI reduction orders, while a wrong set-up (no gradient all-reduce before the
  * first step, a rank's local norm for sharded parameters, a global norm for m-sharpness) differed
  * by 2e-3 or more in the final weights when tried on 2 and 4 ranks.
@@ -115,15 +127,36 @@ static int32_t mpi_sum(double *values, size_t count, void *user) {
     return MPI_Allreduce(MPI_IN_PLACE, values, (int)count, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD) != MPI_SUCCESS;
 }
 
+/* The loss scale the host multiplies its gradients by (1 without loss scaling). */
+static float scale_of(SamOptimizer *opt) {
+    double s = 1.0;
+    CHECK(sam_get_loss_scale(opt, &s));
+    return (float)s;
+}
+
+/* `n` gradients times the loss scale (a power of two: exact). */
+static void scale_grads(float *g, int n, float s) {
+    for (int j = 0; j < n; j++) g[j] *= s;
+}
+
 /* The mean over the ranks of `n` floats, in place, the same bits on every rank. */
 static void average(float *v, int n, int size) {
     MPI_Allreduce(MPI_IN_PLACE, v, n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
     for (int j = 0; j < n; j++) v[j] /= (float)size;
 }
 
+/* sharded-looksam: LookSAM and a dynamic loss scale in every optimizer, the reference's too. */
+static int looksam;
+
 /* One optimizer (SAM, SGD with momentum, CPU) over the `len` parameters at w with gradients at g. */
 static SamOptimizer *make_optimizer(float *w, float *g, int len) {
     SamConfig config = sam_config_default();
+    if (looksam) {
+        config.schedule = SAM_SCHEDULE_LOOKSAM;
+        config.schedule_k = 3;
+        config.looksam_alpha = 0.7;
+        config.loss_scale = 1024.0;
+    }
     config.rho = 0.1;
     config.base = SAM_BASE_SGD;
     config.lr = 0.5;
@@ -154,10 +187,16 @@ static void reference_global_batch(float theta[P], float perturbed[STEPS][P]) {
     float g[P];
     SamOptimizer *opt = make_optimizer(theta, g, P);
     for (int step = 0; step < STEPS; step++) {
+        const float s = scale_of(opt);
         gradient(theta, 0, N, g);
-        CHECK(sam_first_step(opt));
+        scale_grads(g, P, s);
+        SamStatus first = sam_first_step(opt);
+        CHECK(first);
         memcpy(perturbed[step], theta, sizeof(float[P]));
-        gradient(theta, 0, N, g);
+        if (first == SAM_OK) { /* a SAM step: the second gradient, at w + e(w) */
+            gradient(theta, 0, N, g);
+            scale_grads(g, P, s);
+        }
         CHECK(sam_second_step(opt));
     }
     sam_destroy(opt);
@@ -252,12 +291,20 @@ static void run_sharded(int rank, int size, float theta[P], float perturbed[STEP
     SamOptimizer *opt = make_optimizer(slice, slice_g, n); /* registers this rank's slice only */
     CHECK(sam_set_allreduce(opt, mpi_sum, NULL));          /* sam_first_step: the norm over all slices */
     for (int step = 0; step < STEPS; step++) {
+        const float s = scale_of(opt);
         gather(&sh, slice, theta); /* w */
         slice_gradient(&sh, theta, slice_g);
-        CHECK(sam_first_step(opt)); /* this slice -> w + e(w), e with the norm over all slices */
-        gather(&sh, slice, theta);  /* w + e(w) */
+        scale_grads(slice_g, n, s);
+        /* This slice -> w + e(w), e with the norm over all slices; or, under a schedule, a
+         * single-gradient step that every rank takes alike (decided from the exchanged sums). */
+        SamStatus first = sam_first_step(opt);
+        CHECK(first);
+        gather(&sh, slice, theta); /* w + e(w), or w */
         memcpy(perturbed[step], theta, sizeof(float[P]));
-        slice_gradient(&sh, theta, slice_g);
+        if (first == SAM_OK) {
+            slice_gradient(&sh, theta, slice_g);
+            scale_grads(slice_g, n, s);
+        }
         CHECK(sam_second_step(opt)); /* this slice restored and stepped */
     }
     gather(&sh, slice, theta);
@@ -270,10 +317,11 @@ int main(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     const char *mode = argc == 3 && !strcmp(argv[1], "--mode") ? argv[2] : "";
+    looksam = !strcmp(mode, "sharded-looksam");
     const int replicated = !strcmp(mode, "replicated"), msharp = !strcmp(mode, "msharp"),
-              sharded = !strcmp(mode, "sharded");
+              sharded = !strcmp(mode, "sharded") || looksam;
     if (!replicated && !msharp && !sharded) {
-        if (rank == 0) fprintf(stderr, "usage: %s --mode replicated|msharp|sharded\n", argv[0]);
+        if (rank == 0) fprintf(stderr, "usage: %s --mode replicated|msharp|sharded|sharded-looksam\n", argv[0]);
         MPI_Finalize();
         return 2;
     }
@@ -321,7 +369,10 @@ int main(int argc, char **argv) {
         printf("%-10s %d ranks, %d steps: loss %.4f, same weights on every rank: %s; relative difference from "
                "%s: perturbed %.2e, final %.2e (tolerance %.0e)\n",
                mode, size, STEPS, loss, all_same ? "yes" : "NO",
-               msharp ? "sam_accumulate_step over the parts" : "plain SAM over the whole batch", pert_diff,
+               msharp    ? "sam_accumulate_step over the parts"
+               : looksam ? "LookSAM (k = 3) with a loss scale over the whole batch"
+                         : "plain SAM over the whole batch",
+               pert_diff,
                final_diff, TOLERANCE);
         ok = all_same && final_diff < TOLERANCE && pert_diff < TOLERANCE;
         if (!ok) fprintf(stderr, "%s: CHECK FAILED\n", mode);
