@@ -95,9 +95,14 @@ impl Optimizer {
             .tensors
             .get(id as usize)
             .ok_or_else(|| Error::invalid(format!("id = {id}: only {count} tensors are registered")))?;
-        if t.owned || t.host.is_some() {
+        if t.owned {
             return Err(Error::invalid(format!(
-                "id = {id}: not a tensor in device buffers (it is in host memory): use rebind_host_raw / sam_rebind_host"
+                "id = {id}: a tensor the optimizer allocated (add_tensor / sam_tensor_create) has no buffers to rebind"
+            )));
+        }
+        if t.host.is_some() {
+            return Err(Error::invalid(format!(
+                "id = {id}: a tensor in host memory: rebind it with rebind_host_raw / sam_rebind_host"
             )));
         }
         Ok(())
