@@ -146,6 +146,15 @@ fn to_half(x: f32) -> u32 {
     return f32_to_bf16(x);
 }
 
+// `word` with element h (0 or 1) set to x, rounded to the dtype (the word starts at 0 and takes
+// its halves in order).
+fn with_element(word: u32, h: u32, x: f32) -> u32 {
+    if (DTYPE == 0u) {
+        return bitcast<u32>(x);
+    }
+    return word | (to_half(x) << (16u * h));
+}
+
 // Whether element h of a word is NaN or infinite, by its exponent bits: a driver may assume
 // finite math, a bit test cannot be optimised away.
 fn non_finite(word: u32, h: u32) -> bool {
@@ -349,11 +358,7 @@ fn perturb(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
                     let e = k * pw + h;
                     let v = state_v[pw * i + e / 4u][e % 4u];
                     let r = element(w[k], h) + preconditioned(element(g[k], h), v) * step.scale;
-                    if (DTYPE == 0u) {
-                        word = bitcast<u32>(r);
-                    } else {
-                        word |= to_half(r) << (16u * h);
-                    }
+                    word = with_element(word, h, r);
                 }
                 out[k] = word;
             }
@@ -506,11 +511,7 @@ fn update_quad(i: u32, wq: vec4<u32>, d: array<f32, 8>) {
             }
             m[e / 4u][e % 4u] = mk;
             v[e / 4u][e % 4u] = vk;
-            if (DTYPE == 0u) {
-                word = bitcast<u32>(r);
-            } else {
-                word |= to_half(r) << (16u * h);
-            }
+            word = with_element(word, h, r);
         }
         out[k] = word;
     }
@@ -616,11 +617,7 @@ fn look_direction(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
             for (var h = 0u; h < pw; h++) {
                 let e = k * pw + h;
                 let r = element(g[k], h) + step.b * gv[e / 4u][e % 4u];
-                if (DTYPE == 0u) {
-                    word = bitcast<u32>(r);
-                } else {
-                    word |= to_half(r) << (16u * h);
-                }
+                word = with_element(word, h, r);
             }
             out[k] = word;
         }
