@@ -350,16 +350,7 @@ impl GpuEngine {
     /// f32 state values per element of a tensor of `dtype`: the base optimizer's 0, 1 (momentum)
     /// or 2 (Adam), then LookSAM's `g_v`, then the master weight (half precision).
     pub(super) fn state_per_elem(&self, dtype: DType) -> usize {
-        self.base_state_per_elem() + self.look as usize + (self.master && dtype != DType::F32) as usize
-    }
-
-    /// The base optimizer's f32 state values per element.
-    pub(super) fn base_state_per_elem(&self) -> usize {
-        match self.base {
-            BaseOptimizer::AdamW => 2,
-            BaseOptimizer::Sgd if self.momentum => 1,
-            _ => 0,
-        }
+        self.state_per_dtype[dtype_index(dtype)]
     }
 
     /// An arena's f32 state buffers in checkpoint order: momentum or first moment, second

@@ -63,6 +63,8 @@ pub(crate) struct GpuEngine {
     scaled: bool,
     /// f32 master weights for the half-precision arenas.
     master: bool,
+    /// f32 state values per element, by dtype index (`Config::state_per_element`).
+    state_per_dtype: [usize; 3],
     /// The preconditioned perturbation, and per tensor `sqrt(1 - beta2^t)` (0: plain SAM).
     precond: bool,
     precond_bias: Vec<f32>,
@@ -211,6 +213,8 @@ impl GpuEngine {
             look: config.looksam(),
             scaled: config.loss_scale.is_some(),
             master: config.master_weights,
+            state_per_dtype: [crate::DType::F32, crate::DType::F16, crate::DType::BF16]
+                .map(|d| config.state_per_element(d)),
             precond: config.preconditioned,
             precond_bias: Vec::new(),
             step: bytemuck::Zeroable::zeroed(),

@@ -543,6 +543,15 @@ fn look_at(i: u32, q: u32) -> vec4<f32> {
     return bitcast<vec4<f32>>(backup[per_word() * i + q]);
 }
 
+// The g_v of quad i, its per_word() vec4s (the rest zero).
+fn look_quad(i: u32) -> array<vec4<f32>, 2> {
+    var gv = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var q = 0u; q < per_word(); q++) {
+        gv[q] = look_at(i, q);
+    }
+    return gv;
+}
+
 // A single-gradient step: w read in place (nothing was perturbed), direction a*g - b*g_v (b is
 // minus LookSAM's reuse coefficient; g_v read only when LOOK), the state updated in place.
 @compute @workgroup_size(256)
@@ -553,9 +562,7 @@ fn update_single(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
         let g = grad[i];
         var gv = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
         if (LOOK) {
-            for (var q = 0u; q < pw; q++) {
-                gv[q] = look_at(i, q);
-            }
+            gv = look_quad(i);
         }
         var d = array<f32, 8>();
         for (var k = 0u; k < 4u; k++) {
@@ -607,10 +614,7 @@ fn look_direction(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let pw = per_word();
     for (var i = gid.x; i < window.quads; i += stride) {
         let g = grad[i];
-        var gv = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
-        for (var q = 0u; q < pw; q++) {
-            gv[q] = look_at(i, q);
-        }
+        let gv = look_quad(i);
         var out = vec4<u32>(0u);
         for (var k = 0u; k < 4u; k++) {
             var word = 0u;
