@@ -194,8 +194,18 @@ pub(crate) trait Passes: Send {
         ))
     }
 
-    /// Re-points in-place tensor `tensor` at other device buffers (GPU only), keeping its state.
-    fn rebind_external(&mut self, _tensor: usize, _external: External) -> Result<()> {
+    /// Re-points the gradients of in-place tensors at other device ranges (GPU only), all or
+    /// nothing; the weights stay, so it is allowed between the two steps.
+    fn rebind_external_grads(&mut self, _items: Vec<(usize, wgpu::Buffer, u64)>) -> Result<()> {
+        Err(crate::error::Error::new(
+            crate::error::ErrorKind::Unsupported,
+            "device buffers need a GPU backend on the same device",
+        ))
+    }
+
+    /// Re-points in-place tensors at other device buffers (GPU only), keeping their state; all
+    /// or nothing, the overlap checks against the ranges after the call.
+    fn rebind_externals(&mut self, _items: Vec<(usize, External)>) -> Result<()> {
         Err(crate::error::Error::new(
             crate::error::ErrorKind::Unsupported,
             "device buffers need a GPU backend on the same device",

@@ -367,3 +367,72 @@ fn rebinding_device_buffers_keeps_the_state() {
     assert!(still.0 == moved.0, "the weights differ after rebinding");
     assert!(still.1 == moved.1, "the optimizer state differs after rebinding");
 }
+
+/// `rebind_wgpu_grads`: a host whose backward writes each gradient into a fresh buffer (Burn's
+/// autodiff) points samopt at it before each step, the second step included. Two tensors whose
+/// gradient ranges trade places between steps (an allocator handing one tensor's old slot to
+/// the other) are refused one at a time and accepted together. The weights follow SAM with SGD in
+/// float64; a refused rebind changes nothing.
+#[test]
+fn fresh_gradient_buffers_between_the_steps() {
+    let Some(host) = host() else { return };
+    let (lr, rho) = (0.1f64, 0.05f64);
+    let config = Config { base: BaseOptimizer::Sgd, lr, rho, ..Config::default() };
+    let mut sam =
+        Optimizer::on_wgpu_device(host.device.clone(), host.queue.clone(), Some(host.info.clone()), config).unwrap();
+    let n = 256usize;
+    let align = host.device.limits().min_storage_buffer_offset_alignment as u64;
+    let slot = (n as u64 * 4).div_ceil(align) * align;
+    // One pool of four slots: two weights, then two gradient slots the tensors trade.
+    let (pool, _) = param_and_grad_buffers(&host, 4 * slot);
+    let mut rng = Rng::new(7);
+    let mut w: Vec<Vec<f64>> = (0..2).map(|_| (0..n).map(|_| rng.sym(1.0) as f32 as f64).collect()).collect();
+    for (k, wk) in w.iter().enumerate() {
+        host.queue.write_buffer(&pool, k as u64 * slot, &bytes(&wk.iter().map(|&x| x as f32).collect::<Vec<_>>()));
+    }
+    let a = sam.register_wgpu(&pool, 0, &pool, 2 * slot, n, DType::F32).unwrap();
+    let b = sam.register_wgpu(&pool, slot, &pool, 3 * slot, n, DType::F32).unwrap();
+    for step in 0..4u64 {
+        // Even steps: a's gradient in slot 2 and b's in slot 3; odd steps the other way round.
+        let (ga, gb) = if step % 2 == 0 { (2 * slot, 3 * slot) } else { (3 * slot, 2 * slot) };
+        if step > 0 {
+            assert!(sam.rebind_wgpu_grads(&[(a, &pool, ga)]).is_err(), "a alone takes b's range");
+            sam.rebind_wgpu_grads(&[(a, &pool, ga), (b, &pool, gb)]).unwrap();
+        }
+        let g: Vec<Vec<f32>> = (0..2).map(|_| (0..n).map(|_| rng.sym(0.5) as f32).collect()).collect();
+        host.queue.write_buffer(&pool, ga, &bytes(&g[0]));
+        host.queue.write_buffer(&pool, gb, &bytes(&g[1]));
+        sam.first_step().unwrap();
+        let norm = g.iter().flatten().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        // The gradient at the perturbed point arrives in other buffers: slot 2/3 swapped back.
+        let g2: Vec<Vec<f32>> = (0..2).map(|_| (0..n).map(|_| rng.sym(0.5) as f32).collect()).collect();
+        assert!(sam.rebind_wgpu(a, &pool, 0, &pool, gb).is_err(), "moving the weights is refused between the steps");
+        sam.rebind_wgpu_grads(&[(a, &pool, gb), (b, &pool, ga)]).unwrap();
+        host.queue.write_buffer(&pool, gb, &bytes(&g2[0]));
+        host.queue.write_buffer(&pool, ga, &bytes(&g2[1]));
+        for k in 0..2 {
+            let perturbed = read(&host, &pool, k as u64 * slot, n);
+            for i in 0..n {
+                let want = w[k][i] + rho * g[k][i] as f64 / norm;
+                assert!((perturbed[i] as f64 - want).abs() <= 1e-6, "step {step} perturbed {k}/{i}");
+            }
+        }
+        sam.second_step().unwrap();
+        for k in 0..2 {
+            let stepped = read(&host, &pool, k as u64 * slot, n);
+            for i in 0..n {
+                w[k][i] -= lr * g2[k][i] as f64;
+                assert!((stepped[i] as f64 - w[k][i]).abs() <= 1e-6, "step {step} stepped {k}/{i}");
+                w[k][i] = stepped[i] as f64;
+            }
+        }
+        // Back to the first gradient slots for the next step's check of the pair.
+        sam.rebind_wgpu_grads(&[(a, &pool, ga), (b, &pool, gb)]).unwrap();
+    }
+    // Refused: an unknown id, the same id twice, a misaligned offset; nothing changes.
+    assert!(sam.rebind_wgpu_grads(&[(b + 1, &pool, 2 * slot)]).is_err());
+    assert!(sam.rebind_wgpu_grads(&[(a, &pool, 2 * slot), (a, &pool, 3 * slot)]).is_err());
+    if align > 4 {
+        assert!(sam.rebind_wgpu_grads(&[(a, &pool, 2 * slot + 4)]).is_err());
+    }
+}

@@ -72,9 +72,22 @@ impl Optimizer {
         grad: &wgpu::Buffer,
         grad_offset: u64,
     ) -> Result<()> {
-        self.device_tensor(id, "rebind a tensor")?;
-        let external = crate::gpu::External { param: param.clone(), param_offset, grad: grad.clone(), grad_offset };
-        self.passes()?.rebind_external(id as usize, external)
+        self.rebind_wgpu_many(&[(id, param, param_offset, grad, grad_offset)])
+    }
+
+    /// [`rebind_wgpu`](Self::rebind_wgpu) for several tensors at once, all or nothing: each item
+    /// is `(id, param, param_offset, grad, grad_offset)`. The overlap checks see the ranges as
+    /// they will be after the call, so a host whose allocator gives one tensor's old range to
+    /// another between steps (fresh gradients in freed slots, as Burn's pool does) rebinds them
+    /// together where one at a time would be refused.
+    pub fn rebind_wgpu_many(&mut self, items: &[(TensorId, &wgpu::Buffer, u64, &wgpu::Buffer, u64)]) -> Result<()> {
+        let mut externals = Vec::with_capacity(items.len());
+        for &(id, param, param_offset, grad, grad_offset) in items {
+            self.device_tensor(id, "rebind a tensor")?;
+            let external = crate::gpu::External { param: param.clone(), param_offset, grad: grad.clone(), grad_offset };
+            externals.push((id as usize, external));
+        }
+        self.passes()?.rebind_externals(externals)
     }
 
     /// Re-points a `register_vulkan` tensor at other `VkBuffer` ranges, keeping its state.
@@ -87,9 +100,31 @@ impl Optimizer {
         unsafe { self.passes()?.rebind_vulkan(id as usize, param, grad) }
     }
 
+    /// Re-points the gradients of tensors registered with [`register_wgpu`](Self::register_wgpu)
+    /// at other device ranges (`(id, grad, grad_offset)` each), all or nothing, checked as at
+    /// registration against the ranges after the call. Unlike [`rebind_wgpu`](Self::rebind_wgpu)
+    /// it is allowed between the two steps too: the weights stay where they are (the restore
+    /// needs them there), and only the buffer the next pass reads the gradient from changes. For
+    /// engines whose backward writes every gradient into a fresh tensor (Burn's autodiff):
+    /// rebind before the first step to the first gradient, and again before the second step to
+    /// the gradient at the perturbed point. Nothing is copied.
+    pub fn rebind_wgpu_grads(&mut self, items: &[(TensorId, &wgpu::Buffer, u64)]) -> Result<()> {
+        let mut grads = Vec::with_capacity(items.len());
+        for &(id, grad, grad_offset) in items {
+            self.device_tensor_any_phase(id)?;
+            grads.push((id as usize, grad.clone(), grad_offset));
+        }
+        self.passes()?.rebind_external_grads(grads)
+    }
+
     /// Checks that `id` is a tensor in device buffers and the optimizer is idle.
     fn device_tensor(&self, id: TensorId, action: &str) -> Result<()> {
         self.expect_idle(action)?;
+        self.device_tensor_any_phase(id)
+    }
+
+    /// Checks that `id` is a tensor in device buffers.
+    fn device_tensor_any_phase(&self, id: TensorId) -> Result<()> {
         let count = self.tensors.len();
         let t = self
             .tensors

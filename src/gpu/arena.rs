@@ -110,7 +110,8 @@ impl GpuEngine {
     /// Registers a tensor in the host's own device buffers; the passes run on them in place.
     /// Checked here: usage, alignment, sizes; the device is the caller's promise.
     pub fn add_external(&mut self, e: External, len: usize, dtype: DType) -> Result<()> {
-        self.check_external(&e, len, dtype, None)?;
+        let ranges: Vec<Option<&External>> = self.tensors.iter().map(|t| t.external.as_ref()).collect();
+        self.check_external(&e, len, dtype, None, &ranges)?;
         let bytes = len as u64 * dtype.size() as u64;
         self.tensors.push(GpuTensor {
             len,
@@ -130,30 +131,79 @@ impl GpuEngine {
     /// its own old ranges excepted); its state stays. Only its arena's buffers change: the windows'
     /// bind groups are rebuilt at the next pass, nothing is copied.
     pub fn rebind_external(&mut self, tensor: usize, e: External) -> Result<()> {
-        let t = &self.tensors[tensor];
-        if t.external.is_none() {
-            return Err(Error::invalid(format!(
-                "id = {tensor}: not a tensor in device buffers (register_wgpu / sam_register_vulkan)"
-            )));
+        self.rebind_externals(vec![(tensor, e)])
+    }
+
+    /// Re-points the gradients of in-place tensors (`(tensor, grad, grad_offset)` each), all or
+    /// nothing; their weights stay where they are. Not for Vulkan tensors, whose ranges samopt
+    /// tracks by `VkBuffer` handle.
+    pub fn rebind_external_grads(&mut self, items: Vec<(usize, wgpu::Buffer, u64)>) -> Result<()> {
+        let mut externals = Vec::with_capacity(items.len());
+        for (tensor, grad, grad_offset) in items {
+            let Some(e) = self.tensors.get(tensor).and_then(|t| t.external.as_ref()) else {
+                return Err(Error::invalid(format!("id = {tensor}: not a tensor in device buffers (register_wgpu)")));
+            };
+            if self.vulkan_ranges.iter().any(|&(t, ..)| t == tensor) {
+                return Err(Error::invalid(format!(
+                    "id = {tensor}: a tensor in VkBuffers: rebind it with sam_rebind_vulkan"
+                )));
+            }
+            externals
+                .push((tensor, External { param: e.param.clone(), param_offset: e.param_offset, grad, grad_offset }));
         }
-        let (len, dtype) = (t.len, t.dtype);
-        self.check_external(&e, len, dtype, Some(tensor))?;
-        if let Home::Packed { arena, .. } = self.tensors[tensor].home {
-            // An in-place tensor has an arena of its own, around the host's buffers.
-            let a = &mut self.arenas[arena];
-            a.param = e.param.clone();
-            a.param_offset = e.param_offset;
-            a.grad = e.grad.clone();
-            a.grad_offset = e.grad_offset;
-            self.prepared = None;
+        self.rebind_externals(externals)
+    }
+
+    /// Re-points several in-place tensors at once, all or nothing. The overlap checks see the
+    /// ranges as they will be after the call: a host whose allocator hands one tensor's old range
+    /// to another between steps (a fresh gradient in a freed slot) rebinds them together.
+    pub fn rebind_externals(&mut self, items: Vec<(usize, External)>) -> Result<()> {
+        let mut moved: Vec<Option<&External>> = vec![None; self.tensors.len()];
+        for (tensor, e) in &items {
+            match self.tensors.get(*tensor) {
+                Some(t) if t.external.is_some() => {}
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "id = {tensor}: not a tensor in device buffers (register_wgpu / sam_register_vulkan)"
+                    )));
+                }
+            }
+            if moved[*tensor].replace(e).is_some() {
+                return Err(Error::invalid(format!("id = {tensor}: named twice in one rebind")));
+            }
         }
-        self.tensors[tensor].external = Some(e);
+        let after: Vec<Option<&External>> =
+            self.tensors.iter().zip(&moved).map(|(t, m)| m.or(t.external.as_ref())).collect();
+        for (tensor, e) in &items {
+            let t = &self.tensors[*tensor];
+            self.check_external(e, t.len, t.dtype, Some(*tensor), &after)?;
+        }
+        for (tensor, e) in items {
+            if let Home::Packed { arena, .. } = self.tensors[tensor].home {
+                // An in-place tensor has an arena of its own, around the host's buffers.
+                let a = &mut self.arenas[arena];
+                a.param = e.param.clone();
+                a.param_offset = e.param_offset;
+                a.grad = e.grad.clone();
+                a.grad_offset = e.grad_offset;
+                self.prepared = None;
+            }
+            self.tensors[tensor].external = Some(e);
+        }
         Ok(())
     }
 
     /// The checks of an in-place tensor's buffers: usage, alignment, sizes, and overlaps with every
-    /// other in-place tensor (but `except`); the device is the caller's promise.
-    fn check_external(&self, e: &External, len: usize, dtype: DType, except: Option<usize>) -> Result<()> {
+    /// other in-place tensor (but `except`) at the ranges `ranges` gives them (its index is the
+    /// tensor's); the device is the caller's promise.
+    fn check_external(
+        &self,
+        e: &External,
+        len: usize,
+        dtype: DType,
+        except: Option<usize>,
+        ranges: &[Option<&External>],
+    ) -> Result<()> {
         let bytes = len as u64 * dtype.size() as u64;
         let align = self.ctx.limits.min_storage_buffer_offset_alignment as u64;
         if !bytes.is_multiple_of(16) {
@@ -183,7 +233,7 @@ impl GpuEngine {
             return Err(Error::invalid("param and grad overlap in the same buffer"));
         }
         for (k, t) in self.tensors.iter().enumerate().filter(|&(k, _)| Some(k) != except) {
-            if let Some(o) = &t.external {
+            if let Some(o) = ranges[k] {
                 let o_bytes = t.len as u64 * t.dtype.size() as u64;
                 for (b, off) in [(&e.param, e.param_offset), (&e.grad, e.grad_offset)] {
                     for (ob, ooff) in [(&o.param, o.param_offset), (&o.grad, o.grad_offset)] {

@@ -15,6 +15,8 @@ impl GpuEngine {
     /// (`Entry::UpdateSingle`: w in place): the step's scalars, each window's, one pass, and the
     /// staged hosts' weights back.
     fn run_update(&mut self, entry: Entry, step: &UpdateStep, tensors: &[TensorStep]) -> Result<()> {
+        // Rebuilt here when a rebinding between the two steps (new gradient buffers) dropped them.
+        self.prepare()?;
         self.step.a = step.a;
         self.step.b = step.b;
         self.step.nd = step.nd;
@@ -232,6 +234,7 @@ impl Passes for GpuEngine {
     }
 
     fn perturb(&mut self, p: &Perturbation) -> Result<()> {
+        self.prepare()?;
         self.step.scale = p.scale;
         self.step.eta = p.eta;
         self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&self.step));
@@ -261,6 +264,7 @@ impl Passes for GpuEngine {
     }
 
     fn restore(&mut self) -> Result<()> {
+        self.prepare()?;
         self.restore_staged_hosts();
         if self.tensors.iter().all(|t| t.staged.is_some()) && self.timing.is_none() {
             return Ok(());
@@ -274,6 +278,7 @@ impl Passes for GpuEngine {
     }
 
     fn second_reduce(&mut self, _gsam: bool) -> Result<SecondNorm> {
+        self.prepare()?;
         let prepared = self.prepared.as_ref().expect("prepared by the first step");
         let bytes = 16 * prepared.slots as u64;
         let (mut sum_sq, mut dot, mut bad) = (0.0f64, 0.0f64, false);
@@ -310,6 +315,7 @@ impl Passes for GpuEngine {
     }
 
     fn look_store(&mut self, c: f32) -> Result<f64> {
+        self.prepare()?;
         self.step.b = c;
         self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&self.step));
         let prepared = self.prepared.as_ref().expect("prepared by the first step");
@@ -336,6 +342,7 @@ impl Passes for GpuEngine {
     }
 
     fn look_direction(&mut self, c: f32) -> Result<()> {
+        self.prepare()?;
         self.step.b = c;
         self.ctx.queue.write_buffer(&self.step_uniform, 0, bytemuck::bytes_of(&self.step));
         self.ctx.checked("LookSAM's direction pass", || {
@@ -425,8 +432,12 @@ impl Passes for GpuEngine {
         unsafe { GpuEngine::add_vulkan(self, param, grad, len, dtype) }
     }
 
-    fn rebind_external(&mut self, tensor: usize, external: External) -> Result<()> {
-        GpuEngine::rebind_external(self, tensor, external)
+    fn rebind_externals(&mut self, items: Vec<(usize, External)>) -> Result<()> {
+        GpuEngine::rebind_externals(self, items)
+    }
+
+    fn rebind_external_grads(&mut self, items: Vec<(usize, wgpu::Buffer, u64)>) -> Result<()> {
+        GpuEngine::rebind_external_grads(self, items)
     }
 
     unsafe fn rebind_vulkan(&mut self, tensor: usize, param: (u64, u64), grad: (u64, u64)) -> Result<()> {

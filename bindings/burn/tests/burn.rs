@@ -1,0 +1,359 @@
+//! samopt-burn on Burn's wgpu backend (lavapipe in CI): the passes run in Burn's own buffers (the
+//! weights Burn reads back at the perturbed point are samopt's, every parameter keeps its buffer and
+//! offset), and every step equals samopt's CPU engine fed the same gradients (computed by Burn
+//! independently, inside the loss closure) within rounding: SAM and ASAM, SGD and AdamW bases, a
+//! LookSAM schedule, Burn's own optimizer against a SAM step written in Burn tensors. A model with
+//! odd-sized, transposed and misaligned parameters; parameters that share Burn's pool buffers;
+//! parameters replaced between steps (rebound, state kept) or changed (refused with their path).
+//! Run with fusion (the default features) and without (`--no-default-features`).
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Distribution, Tensor, wgpu::WgpuSetup};
+use samopt::{Backend, BaseOptimizer, Config, ErrorKind, FirstStep, Norm, Optimizer, Schedule};
+use samopt_burn::{Sam, buffer_of, read_grads, read_params};
+
+/// Burn's wgpu runtime, started once for the whole test binary (it cannot start twice).
+fn runtime() -> Option<&'static (Device, WgpuSetup)> {
+    static RUNTIME: OnceLock<Option<(Device, WgpuSetup)>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| match samopt_burn::init_wgpu() {
+            Ok(r) => Some(r),
+            Err(e) if std::env::var("SAMOPT_REQUIRE_GPU").as_deref() != Ok("1") => {
+                eprintln!("NOTICE: Burn tests skipped, no wgpu adapter ({})", e.message());
+                None
+            }
+            Err(e) => panic!("no wgpu adapter: {}", e.message()),
+        })
+        .as_ref()
+}
+
+/// Every kind of parameter a real model brings: a weight and bias samopt binds where Burn put them
+/// (`a`), a weight in place and a 3-element bias (12 bytes: moved into a padded allocation) in
+/// `b`, a transposed (non-contiguous) matrix `t`, and a view at byte 4 of a larger tensor `v`.
+#[derive(Module, Debug)]
+struct Net {
+    a: Linear,
+    b: Linear,
+    t: Param<Tensor<2>>,
+    v: Param<Tensor<1>>,
+}
+
+impl Net {
+    fn new(device: &Device) -> Net {
+        let t: Tensor<2> = Tensor::random([5, 3], Distribution::Uniform(-0.5, 0.5), device).transpose();
+        let v: Tensor<1> = Tensor::random([16], Distribution::Uniform(-0.5, 0.5), device).slice([1..9]);
+        Net {
+            a: LinearConfig::new(8, 16).init(device),
+            b: LinearConfig::new(16, 3).init(device),
+            t: Param::from_tensor(t),
+            v: Param::from_tensor(v),
+        }
+    }
+
+    fn loss(&self, x: &Tensor<2>, y: &Tensor<2>) -> Tensor<1> {
+        let h = burn::tensor::activation::relu(self.a.forward(x.clone()));
+        let out = self.b.forward(h).matmul(self.t.val()); // [n, 5]
+        let side = x.clone().matmul(self.v.val().reshape([8, 1])); // [n, 1]
+        (out + side - y.clone()).powi_scalar(2).mean()
+    }
+}
+
+fn batch(device: &Device, n: usize) -> (Tensor<2>, Tensor<2>) {
+    (
+        Tensor::random([n, 8], Distribution::Normal(0.0, 1.0), device),
+        Tensor::random([n, 5], Distribution::Normal(0.0, 1.0), device),
+    )
+}
+
+/// What the loss closure saw on one call: the weights as Burn reads them, and the gradient there,
+/// computed by a backward of its own.
+struct Seen {
+    weights: Vec<(String, Vec<f32>)>,
+    grads: Vec<(String, Vec<f32>)>,
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs() / (x.abs().max(1.0) as f64)).fold(0.0, f64::max)
+}
+
+/// Rounding allowed between the GPU and CPU engines per step (relative to max(|w|, 1)): the
+/// global norm is summed in another order, so the perturbation and the Adam denominators may
+/// differ in the last bits.
+const TOL: f64 = 4e-6;
+
+/// Trains `steps` steps with samopt-burn and replays them on samopt's CPU engine with the
+/// gradients Burn computed at the weights Burn saw; every perturbed point and every update must
+/// agree, and every parameter must keep its buffer and offset.
+fn against_cpu(config: Config, steps: usize) {
+    let Some((device, setup)) = runtime() else { return };
+    let ad = device.clone().autodiff();
+    let mut model = Net::new(&ad);
+    let mut sam = Sam::new(&ad, setup, config.clone()).unwrap();
+    sam.prepare(&mut model).unwrap();
+    let mut cpu = Optimizer::new(Config { backend: Backend::Cpu, ..config }).unwrap();
+    let ids: Vec<_> = read_params(&model).iter().map(|(_, w)| cpu.add_tensor(w).unwrap()).collect();
+    let places = |m: &Net| -> Vec<(wgpu::Buffer, u64)> {
+        let mut out = Vec::new();
+        for t in [m.a.weight.val(), m.b.weight.val(), m.t.val()] {
+            let (b, o, _) = buffer_of(&t).unwrap();
+            out.push((b, o));
+        }
+        for t in [m.a.bias.as_ref().unwrap().val(), m.b.bias.as_ref().unwrap().val(), m.v.val()] {
+            let (b, o, _) = buffer_of(&t).unwrap();
+            out.push((b, o));
+        }
+        out
+    };
+    let before = places(&model);
+    // Six parameters; the 12-byte bias and the 60-byte matrix padded in their allocations; the
+    // transposed matrix and the misaligned view copied once into allocations of their own.
+    let placement = sam.placement();
+    assert_eq!((placement.params, placement.padded, placement.moves), (6, 2, 2), "{placement:?}");
+    // Burn's pool packs small tensors into shared buffers: some parameters share one.
+    assert!((0..before.len()).any(|i| (0..i).any(|j| before[i].0 == before[j].0)), "no two parameters share a buffer");
+    for step in 0..steps {
+        let (x, y) = batch(&ad, 32);
+        let seen: RefCell<Vec<Seen>> = RefCell::new(Vec::new());
+        let st = sam
+            .step(&mut model, |m| {
+                let g = GradientsParams::from_grads(m.loss(&x, &y).backward(), m);
+                seen.borrow_mut().push(Seen { weights: read_params(m), grads: read_grads(m, &g) });
+                m.loss(&x, &y)
+            })
+            .unwrap();
+        let seen = seen.into_inner();
+        for (k, (_, g)) in seen[0].grads.iter().enumerate() {
+            cpu.write_grad(ids[k], g).unwrap();
+        }
+        let kind = cpu.first_step().unwrap();
+        assert_eq!(kind, st.kind, "step {step}: the engines decided differently");
+        assert_eq!(seen.len(), if kind == FirstStep::Perturbed { 2 } else { 1 }, "step {step}: loss calls");
+        if kind == FirstStep::Perturbed {
+            for (k, (path, w)) in seen[1].weights.iter().enumerate() {
+                let mut want = vec![0f32; w.len()];
+                cpu.read_param(ids[k], &mut want).unwrap();
+                let d = max_diff(w, &want);
+                assert!(d <= TOL, "step {step}: `{path}` at the perturbed point differs by {d:e}");
+                assert!(max_diff(w, &seen[0].weights[k].1) > 0.0, "step {step}: `{path}` was not perturbed");
+            }
+            for (k, (_, g)) in seen[1].grads.iter().enumerate() {
+                cpu.write_grad(ids[k], g).unwrap();
+            }
+        }
+        cpu.second_step().unwrap();
+        for (k, (path, w)) in read_params(&model).iter().enumerate() {
+            let mut want = vec![0f32; w.len()];
+            cpu.read_param(ids[k], &mut want).unwrap();
+            let d = max_diff(w, &want);
+            assert!(d <= TOL, "step {step}: `{path}` after the step differs by {d:e}");
+            // The CPU engine goes on from the GPU's weights, so rounding does not accumulate.
+            cpu.write_param(ids[k], w).unwrap();
+        }
+        assert!(places(&model) == before, "step {step}: a parameter moved");
+    }
+    eprintln!("placement after {steps} steps: {:?}", sam.placement());
+}
+
+#[test]
+fn sam_with_sgd_equals_the_cpu_engine_in_place() {
+    against_cpu(
+        Config {
+            base: BaseOptimizer::Sgd,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: Some(5e-4),
+            rho: 0.05,
+            ..Config::default()
+        },
+        4,
+    );
+}
+
+#[test]
+fn asam_with_adamw_equals_the_cpu_engine_in_place() {
+    against_cpu(
+        Config {
+            base: BaseOptimizer::AdamW,
+            lr: 0.01,
+            weight_decay: Some(0.01),
+            rho: 0.5,
+            adaptive: true,
+            ..Config::default()
+        },
+        4,
+    );
+}
+
+#[test]
+fn linf_sam_with_sgd_equals_the_cpu_engine_in_place() {
+    against_cpu(Config { base: BaseOptimizer::Sgd, lr: 0.05, rho: 0.01, norm: Norm::LInf, ..Config::default() }, 3);
+}
+
+#[test]
+fn looksam_skips_the_second_backward_and_equals_the_cpu_engine() {
+    against_cpu(
+        Config {
+            base: BaseOptimizer::Sgd,
+            lr: 0.1,
+            momentum: 0.9,
+            rho: 0.05,
+            schedule: Schedule::LookSam { k: 2, alpha: 0.7 },
+            ..Config::default()
+        },
+        5,
+    );
+}
+
+/// Burn's own SGD after samopt's restore, against a SAM step written in Burn tensors:
+/// e = rho g / ||g||, g' = the gradient at w + e, w <- w - lr g'.
+#[test]
+fn burns_optimizer_steps_after_the_restore() {
+    let Some((device, setup)) = runtime() else { return };
+    let ad = device.clone().autodiff();
+    let (lr, rho) = (0.1f64, 0.05f64);
+    let mut model = Net::new(&ad);
+    // Its own buffers: samopt perturbs `model`'s in place.
+    let mut reference = model.clone().map(&mut DeepCopy);
+    let mut sam = Sam::new(&ad, setup, Config { base: BaseOptimizer::None, rho, ..Config::default() }).unwrap();
+    let mut optim = SgdConfig::new().init();
+    let mut optim_ref = SgdConfig::new().init();
+    for step in 0..3 {
+        let (x, y) = batch(&ad, 32);
+        sam.step_with(&mut model, |m| m.loss(&x, &y), |m, g| optim.step(lr, m, g)).unwrap();
+        // The reference: Burn alone.
+        let g = GradientsParams::from_grads(reference.loss(&x, &y).backward(), &reference);
+        let gs = read_grads(&reference, &g);
+        let norm = gs.iter().flat_map(|(_, v)| v).map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+        let perturbed = reference.clone().map(&mut Shift { grads: &g, scale: rho / norm });
+        let g2 = GradientsParams::from_grads(perturbed.loss(&x, &y).backward(), &perturbed);
+        reference = optim_ref.step(lr, reference, g2);
+        for ((path, w), (_, want)) in read_params(&model).iter().zip(read_params(&reference)) {
+            let d = max_diff(w, &want);
+            assert!(d <= 1e-5, "step {step}: `{path}` differs from Burn's own SAM by {d:e}");
+        }
+        // Burn's optimizer replaced the parameters: found again and rebound at the next step.
+    }
+    // The transposed matrix and the misaligned view were copied once; then Burn's optimizer
+    // replaced every parameter by a fresh tensor: samopt binds those where they are, but for the
+    // two whose size is not a multiple of 16 bytes (in allocations samopt-burn did not make),
+    // which are copied again at each step.
+    assert_eq!(sam.placement().moves, 2 + 2 * 2, "{:?}", sam.placement());
+}
+
+/// A copy of every parameter in a buffer of its own.
+struct DeepCopy;
+
+impl burn::module::ModuleMapper for DeepCopy {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|w| {
+            let device = w.device();
+            Tensor::<D>::from_data(w.to_data(), &device).require_grad()
+        })
+    }
+}
+
+/// w + scale * g, parameter by parameter (the reference perturbation).
+struct Shift<'a> {
+    grads: &'a GradientsParams,
+    scale: f64,
+}
+
+impl burn::module::ModuleMapper for Shift<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some(g) = self.grads.get::<D>(param.id) else { return param };
+        let scale = self.scale;
+        param.map(|w| (w.inner() + g.mul_scalar(scale)).autodiff().require_grad())
+    }
+}
+
+/// A parameter replaced between steps (a loaded checkpoint, say) is rebound with samopt's state
+/// kept: the next steps equal the CPU engine whose weights were replaced the same way (momentum
+/// carried over). A parameter whose shape changed is refused by its path, nothing changed.
+#[test]
+fn replaced_parameters_are_rebound_and_changed_ones_refused() {
+    let Some((device, setup)) = runtime() else { return };
+    let ad = device.clone().autodiff();
+    let config = Config { base: BaseOptimizer::Sgd, lr: 0.1, momentum: 0.9, rho: 0.05, ..Config::default() };
+    let mut model = Net::new(&ad);
+    let mut sam = Sam::new(&ad, setup, config.clone()).unwrap();
+    let mut cpu = Optimizer::new(Config { backend: Backend::Cpu, ..config }).unwrap();
+    let ids: Vec<_> = read_params(&model).iter().map(|(_, w)| cpu.add_tensor(w).unwrap()).collect();
+    let run = |sam: &mut Sam, model: &mut Net, cpu: &mut Optimizer| {
+        let (x, y) = batch(&ad, 16);
+        let grads: RefCell<Vec<Vec<(String, Vec<f32>)>>> = RefCell::new(Vec::new());
+        sam.step(model, |m| {
+            let g = GradientsParams::from_grads(m.loss(&x, &y).backward(), m);
+            grads.borrow_mut().push(read_grads(m, &g));
+            m.loss(&x, &y)
+        })
+        .unwrap();
+        for g in grads.into_inner() {
+            for (k, (_, g)) in g.iter().enumerate() {
+                cpu.write_grad(ids[k], g).unwrap();
+            }
+            if cpu.phase() == samopt::Phase::Idle {
+                cpu.first_step().unwrap();
+            }
+        }
+        cpu.second_step().unwrap();
+        for (k, (path, w)) in read_params(model).iter().enumerate() {
+            let mut want = vec![0f32; w.len()];
+            cpu.read_param(ids[k], &mut want).unwrap();
+            assert!(max_diff(w, &want) <= TOL, "`{path}` differs by {:e}", max_diff(w, &want));
+            cpu.write_param(ids[k], w).unwrap();
+        }
+    };
+    run(&mut sam, &mut model, &mut cpu);
+    run(&mut sam, &mut model, &mut cpu);
+    // Replace an in-place weight and a moved bias, as loading a record would: same ids, new tensors.
+    let wa: Tensor<2> = Tensor::random([8, 16], Distribution::Uniform(-0.3, 0.3), &ad);
+    let bb: Tensor<1> = Tensor::random([3], Distribution::Uniform(-0.3, 0.3), &ad);
+    let (ida, idb) = (model.a.weight.id, model.b.bias.as_ref().unwrap().id);
+    model.a.weight = Param::initialized(ida, wa.clone().require_grad());
+    model.b.bias = Some(Param::initialized(idb, bb.clone().require_grad()));
+    cpu.write_param(ids[0], &wa.into_data().try_into_vec_as::<f32>().unwrap()).unwrap();
+    cpu.write_param(ids[3], &bb.into_data().try_into_vec_as::<f32>().unwrap()).unwrap();
+    let (old, _, _) = buffer_of(&model.a.weight.val()).unwrap();
+    run(&mut sam, &mut model, &mut cpu);
+    run(&mut sam, &mut model, &mut cpu);
+    assert!(buffer_of(&model.a.weight.val()).unwrap().0 == old, "the replaced weight is stepped where it now is");
+
+    // A changed shape is refused, naming the parameter; the model and samopt are left as they were.
+    let kept = read_params(&model);
+    let mut changed = model.clone();
+    changed.b.bias = Some(Param::initialized(idb, Tensor::<1>::zeros([4], &ad).require_grad()));
+    let (x, y) = batch(&ad, 16);
+    let err = sam.step(&mut changed, |m| m.loss(&x, &y)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(err.message().contains("b.bias"), "{}", err.message());
+    assert!(read_params(&model).iter().zip(&kept).all(|(a, b)| a.1 == b.1));
+    run(&mut sam, &mut model, &mut cpu);
+}
+
+/// Misuse is refused with a message, before anything moves.
+#[test]
+fn misuse_is_refused() {
+    let Some((device, setup)) = runtime() else { return };
+    let ad = device.clone().autodiff();
+    let (x, y) = batch(&ad, 4);
+    // samopt's SGD with Burn's optimizer, and the other way round.
+    let mut sam = Sam::new(&ad, setup, Config { base: BaseOptimizer::Sgd, ..Config::default() }).unwrap();
+    let mut model = Net::new(&ad);
+    let err = sam.step_with(&mut model, |m| m.loss(&x, &y), |m, _| m).unwrap_err();
+    assert!(err.message().contains("step_with"), "{}", err.message());
+    let mut none = Sam::new(&ad, setup, Config { base: BaseOptimizer::None, ..Config::default() }).unwrap();
+    assert!(none.step(&mut model, |m| m.loss(&x, &y)).unwrap_err().message().contains("step_with"));
+    // A model without autodiff cannot give gradients.
+    let mut plain = Net::new(device);
+    let err = sam.step(&mut plain, |m| m.loss(&x.clone().inner(), &y.clone().inner())).unwrap_err();
+    assert!(err.message().contains("autodiff"), "{}", err.message());
+    // A model with nothing to train.
+    let mut frozen = Net::new(&ad).no_grad();
+    assert!(sam.prepare(&mut frozen).unwrap_err().message().contains("no float parameter"));
+}
