@@ -55,6 +55,10 @@ bash scripts/libtorch-example.sh --ascent-fraction 0.25 | tail -n 3
 # A C engine's own Vulkan device and buffers under samopt, with the validation layer.
 bash scripts/vulkan-example.sh
 
+# Burn: samopt-burn's tests with Burn's fusion on and off, one wgpu linked, and its example (SGD
+# vs SAM for a Burn MLP on Burn's wgpu device, in place in Burn's buffers). The longest build here.
+bash scripts/burn-test.sh
+
 # The Julia binding: its test suite and example (installs a private Julia the first time).
 bash scripts/julia-test.sh
 

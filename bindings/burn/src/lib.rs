@@ -32,18 +32,24 @@
 //!
 //! ## What happens to each parameter
 //!
-//! Every float parameter of the module that requires a gradient is found by a module visitor and
-//! stepped where Burn keeps it, when samopt's GPU engine can bind it there: row-major contiguous,
-//! a byte size that is a multiple of 16 and an offset that is a multiple of the device's storage
-//! offset alignment (Burn's pool aligns every allocation). The others (a bias of 10 `f32`, a
-//! transposed weight, a view at an odd offset) are moved once, by Burn, into a padded allocation
-//! of their own, and the module's parameter becomes a view of it: from then on they are in place
-//! too. Their gradients are then copied, padded, each step (a Burn `slice_assign`; the bytes are
-//! counted in [`Placement`]). Gradients that do not satisfy the rules, or that share memory with
-//! another registered range, are copied the same way. Parameters Burn replaces (a loaded record,
-//! Burn's optimizer, `to_device` on the same device) are found again at the next step and rebound,
-//! samopt's state kept; a parameter whose shape changed, that moved to another device, or that left
-//! the module is refused with its path.
+//! Every float parameter of the module that requires a gradient is found by a module visitor
+//! (once, if tied) and registered with samopt at the first step. samopt's GPU engine binds a
+//! tensor where it is when it is row-major, at an offset that is a multiple of the device's
+//! storage offset alignment, a multiple of 16 bytes long, and overlaps no other registered range;
+//! Burn's pool packs many tensors into one `wgpu::Buffer`, and that is fine. Parameters that miss
+//! one of these (a transposed weight, a view at an odd offset, a bias of 10 `f32`) are copied once,
+//! on the device, into a fresh allocation of their own, and the module's parameter becomes that
+//! copy: from then on they are stepped in place too, a short one with the padding the pool gives
+//! every allocation (zeroed; Burn never reads it). Gradients that miss one of the rules are copied
+//! each pass into a zero-padded buffer (a Burn `slice_assign`; counted in [`Placement`]), the
+//! others are bound where Burn's backward put them.
+//!
+//! Burn replaces parameters (a loaded record, its own optimizer, `to_device` on this device): at
+//! the next step they are found where they now are and rebound, samopt's state kept; short ones
+//! are copied again, as samopt can only pad in an allocation it made. A parameter whose shape or
+//! dtype changed, that moved to another device or that left the module is refused, with its path,
+//! before anything moves. samopt holds every allocation it binds (cubecl's `ManagedResource`), so
+//! the pool cannot free, reuse or move it while samopt may write it.
 //!
 //! ## Ordering on the shared queue
 //!
@@ -190,6 +196,8 @@ pub struct Sam {
     entries: Vec<Entry>,
     index: HashMap<ParamId, usize>,
     placement: Placement,
+    /// A checkpoint to load as soon as the parameters are registered (the first step).
+    pending_state: Option<Vec<u8>>,
     /// Whether to time the steps (Burn's work is then waited for before each pass).
     timing: bool,
     times: StepTimes,
@@ -225,6 +233,7 @@ impl Sam {
             entries: Vec::new(),
             index: HashMap::new(),
             placement: Placement::default(),
+            pending_state: None,
             timing: false,
             times: StepTimes::default(),
         })
@@ -235,6 +244,28 @@ impl Sam {
     /// registered the parameters).
     pub fn optimizer(&mut self) -> &mut Optimizer {
         &mut self.opt
+    }
+
+    /// samopt's state (momentum or Adam's moments, LookSAM's `g_v`, the schedule's state, the loss
+    /// scale, the step counters), for a checkpoint beside Burn's record of the model. The
+    /// parameters are registered at the first step: before it, this is a state with no tensors.
+    pub fn save_state(&mut self) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.opt.state_size()];
+        let n = self.opt.save_state(&mut out)?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Loads a state [`save_state`](Self::save_state) gave, for the same model (parameters in the
+    /// same order, of the same sizes). Loaded now when the parameters are registered; otherwise
+    /// kept and loaded at the next step as soon as they are, before anything moves (that step
+    /// fails, changing no weight, if it does not fit).
+    pub fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
+        if !self.entries.is_empty() && self.entries.iter().all(|e| e.tensor.is_some()) {
+            return self.opt.load_state(bytes);
+        }
+        self.pending_state = Some(bytes.to_vec());
+        Ok(())
     }
 
     /// Where the parameters are stepped, as of the last step.
@@ -411,11 +442,11 @@ impl Sam {
     /// forward/backward is skipped. `loss` is called once or twice with the model and returns a
     /// scalar loss on the autodiff device.
     ///
-    /// `model` is updated in place (moved parameters become views of their padded allocations).
-    /// An error before the first step changes nothing. If `loss` panics at the perturbed point, or
-    /// its gradient cannot be bound, the step is ended with the first gradient (the weights
-    /// restored exactly, then updated as by a single-gradient step) before the panic or error goes
-    /// on: the model is never left perturbed.
+    /// `model` is updated in place (a parameter samopt cannot bind where it is is replaced by a
+    /// copy, see [`prepare`](Self::prepare)). An error before the first step changes nothing. If
+    /// `loss` panics at the perturbed point, or its gradient cannot be bound, the step is ended
+    /// with the first gradient (the weights restored exactly, then the base update with that
+    /// gradient) before the panic or error goes on: the model is never left perturbed.
     pub fn step<M: Module>(&mut self, model: &mut M, loss: impl FnMut(&M) -> Tensor<1>) -> Result<Step> {
         if self.opt.config().base == BaseOptimizer::None {
             return Err(Error::new(
@@ -602,6 +633,9 @@ impl Sam {
                 .register_wgpu(&at.buffer, at.offset, &b.located.buffer, b.located.offset, e.padded, e.dtype)
                 .map_err(|err| Error::new(err.kind(), format!("parameter `{}`: {}", e.path, err.message())))?;
             self.entries[b.entry].tensor = Some(id);
+        }
+        if let Some(state) = self.pending_state.take() {
+            self.opt.load_state(&state)?;
         }
         Ok(bound)
     }

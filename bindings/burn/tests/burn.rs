@@ -357,3 +357,43 @@ fn misuse_is_refused() {
     let mut frozen = Net::new(&ad).no_grad();
     assert!(sam.prepare(&mut frozen).unwrap_err().message().contains("no float parameter"));
 }
+
+/// A checkpoint of samopt's state, loaded into a new `Sam` before its first step (the parameters
+/// are registered there), resumes the run bit for bit: AdamW's moments and the step count carry
+/// over.
+#[test]
+fn a_checkpoint_resumes_the_run_exactly() {
+    let Some((device, setup)) = runtime() else { return };
+    let ad = device.clone().autodiff();
+    let config = Config { base: BaseOptimizer::AdamW, lr: 0.01, rho: 0.05, ..Config::default() };
+    let start = Net::new(&ad);
+    let batches: Vec<_> = (0..4).map(|_| batch(&ad, 16)).collect();
+    let run = |model: &mut Net, sam: &mut Sam, range: std::ops::Range<usize>| {
+        for (x, y) in &batches[range] {
+            sam.step(model, |m| m.loss(x, y)).unwrap();
+        }
+    };
+    let mut straight = start.clone().map(&mut DeepCopy);
+    run(&mut straight, &mut Sam::new(&ad, setup, config.clone()).unwrap(), 0..4);
+
+    let mut resumed = start.clone().map(&mut DeepCopy);
+    let mut first = Sam::new(&ad, setup, config.clone()).unwrap();
+    run(&mut resumed, &mut first, 0..2);
+    let state = first.save_state().unwrap();
+    drop(first);
+    let mut second = Sam::new(&ad, setup, config).unwrap();
+    second.load_state(&state).unwrap();
+    run(&mut resumed, &mut second, 2..4);
+    assert_eq!(second.optimizer().steps(), 4);
+    for ((path, a), (_, b)) in read_params(&straight).iter().zip(read_params(&resumed)) {
+        assert!(a == &b, "`{path}` differs after resuming");
+    }
+    // A state for another model is refused at the first step, before anything moves.
+    let mut other = Net::new(&ad);
+    let kept = read_params(&other);
+    let mut third = Sam::new(&ad, setup, Config { base: BaseOptimizer::AdamW, ..Config::default() }).unwrap();
+    third.load_state(&state[..state.len() - 8]).unwrap();
+    let (x, y) = &batches[0];
+    assert!(third.step(&mut other, |m| m.loss(x, y)).is_err());
+    assert!(read_params(&other).iter().zip(&kept).all(|(a, b)| a.1 == b.1));
+}
