@@ -27,14 +27,13 @@ impl Optimizer {
     /// (`unsupported`) when there is none.
     pub(super) fn register_in_place(
         &mut self,
-        len: usize,
-        dtype: DType,
+        (len, dtype, grad_writable): (usize, DType, bool),
         unsupported: &str,
         add: impl FnOnce(&mut Box<dyn Passes>) -> Result<()>,
     ) -> Result<TensorId> {
         self.check_new_tensor("register a tensor", len, dtype)?;
         add(self.passes.as_mut().ok_or_else(|| Error::new(ErrorKind::Unsupported, unsupported))?)?;
-        self.push_tensor(len, dtype, false, false);
+        self.push_tensor(len, dtype, false, grad_writable);
         Ok((self.tensors.len() - 1) as TensorId)
     }
 
@@ -53,8 +52,33 @@ impl Optimizer {
         len: usize,
         dtype: DType,
     ) -> Result<TensorId> {
+        self.register_wgpu_with((param, param_offset), (grad, grad_offset), (len, dtype, false))
+    }
+
+    /// [`register_wgpu`](Self::register_wgpu) with a gradient samopt may write: LookSAM without a
+    /// built-in base optimizer writes its direction there for the host's optimizer (as
+    /// `SAM_REGISTER_GRAD_WRITABLE` does for host buffers). Nothing else writes a gradient.
+    pub fn register_wgpu_writable(
+        &mut self,
+        param: &wgpu::Buffer,
+        param_offset: u64,
+        grad: &wgpu::Buffer,
+        grad_offset: u64,
+        len: usize,
+        dtype: DType,
+    ) -> Result<TensorId> {
+        self.register_wgpu_with((param, param_offset), (grad, grad_offset), (len, dtype, true))
+    }
+
+    fn register_wgpu_with(
+        &mut self,
+        (param, param_offset): (&wgpu::Buffer, u64),
+        (grad, grad_offset): (&wgpu::Buffer, u64),
+        tensor: (usize, DType, bool),
+    ) -> Result<TensorId> {
         let external = crate::gpu::External { param: param.clone(), param_offset, grad: grad.clone(), grad_offset };
-        self.register_in_place(len, dtype, "register_wgpu needs an optimizer from on_wgpu_device", |passes| {
+        let (len, dtype, _) = tensor;
+        self.register_in_place(tensor, "register_wgpu needs an optimizer from on_wgpu_device", |passes| {
             passes.add_external(external, len, dtype)
         })
     }
@@ -155,10 +179,14 @@ impl Optimizer {
         len: usize,
         dtype: DType,
     ) -> Result<TensorId> {
-        self.register_in_place(len, dtype, "Vulkan buffers need an optimizer from sam_create_vulkan", |passes| {
-            // SAFETY: the caller's contract, passed on.
-            unsafe { passes.add_vulkan(param, grad, len, dtype) }
-        })
+        self.register_in_place(
+            (len, dtype, false),
+            "Vulkan buffers need an optimizer from sam_create_vulkan",
+            |passes| {
+                // SAFETY: the caller's contract, passed on.
+                unsafe { passes.add_vulkan(param, grad, len, dtype) }
+            },
+        )
     }
 
     /// Registers a parameter buffer and its gradient buffer, both owned by the host.

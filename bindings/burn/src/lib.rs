@@ -214,7 +214,8 @@ impl Sam {
     /// [`init_wgpu`] or the setup the application registered with Burn). `config` is samopt's:
     /// rho, the variant, the base optimizer (`BaseOptimizer::None` to step with Burn's own
     /// optimizer through [`step_with`](Self::step_with)), schedules, loss scaling. `config.backend`
-    /// is ignored: the backend is this device.
+    /// is ignored: the backend is this device. `setup` must be the handles of `device` (samopt
+    /// submits its passes to that queue, on those buffers).
     pub fn new(device: &Device, setup: &WgpuSetup, config: Config) -> Result<Sam> {
         let device = device.clone().inner();
         let opt = Optimizer::on_wgpu_device(
@@ -459,8 +460,9 @@ impl Sam {
 
     /// One SAM training step with Burn's own optimizer (`config.base` = `BaseOptimizer::None`):
     /// as [`step`](Self::step), but after samopt restores `w`, `base` steps the model with the
-    /// gradient at the perturbed point (on a single-gradient step, with the one gradient),
-    /// typically `|model, grads| optim.step(lr, model, grads)`. Not called on a skipped step.
+    /// gradient at the perturbed point (on a single-gradient step, with the one gradient; under
+    /// LookSAM, with the direction samopt wrote into it), typically
+    /// `|model, grads| optim.step(lr, model, grads)`. Not called on a skipped step.
     /// Burn's optimizer replaces the parameters it updates; they are found and rebound at the
     /// next step (a copy each step for the parameters that live in padded allocations).
     pub fn step_with<M: Module>(
@@ -501,7 +503,7 @@ impl Sam {
             self.flush()?;
         }
         let t = clock();
-        let first_bound = self.bind_grads(model, &mut grads, false)?;
+        let mut first_bound = self.bind_grads(model, &mut grads, false)?;
         self.flush()?;
         self.times.bind += t.elapsed();
         let t = clock();
@@ -547,13 +549,20 @@ impl Sam {
         let t = clock();
         let second = self.opt.second_step()?;
         self.times.passes += t.elapsed();
-        drop((first_bound, second_bound));
         if let Some(base) = base
             && kind != FirstStep::Skipped
             && second != SecondStep::Skipped
         {
+            // The gradients that were copied go back into `grads` as they are now.
+            let used = second_bound.as_mut().unwrap_or(&mut first_bound);
+            for b in used.iter_mut() {
+                if let Some(give_back) = b.give_back.take() {
+                    give_back(&mut grads);
+                }
+            }
             *model = base(model.clone(), grads);
         }
+        drop((first_bound, second_bound));
         Ok(Step { kind, loss: first_loss.inner(), perturbed_loss })
     }
 
@@ -630,7 +639,7 @@ impl Sam {
             let at = e.at.as_ref().expect("prepare located every entry");
             let id = self
                 .opt
-                .register_wgpu(&at.buffer, at.offset, &b.located.buffer, b.located.offset, e.padded, e.dtype)
+                .register_wgpu_writable(&at.buffer, at.offset, &b.located.buffer, b.located.offset, e.padded, e.dtype)
                 .map_err(|err| Error::new(err.kind(), format!("parameter `{}`: {}", e.path, err.message())))?;
             self.entries[b.entry].tensor = Some(id);
         }

@@ -1,5 +1,6 @@
-//! The module visitors and mappers: finding a model's float parameters, moving the ones samopt
-//! cannot bind into padded allocations, and finding each parameter's gradient.
+//! The module visitors and mappers: finding a model's float parameters, copying the ones samopt
+//! cannot bind where they are into allocations of their own, and finding each parameter's
+//! gradient.
 //!
 //! Burn's tensors carry their rank in their type, so everything that touches a parameter's
 //! tensor happens inside a visitor, where the rank is known.
@@ -41,7 +42,7 @@ impl Path {
 }
 
 /// Finds every float parameter that requires a gradient (frozen ones are left alone), once each
-/// (a tied parameter is visited once per use).
+/// (the visitor meets a tied parameter once per use).
 pub(crate) struct Survey<'a> {
     device: &'a Device,
     path: Path,
@@ -183,12 +184,15 @@ pub(crate) struct BoundGrad {
     pub located: Located,
     /// The padded copy when the gradient was staged (kept alive while samopt reads it).
     pub staged: Option<Tensor<1>>,
+    /// For a staged gradient: puts the copy back into the gradients, in the parameter's shape,
+    /// once samopt is done with it (LookSAM writes its direction there for the host's
+    /// optimizer; a view taken earlier would, under fusion, be a copy of the old values).
+    pub give_back: Option<Box<dyn FnOnce(&mut GradientsParams)>>,
 }
 
 /// Finds each registered parameter's gradient in `grads`, copies into a padded allocation the
-/// ones samopt cannot bind where they are (and puts the copy, as a view, in `grads` in their
-/// place, so a host optimizer reads what samopt wrote), and a zero gradient for a parameter that
-/// got none.
+/// ones samopt cannot bind where they are (taking them out of `grads` until
+/// [`BoundGrad::give_back`]), and a zero gradient for a parameter that got none.
 pub(crate) struct GradBinder<'a> {
     pub device: &'a Device,
     pub align: u64,
@@ -224,10 +228,16 @@ impl<'a> GradBinder<'a> {
         };
         let what = || format!("the gradient of `{path}`");
         let located = locate::locate(grad.clone(), &what)?;
-        if located.len != dims.iter().product::<usize>() || located.dtype.size() != param.dtype().size() {
+        if located.len != dims.iter().product::<usize>() || Some(located.dtype) != locate::element_type(param.dtype()) {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                format!("{}: {} elements of {}, the parameter has {dims:?}", what(), located.len, located.dtype.name()),
+                format!(
+                    "{}: {} elements of {}, the parameter {dims:?} of {:?}",
+                    what(),
+                    located.len,
+                    located.dtype.name(),
+                    param.dtype()
+                ),
             ));
         }
         // A gradient is bound where it is only when it needs no padding (samopt-burn cannot tell
@@ -236,7 +246,7 @@ impl<'a> GradBinder<'a> {
             let s = located.offset;
             self.taken.push((located.buffer.clone(), s, s + (padded * located.dtype.size()) as u64));
             self.grads.register::<D>(param.id, grad);
-            self.bound.push(BoundGrad { entry, located, staged: None });
+            self.bound.push(BoundGrad { entry, located, staged: None, give_back: None });
             return Ok(());
         }
         drop(located);
@@ -251,8 +261,10 @@ impl<'a> GradBinder<'a> {
         let s = located.offset;
         self.taken.push((located.buffer.clone(), s, s + located.bytes()));
         let n: usize = dims.iter().product();
-        self.grads.register::<D>(param.id, staged.clone().slice([0..n]).reshape(dims));
-        self.bound.push(BoundGrad { entry, located, staged: Some(staged) });
+        let (id, copy) = (param.id, staged.clone());
+        let give_back: Box<dyn FnOnce(&mut GradientsParams)> =
+            Box::new(move |grads: &mut GradientsParams| grads.register::<D>(id, copy.slice([0..n]).reshape(dims)));
+        self.bound.push(BoundGrad { entry, located, staged: Some(staged), give_back: Some(give_back) });
         Ok(())
     }
 }

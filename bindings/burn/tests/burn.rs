@@ -397,3 +397,71 @@ fn a_checkpoint_resumes_the_run_exactly() {
     assert!(third.step(&mut other, |m| m.loss(x, y)).is_err());
     assert!(read_params(&other).iter().zip(&kept).all(|(a, b)| a.1 == b.1));
 }
+
+/// LookSAM with Burn's own optimizer: on its single-gradient steps samopt writes LookSAM's
+/// direction into Burn's gradients (the short ones through their padded copies) and Burn's SGD
+/// steps with it. The weights follow samopt's CPU engine on host buffers with writable gradients
+/// and the same SGD written in the test, step after step.
+#[test]
+fn looksam_hands_its_direction_to_burns_optimizer() {
+    let Some((device, setup)) = runtime() else { return };
+    let ad = device.clone().autodiff();
+    let lr = 0.1f64;
+    let config = Config {
+        base: BaseOptimizer::None,
+        rho: 0.05,
+        schedule: Schedule::LookSam { k: 2, alpha: 0.7 },
+        ..Config::default()
+    };
+    let mut model = Net::new(&ad);
+    let mut sam = Sam::new(&ad, setup, config.clone()).unwrap();
+    let mut optim = SgdConfig::new().init();
+    // The reference: host buffers the CPU engine perturbs, restores and (LookSAM) writes into.
+    let mut cpu = Optimizer::new(Config { backend: Backend::Cpu, ..config }).unwrap();
+    let mut w: Vec<Vec<f32>> = read_params(&model).into_iter().map(|(_, v)| v).collect();
+    let mut g: Vec<Vec<f32>> = w.iter().map(|v| vec![0.0; v.len()]).collect();
+    for k in 0..w.len() {
+        // SAFETY: the vectors are neither moved nor resized while `cpu` lives.
+        unsafe { cpu.register_host_writable(w[k].as_mut_ptr(), g[k].as_mut_ptr(), w[k].len()) }.unwrap();
+    }
+    let mut single = 0;
+    for step in 0..5 {
+        let (x, y) = batch(&ad, 32);
+        let seen: RefCell<Vec<Seen>> = RefCell::new(Vec::new());
+        let st = sam
+            .step_with(
+                &mut model,
+                |m| {
+                    let grads = GradientsParams::from_grads(m.loss(&x, &y).backward(), m);
+                    seen.borrow_mut().push(Seen { weights: read_params(m), grads: read_grads(m, &grads) });
+                    m.loss(&x, &y)
+                },
+                |m, grads| optim.step(lr, m, grads),
+            )
+            .unwrap();
+        let seen = seen.into_inner();
+        for (k, (_, gk)) in seen[0].grads.iter().enumerate() {
+            g[k].copy_from_slice(gk);
+        }
+        assert_eq!(cpu.first_step().unwrap(), st.kind, "step {step}");
+        if st.kind == FirstStep::Perturbed {
+            for (k, (path, wk)) in seen[1].weights.iter().enumerate() {
+                let d = max_diff(wk, &w[k]);
+                assert!(d <= TOL, "step {step}: `{path}` at the perturbed point differs by {d:e}");
+            }
+            for (k, (_, gk)) in seen[1].grads.iter().enumerate() {
+                g[k].copy_from_slice(gk);
+            }
+        } else {
+            single += 1;
+        }
+        cpu.second_step().unwrap();
+        for (k, (path, wk)) in read_params(&model).iter().enumerate() {
+            let want: Vec<f32> = w[k].iter().zip(&g[k]).map(|(&wi, &gi)| wi - lr as f32 * gi).collect();
+            let d = max_diff(wk, &want);
+            assert!(d <= TOL, "step {step}: `{path}` after Burn's SGD differs by {d:e}");
+            w[k].copy_from_slice(wk);
+        }
+    }
+    assert!(single >= 2, "LookSAM took {single} single-gradient steps");
+}
