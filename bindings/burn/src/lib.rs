@@ -319,7 +319,7 @@ impl Sam {
             }
         }
         if moves.is_empty() {
-            self.record(found, &moves);
+            self.record(found, &moves, &HashMap::new());
             return Ok(());
         }
         // Those that samopt cannot bind where they are are copied into fresh allocations, then
@@ -327,7 +327,9 @@ impl Sam {
         // `before` stays pinned until the copies are checked, so no copy can land in a slot
         // a parameter held before it.
         let before: HashMap<ParamId, Found> = found.into_iter().map(|f| (f.id, f)).collect();
-        let moved = model.clone().map(&mut Move::new(&self.device, &moves));
+        let mut mover = Move::new(&self.device, &moves);
+        let moved = model.clone().map(&mut mover);
+        let tails = mover.finish();
         let found = self.survey(&moved)?;
         let mut taken: Vec<(wgpu::Buffer, u64, u64)> = Vec::new();
         for f in &found {
@@ -357,7 +359,7 @@ impl Sam {
         }
         self.placement.moves += moves.len() as u64;
         drop(before);
-        self.record(found, &moves);
+        self.record(found, &moves, &tails);
         *model = moved;
         Ok(())
     }
@@ -407,8 +409,13 @@ impl Sam {
     }
 
     /// Records where each parameter is now (new ones get an entry); `moved` were just copied
-    /// into allocations made here, whose padding is zeroed.
-    fn record(&mut self, found: Vec<Found>, moved: &std::collections::HashSet<ParamId>) {
+    /// into allocations made here, whose padding is zeroed (`tails`: see `model::zero_padding`).
+    fn record(
+        &mut self,
+        found: Vec<Found>,
+        moved: &std::collections::HashSet<ParamId>,
+        tails: &HashMap<ParamId, [u8; 2]>,
+    ) {
         for f in found {
             let k = *self.index.entry(f.id).or_insert_with(|| {
                 self.entries.push(Entry {
@@ -425,7 +432,7 @@ impl Sam {
             });
             let e = &mut self.entries[k];
             if moved.contains(&f.id) {
-                model::zero_padding(&self.queue, &f.located, e.padded);
+                model::zero_padding(&self.queue, &f.located, e.padded, tails.get(&f.id).copied());
                 e.moved = true;
             } else if !e.at.as_ref().is_some_and(|at| same_place(at, &f.located)) {
                 e.moved = false;

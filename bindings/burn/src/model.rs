@@ -115,11 +115,18 @@ impl ModuleVisitor for Survey<'_> {
 pub(crate) struct Move<'a> {
     device: &'a Device,
     moves: &'a std::collections::HashSet<ParamId>,
+    /// The last element's bytes of each moved 16-bit parameter with an odd length (see
+    /// [`zero_padding`]).
+    tails: HashMap<ParamId, [u8; 2]>,
 }
 
 impl<'a> Move<'a> {
     pub fn new(device: &'a Device, moves: &'a std::collections::HashSet<ParamId>) -> Self {
-        Move { device, moves }
+        Move { device, moves, tails: HashMap::new() }
+    }
+
+    pub fn finish(self) -> HashMap<ParamId, [u8; 2]> {
+        self.tails
     }
 }
 
@@ -128,16 +135,25 @@ impl ModuleMapper for Move<'_> {
         if !self.moves.contains(&param.id) {
             return param;
         }
-        let device = self.device;
-        param.map(|t| {
+        let (device, id) = (self.device, param.id);
+        let mut tail = None;
+        let param = param.map(|t| {
             let require_grad = t.is_require_grad();
             let (dims, dtype) = (t.dims(), t.dtype());
             let n = dims.iter().product::<usize>();
             // Flattened first: an elementwise kernel keeps a transposed input's strides.
             let flat: Tensor<1> = t.inner().reshape([n]);
+            if dtype.size() == 2 && n % 2 == 1 {
+                let last = flat.clone().slice([n - 1..n]).into_data();
+                tail = Some([last.as_bytes()[0], last.as_bytes()[1]]);
+            }
             let fresh = Tensor::<1>::zeros([n], (device, dtype)).add(flat).reshape(dims).autodiff();
             if require_grad { fresh.require_grad() } else { fresh }
-        })
+        });
+        if let Some(tail) = tail {
+            self.tails.insert(id, tail);
+        }
+        param
     }
 }
 
@@ -170,11 +186,22 @@ pub(crate) fn bindable(
 }
 
 /// Zeroes the padding samopt binds after a parameter's data in an allocation samopt-burn made
-/// (bytes Burn never reads): padding stays zero through every pass, as its gradient is zero.
-pub(crate) fn zero_padding(queue: &wgpu::Queue, at: &Located, padded: usize) {
-    let pad = (padded - at.len) * at.dtype.size();
-    if pad > 0 {
-        queue.write_buffer(&at.buffer, at.offset + at.bytes(), &[0u8; 16][..pad]);
+/// (bytes Burn never reads): padding stays zero through every pass, as its gradient is zero (and
+/// no garbage NaN there reaches ASAM's norm). Queue writes are 4-byte aligned: a 16-bit parameter
+/// of odd length ends mid-word, so that word is written whole, with `tail`, the last element's
+/// bytes, read back when the parameter was copied.
+pub(crate) fn zero_padding(queue: &wgpu::Queue, at: &Located, padded: usize, tail: Option<[u8; 2]>) {
+    let (mut start, end) = (at.offset + at.bytes(), at.offset + (padded * at.dtype.size()) as u64);
+    if start == end {
+        return;
+    }
+    if start % 4 == 2 {
+        let [a, b] = tail.expect("the last element of a 16-bit parameter of odd length was read when it was copied");
+        queue.write_buffer(&at.buffer, start - 2, &[a, b, 0, 0]);
+        start += 2;
+    }
+    if start < end {
+        queue.write_buffer(&at.buffer, start, &[0u8; 16][..(end - start) as usize]);
     }
 }
 

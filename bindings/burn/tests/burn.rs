@@ -1,10 +1,11 @@
 //! samopt-burn on Burn's wgpu backend (lavapipe in CI): the passes run in Burn's own buffers (the
 //! weights Burn reads back at the perturbed point are samopt's, every parameter keeps its buffer and
 //! offset), and every step equals samopt's CPU engine fed the same gradients (computed by Burn
-//! independently, inside the loss closure) within rounding: SAM and ASAM, SGD and AdamW bases, a
-//! LookSAM schedule, Burn's own optimizer against a SAM step written in Burn tensors. A model with
-//! odd-sized, transposed and misaligned parameters; parameters that share Burn's pool buffers;
-//! parameters replaced between steps (rebound, state kept) or changed (refused with their path).
+//! independently, inside the loss closure) within rounding: SAM, ASAM and the sign perturbation,
+//! SGD and AdamW bases, a LookSAM schedule, in f32 and f16; Burn's own optimizer against a SAM step
+//! written in Burn tensors, and under LookSAM against the CPU engine. A model with short,
+//! transposed and sliced parameters; parameters that share Burn's pool buffers; parameters
+//! replaced between steps (rebound, state kept) or changed (refused with their path); checkpoints.
 //! Run with fusion (the default features) and without (`--no-default-features`).
 
 use std::cell::RefCell;
@@ -33,8 +34,10 @@ fn runtime() -> Option<&'static (Device, WgpuSetup)> {
 }
 
 /// Every kind of parameter a real model brings: a weight and bias samopt binds where Burn put them
-/// (`a`), a weight in place and a 3-element bias (12 bytes: moved into a padded allocation) in
-/// `b`, a transposed (non-contiguous) matrix `t`, and a view at byte 4 of a larger tensor `v`.
+/// (`a`), a weight in place and a 3-element bias (12 bytes in f32: copied once into an
+/// allocation of samopt-burn's, padded there) in `b`, a transposed (not row-major, 15 elements)
+/// matrix `t`, and `v`, rows of a larger tensor (a view into its allocation without fusion, a copy
+/// with it; bound where it is either way).
 #[derive(Module, Debug)]
 struct Net {
     a: Linear,
@@ -46,7 +49,8 @@ struct Net {
 impl Net {
     fn new(device: &Device) -> Net {
         let t: Tensor<2> = Tensor::random([5, 3], Distribution::Uniform(-0.5, 0.5), device).transpose();
-        let v: Tensor<1> = Tensor::random([16], Distribution::Uniform(-0.5, 0.5), device).slice([1..9]);
+        let v: Tensor<1> =
+            Tensor::<2>::random([4, 4], Distribution::Uniform(-0.5, 0.5), device).slice([1..3]).reshape([8]);
         Net {
             a: LinearConfig::new(8, 16).init(device),
             b: LinearConfig::new(16, 3).init(device),
@@ -84,20 +88,83 @@ fn max_diff(a: &[f32], b: &[f32]) -> f64 {
 
 /// Rounding allowed between the GPU and CPU engines per step (relative to max(|w|, 1)): the
 /// global norm is summed in another order, so the perturbation and the Adam denominators may
-/// differ in the last bits.
+/// differ in the last bits of f32; in f16, a result may round to the neighbouring f16 (2^-10).
 const TOL: f64 = 4e-6;
+const TOL_F16: f64 = 1.0 / 1024.0;
+
+/// samopt's CPU engine holding the reference copy of the parameters, in f32 or f16.
+struct Cpu {
+    opt: Optimizer,
+    ids: Vec<samopt::TensorId>,
+    f16: bool,
+}
+
+impl Cpu {
+    fn new(config: &Config, params: &[(String, Vec<f32>)], f16: bool) -> Cpu {
+        let mut opt = Optimizer::new(Config { backend: Backend::Cpu, ..config.clone() }).unwrap();
+        let ids = params
+            .iter()
+            .map(|(_, w)| if f16 { opt.add_tensor(&halves(w)) } else { opt.add_tensor(w) }.unwrap())
+            .collect();
+        Cpu { opt, ids, f16 }
+    }
+
+    fn write_grad(&mut self, k: usize, g: &[f32]) {
+        if self.f16 { self.opt.write_grad(self.ids[k], &halves(g)) } else { self.opt.write_grad(self.ids[k], g) }
+            .unwrap()
+    }
+
+    fn write_param(&mut self, k: usize, w: &[f32]) {
+        if self.f16 { self.opt.write_param(self.ids[k], &halves(w)) } else { self.opt.write_param(self.ids[k], w) }
+            .unwrap()
+    }
+
+    fn read_param(&mut self, k: usize, len: usize) -> Vec<f32> {
+        if self.f16 {
+            let mut out = vec![samopt::half::f16::ZERO; len];
+            self.opt.read_param(self.ids[k], &mut out).unwrap();
+            out.iter().map(|h| h.to_f32()).collect()
+        } else {
+            let mut out = vec![0f32; len];
+            self.opt.read_param(self.ids[k], &mut out).unwrap();
+            out
+        }
+    }
+}
+
+/// f16 values of f32 ones that are f16 already (read back from f16 tensors): exact.
+fn halves(v: &[f32]) -> Vec<samopt::half::f16> {
+    v.iter().map(|&x| samopt::half::f16::from_f32(x)).collect()
+}
+
+/// Every parameter as `dtype` (a Burn cast; f32 stays as it is).
+struct Cast(burn::tensor::DType);
+
+impl burn::module::ModuleMapper for Cast {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let dtype = self.0;
+        param.map(|w| w.inner().cast(dtype).autodiff().require_grad())
+    }
+}
 
 /// Trains `steps` steps with samopt-burn and replays them on samopt's CPU engine with the
 /// gradients Burn computed at the weights Burn saw; every perturbed point and every update must
-/// agree, and every parameter must keep its buffer and offset.
+/// agree, and every parameter must keep its buffer and offset. `f16`: the model's parameters are
+/// Burn f16 tensors (Burn's wgpu has no bf16).
 fn against_cpu(config: Config, steps: usize) {
+    against_cpu_in(config.clone(), steps, false);
+    against_cpu_in(config, steps, true);
+}
+
+fn against_cpu_in(config: Config, steps: usize, f16: bool) {
     let Some((device, setup)) = runtime() else { return };
     let ad = device.clone().autodiff();
-    let mut model = Net::new(&ad);
+    let dtype = if f16 { burn::tensor::DType::F16 } else { burn::tensor::DType::F32 };
+    let tol = if f16 { TOL_F16 } else { TOL };
+    let mut model = Net::new(&ad).map(&mut Cast(dtype));
     let mut sam = Sam::new(&ad, setup, config.clone()).unwrap();
     sam.prepare(&mut model).unwrap();
-    let mut cpu = Optimizer::new(Config { backend: Backend::Cpu, ..config }).unwrap();
-    let ids: Vec<_> = read_params(&model).iter().map(|(_, w)| cpu.add_tensor(w).unwrap()).collect();
+    let mut cpu = Cpu::new(&config, &read_params(&model), f16);
     let places = |m: &Net| -> Vec<(wgpu::Buffer, u64)> {
         let mut out = Vec::new();
         for t in [m.a.weight.val(), m.b.weight.val(), m.t.val()] {
@@ -111,14 +178,15 @@ fn against_cpu(config: Config, steps: usize) {
         out
     };
     let before = places(&model);
-    // Six parameters; the 12-byte bias and the 60-byte matrix padded in their allocations; the
-    // transposed matrix and the misaligned view copied once into allocations of their own.
+    // Six parameters; the 3-element bias and the transposed 15-element matrix copied once into
+    // allocations of their own, padded there; the others bound where Burn put them.
     let placement = sam.placement();
     assert_eq!((placement.params, placement.padded, placement.moves), (6, 2, 2), "{placement:?}");
     // Burn's pool packs small tensors into shared buffers: some parameters share one.
     assert!((0..before.len()).any(|i| (0..i).any(|j| before[i].0 == before[j].0)), "no two parameters share a buffer");
     for step in 0..steps {
         let (x, y) = batch(&ad, 32);
+        let (x, y) = (x.cast(dtype), y.cast(dtype));
         let seen: RefCell<Vec<Seen>> = RefCell::new(Vec::new());
         let st = sam
             .step(&mut model, |m| {
@@ -129,35 +197,31 @@ fn against_cpu(config: Config, steps: usize) {
             .unwrap();
         let seen = seen.into_inner();
         for (k, (_, g)) in seen[0].grads.iter().enumerate() {
-            cpu.write_grad(ids[k], g).unwrap();
+            cpu.write_grad(k, g);
         }
-        let kind = cpu.first_step().unwrap();
+        let kind = cpu.opt.first_step().unwrap();
         assert_eq!(kind, st.kind, "step {step}: the engines decided differently");
         assert_eq!(seen.len(), if kind == FirstStep::Perturbed { 2 } else { 1 }, "step {step}: loss calls");
         if kind == FirstStep::Perturbed {
             for (k, (path, w)) in seen[1].weights.iter().enumerate() {
-                let mut want = vec![0f32; w.len()];
-                cpu.read_param(ids[k], &mut want).unwrap();
-                let d = max_diff(w, &want);
-                assert!(d <= TOL, "step {step}: `{path}` at the perturbed point differs by {d:e}");
+                let d = max_diff(w, &cpu.read_param(k, w.len()));
+                assert!(d <= tol, "step {step} ({dtype:?}): `{path}` at the perturbed point differs by {d:e}");
                 assert!(max_diff(w, &seen[0].weights[k].1) > 0.0, "step {step}: `{path}` was not perturbed");
             }
             for (k, (_, g)) in seen[1].grads.iter().enumerate() {
-                cpu.write_grad(ids[k], g).unwrap();
+                cpu.write_grad(k, g);
             }
         }
-        cpu.second_step().unwrap();
+        cpu.opt.second_step().unwrap();
         for (k, (path, w)) in read_params(&model).iter().enumerate() {
-            let mut want = vec![0f32; w.len()];
-            cpu.read_param(ids[k], &mut want).unwrap();
-            let d = max_diff(w, &want);
-            assert!(d <= TOL, "step {step}: `{path}` after the step differs by {d:e}");
+            let d = max_diff(w, &cpu.read_param(k, w.len()));
+            assert!(d <= tol, "step {step} ({dtype:?}): `{path}` after the step differs by {d:e}");
             // The CPU engine goes on from the GPU's weights, so rounding does not accumulate.
-            cpu.write_param(ids[k], w).unwrap();
+            cpu.write_param(k, w);
         }
         assert!(places(&model) == before, "step {step}: a parameter moved");
     }
-    eprintln!("placement after {steps} steps: {:?}", sam.placement());
+    eprintln!("placement after {steps} steps ({dtype:?}): {:?}", sam.placement());
 }
 
 #[test]
@@ -239,10 +303,10 @@ fn burns_optimizer_steps_after_the_restore() {
         }
         // Burn's optimizer replaced the parameters: found again and rebound at the next step.
     }
-    // The transposed matrix and the misaligned view were copied once; then Burn's optimizer
-    // replaced every parameter by a fresh tensor: samopt binds those where they are, but for the
-    // two whose size is not a multiple of 16 bytes (in allocations samopt-burn did not make),
-    // which are copied again at each step.
+    // The short bias and the transposed matrix were copied once; then Burn's optimizer replaced
+    // every parameter by a fresh tensor: samopt binds those where they are, but for the two whose
+    // size is not a multiple of 16 bytes (in allocations samopt-burn did not make), which are
+    // copied again at each step.
     assert_eq!(sam.placement().moves, 2 + 2 * 2, "{:?}", sam.placement());
 }
 
@@ -272,9 +336,10 @@ impl burn::module::ModuleMapper for Shift<'_> {
     }
 }
 
-/// A parameter replaced between steps (a loaded checkpoint, say) is rebound with samopt's state
-/// kept: the next steps equal the CPU engine whose weights were replaced the same way (momentum
-/// carried over). A parameter whose shape changed is refused by its path, nothing changed.
+/// A parameter replaced between steps (set by hand, or by `load_record`) is rebound with samopt's
+/// state kept: the next steps equal the CPU engine whose weights were replaced the same way
+/// (momentum carried over). A parameter whose shape changed is refused by its path, nothing
+/// changed.
 #[test]
 fn replaced_parameters_are_rebound_and_changed_ones_refused() {
     let Some((device, setup)) = runtime() else { return };
@@ -323,6 +388,17 @@ fn replaced_parameters_are_rebound_and_changed_ones_refused() {
     run(&mut sam, &mut model, &mut cpu);
     run(&mut sam, &mut model, &mut cpu);
     assert!(buffer_of(&model.a.weight.val()).unwrap().0 == old, "the replaced weight is stepped where it now is");
+
+    // A record of the model loaded back over it (Burn's checkpoint path): new tensors, same ids.
+    let snapshot = read_params(&model);
+    let record = model.clone().map(&mut DeepCopy).into_record();
+    run(&mut sam, &mut model, &mut cpu);
+    model = model.load_record(record);
+    assert!(read_params(&model) == snapshot, "the record was loaded");
+    for (k, (_, w)) in snapshot.iter().enumerate() {
+        cpu.write_param(ids[k], w).unwrap();
+    }
+    run(&mut sam, &mut model, &mut cpu);
 
     // A changed shape is refused, naming the parameter; the model and samopt are left as they were.
     let kept = read_params(&model);
