@@ -148,10 +148,8 @@ fn run(a: Args) -> Result<(), String> {
     let (mut train, mut test, source) = match &a.data {
         Some(path) => {
             let all = data::load(path, a.labels.as_deref())?;
-            let mut idx: Vec<usize> = (0..all.len()).collect();
-            data::Rng::new(a.seed).shuffle(&mut idx);
-            let cut = all.len() * 4 / 5;
-            (all.subset(&idx[..cut]), all.subset(&idx[cut..]), path.display().to_string())
+            let (train, test) = data::split(&all, a.seed, &path.display().to_string())?;
+            (train, test, path.display().to_string())
         }
         None => {
             let (train, test) = data::generated(a.train, 2000, 16, 4, a.seed);

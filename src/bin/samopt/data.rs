@@ -109,6 +109,17 @@ pub fn generated(train: usize, test: usize, dim: usize, classes: usize, seed: u6
     (sample(train), sample(test))
 }
 
+/// `all` shuffled with `seed` and cut 80% / 20% into (train, test); `name` names it in errors.
+pub fn split(all: &Dataset, seed: u64, name: &str) -> Result<(Dataset, Dataset), String> {
+    let mut idx: Vec<usize> = (0..all.len()).collect();
+    Rng::new(seed).shuffle(&mut idx);
+    let cut = all.len() * 4 / 5;
+    if cut == 0 || cut == all.len() {
+        return Err(format!("--data {name}: {} rows are too few to split", all.len()));
+    }
+    Ok((all.subset(&idx[..cut]), all.subset(&idx[cut..])))
+}
+
 /// Replaces a `fraction` of the labels by a different class, uniformly; returns how many.
 pub fn flip_labels(d: &mut Dataset, fraction: f64, seed: u64) -> usize {
     let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(7));

@@ -283,13 +283,8 @@ fn run_demo(a: DemoArgs) -> Result<(), String> {
     let (mut train, mut test, source) = match &a.data {
         Some(path) => {
             let all = data::load(path, a.labels.as_deref())?;
-            let mut idx: Vec<usize> = (0..all.len()).collect();
-            data::Rng::new(a.seed).shuffle(&mut idx);
-            let cut = all.len() * 4 / 5;
-            if cut == 0 || cut == all.len() {
-                return Err(format!("--data {}: {} rows are too few to split", path.display(), all.len()));
-            }
-            (all.subset(&idx[..cut]), all.subset(&idx[cut..]), path.display().to_string())
+            let (train, test) = data::split(&all, a.seed, &path.display().to_string())?;
+            (train, test, path.display().to_string())
         }
         None => {
             let (train, test) = data::generated(a.train as usize, 2000, 16, 4, a.seed);
