@@ -12,7 +12,8 @@ epochs="${1:-30}"
 
 # One wgpu in the graph: Burn's (through cubecl-wgpu) must be samopt's, or a Burn buffer is not a
 # buffer samopt can bind. `cargo tree -d` lists every crate present in two versions.
-if cargo tree --locked -d -e normal 2>/dev/null | grep -E '^wgpu(-core|-hal|-types)? v'; then
+dups=$(cargo tree --locked -d -e normal)
+if grep -E '^wgpu(-core|-hal|-types)? v' <<<"$dups"; then
     echo "scripts/burn-test.sh: two versions of wgpu are linked (above)" >&2
     exit 1
 fi
