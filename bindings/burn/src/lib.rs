@@ -292,11 +292,12 @@ impl Sam {
     }
 
     /// Prepares `model` for a step: finds every float parameter that requires a gradient, copies
-    /// those samopt cannot bind where they are (not row-major, views into a larger tensor, at an
-    /// offset it cannot bind) into fresh allocations of their own (once), and checks the ones
-    /// found before (shape, dtype, device, still in the model). [`step`](Self::step) calls it;
-    /// call it yourself to place the parameters before the first step. An error changes
-    /// nothing; samopt's state is not touched.
+    /// those samopt cannot bind where they are (not row-major, at an offset it cannot bind,
+    /// overlapping another, or short: a size not a multiple of 16 bytes, in an allocation it did
+    /// not make) into fresh allocations of their own (once; again when Burn replaces a short one),
+    /// and checks the ones found before (shape, dtype, device, still in the model).
+    /// [`step`](Self::step) calls it; call it yourself to place the parameters before the first
+    /// step. An error changes nothing; samopt's state is not touched.
     pub fn prepare<M: Module>(&mut self, model: &mut M) -> Result<()> {
         self.expect_idle()?;
         let found = self.survey(model)?;
@@ -323,9 +324,8 @@ impl Sam {
             return Ok(());
         }
         // Those that samopt cannot bind where they are are copied into fresh allocations, then
-        // checked again: each must now be bindable, with room for its padding.
-        // `before` stays pinned until the copies are checked, so no copy can land in a slot
-        // a parameter held before it.
+        // checked again: each must now be bindable, with room for its padding. `before` stays
+        // pinned until the copies are checked, so no copy can land in a slot a parameter held.
         let before: HashMap<ParamId, Found> = found.into_iter().map(|f| (f.id, f)).collect();
         let mut mover = Move::new(&self.device, &moves);
         let moved = model.clone().map(&mut mover);
