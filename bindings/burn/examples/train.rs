@@ -145,19 +145,8 @@ fn main() {
 }
 
 fn run(a: Args) -> Result<(), String> {
-    let (mut train, mut test, source) = match &a.data {
-        Some(path) => {
-            let all = data::load(path, a.labels.as_deref())?;
-            let (train, test) = data::split(&all, a.seed, &path.display().to_string())?;
-            (train, test, path.display().to_string())
-        }
-        None => {
-            let (train, test) = data::generated(a.train, 2000, 16, 4, a.seed);
-            (train, test, "samopt's embedded task (16 Gaussian features, 4 classes)".to_owned())
-        }
-    };
-    train.standardize_with(&mut test);
-    let flipped = data::flip_labels(&mut train, a.noise, a.seed);
+    let (train, test, source, flipped) =
+        data::task(a.data.as_deref(), a.labels.as_deref(), (a.train, a.noise, a.seed))?;
     let (device, setup) = samopt_burn::init_wgpu().map_err(|e| e.message().to_owned())?;
     let info = setup.adapter.get_info();
     println!(

@@ -109,6 +109,30 @@ pub fn generated(train: usize, test: usize, dim: usize, classes: usize, seed: u6
     (sample(train), sample(test))
 }
 
+/// The demo's task: `data` (80% trains, 20% tests; with `labels` for IDX images) or the embedded
+/// one (`train` samples, 2000 tests), standardised with the training set's statistics, a `noise`
+/// fraction of training labels flipped. Returns (train, test, a description, labels flipped).
+pub fn task(
+    data: Option<&Path>,
+    labels: Option<&Path>,
+    (train, noise, seed): (usize, f64, u64),
+) -> Result<(Dataset, Dataset, String, usize), String> {
+    let (mut train, mut test, source) = match data {
+        Some(path) => {
+            let all = load(path, labels)?;
+            let (train, test) = split(&all, seed, &path.display().to_string())?;
+            (train, test, path.display().to_string())
+        }
+        None => {
+            let (train, test) = generated(train, 2000, 16, 4, seed);
+            (train, test, "embedded task (16 Gaussian features, 4 classes by a fixed random teacher network)".into())
+        }
+    };
+    train.standardize_with(&mut test);
+    let flipped = flip_labels(&mut train, noise, seed);
+    Ok((train, test, source, flipped))
+}
+
 /// `all` shuffled with `seed` and cut 80% / 20% into (train, test); `name` names it in errors.
 pub fn split(all: &Dataset, seed: u64, name: &str) -> Result<(Dataset, Dataset), String> {
     let mut idx: Vec<usize> = (0..all.len()).collect();

@@ -280,19 +280,8 @@ fn check_demo_args(a: &DemoArgs) -> Result<(), String> {
 }
 
 fn run_demo(a: DemoArgs) -> Result<(), String> {
-    let (mut train, mut test, source) = match &a.data {
-        Some(path) => {
-            let all = data::load(path, a.labels.as_deref())?;
-            let (train, test) = data::split(&all, a.seed, &path.display().to_string())?;
-            (train, test, path.display().to_string())
-        }
-        None => {
-            let (train, test) = data::generated(a.train as usize, 2000, 16, 4, a.seed);
-            (train, test, "embedded task (16 Gaussian features, 4 classes by a fixed random teacher network)".into())
-        }
-    };
-    train.standardize_with(&mut test);
-    let flipped = data::flip_labels(&mut train, a.noise, a.seed);
+    let (train, test, source, flipped) =
+        data::task(a.data.as_deref(), a.labels.as_deref(), (a.train as usize, a.noise, a.seed))?;
     let setup = demo::Setup {
         hidden: a.hidden as usize,
         epochs: a.epochs as usize,
