@@ -24,6 +24,13 @@
 /**
  * Version of the C ABI: bumped on any incompatible change to a signature or struct layout.
  * Compare `sam_abi_version()` with `SAM_ABI_VERSION` from the header you compiled against.
+ *
+ * What bumps it: removing or renaming a function, changing a parameter or return type, changing
+ * the meaning of a status, constant or field, or reordering or removing a field of a struct.
+ * What does not: a new function, a new status or enum value, a new field at the end of
+ * `SamConfig` or `SamAdapterInfo` (both carry `struct_size`, and the library accepts every
+ * released layout). A bump renames the shared library's SONAME (`libsamopt.so.<ABI>`), so
+ * programs linked against the old ABI keep loading the old library.
  */
 #define SAM_ABI_VERSION 1
 
@@ -312,6 +319,26 @@ typedef struct {
 } SamConfig;
 
 /**
+ * One field of `SamConfig` as this library lays it out: what `sam_config_layout` reports, so
+ * that a binding which declares its own copy of the struct (Julia's `SamOpt`, a Python `ctypes`
+ * mirror) can check it field by field against the library it loaded instead of trusting a copy.
+ */
+typedef struct {
+    /**
+     * The field's name as `samopt.h` spells it (a static NUL-terminated string).
+     */
+    const char *name;
+    /**
+     * `offsetof(SamConfig, name)` in bytes.
+     */
+    size_t offset;
+    /**
+     * `sizeof` the field in bytes.
+     */
+    size_t size;
+} SamConfigField;
+
+/**
  * Element type of a parameter and its gradient: one of the `SAM_DTYPE_*` values.
  */
 typedef uint32_t SamDType;
@@ -565,6 +592,22 @@ extern "C" {
  */
 SamStatus sam_config_init(SamConfig *config,
                           size_t size);
+
+/**
+ * This library's `SamConfig` layout: stores the number of fields in `*out_count` and the first
+ * `capacity` of them, in declaration order, in `out_fields` (NULL with `capacity` 0 asks for
+ * the count; `sizeof(SamConfig)` is the last field's end rounded up to 8). For bindings that
+ * mirror the struct in another language: compare each of your fields' offset and size with the
+ * library's, by name, when the library is loaded. A binding built for an older layout sees the
+ * fields it knows at the same offsets (fields are only ever appended; see `SAM_ABI_VERSION`).
+ *
+ * Fails with `SAM_ERR_NULL_POINTER` (`out_count` NULL, or `out_fields` NULL with `capacity` >
+ * 0), writing nothing.
+ *
+ * # Safety
+ * `out_fields` must be NULL or writable for `capacity` elements; `out_count` NULL or writable.
+ */
+SamStatus sam_config_layout(SamConfigField *out_fields, size_t capacity, size_t *out_count);
 
 /**
  * Creates an optimizer from `config` and stores its handle in `*out`.

@@ -7,7 +7,7 @@
 #   bash scripts/memcheck.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked --lib
+bash scripts/build-lib.sh
 out=target/memcheck
 mkdir -p "$out"
 for src in tests/c/capi_test.c examples/c/quickstart.c; do

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ranks=${1:-2}
 command -v mpicc >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends openmpi-bin libopenmpi-dev; }
-cargo build --release --locked --lib
+bash scripts/build-lib.sh
 mkdir -p target/mpi
 mpicc -std=c11 -Wall -Wextra -Werror -O2 -Iinclude examples/mpi/train.c -Ltarget/release -lsamopt -lm \
       -Wl,-rpath,"$PWD/target/release" -o target/mpi/train_mpi

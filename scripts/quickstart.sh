@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cc >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev; }
-cargo build --release --locked --lib
+bash scripts/build-lib.sh
 mkdir -p target/examples
 cc -std=c11 -O2 -Wall -Wextra -Iinclude examples/c/quickstart.c -Ltarget/release -lsamopt -lm \
    -Wl,-rpath,"$PWD/target/release" -o target/examples/quickstart

@@ -6,7 +6,7 @@
 #   bash scripts/vulkan-example.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked --lib
+bash scripts/build-lib.sh
 mkdir -p target/vulkan
 cc -std=c11 -Wall -Wextra -Werror -pedantic -O2 -Iinclude examples/vulkan/train.c -Ltarget/release -lsamopt \
    -lvulkan -lm -Wl,-rpath,"$PWD/target/release" -o target/vulkan/vk_train

@@ -1,8 +1,8 @@
 # A small MLP written in plain Julia, trained with SAM through SamOpt.jl: two concentric rings, with
 # 10% of the training labels flipped. The plugin runs SGD too (base = :sgd), fused with its restore.
-#   SAMOPT_LIB=target/release/libsamopt.so julia examples/julia/train.jl
-include(joinpath(@__DIR__, "..", "..", "bindings", "julia", "SamOpt.jl"))
-using .SamOpt
+# With the package in the active environment (Pkg.develop(path = "bindings/julia") once):
+#   SAMOPT_LIB=target/release/libsamopt.so julia --project=<that environment> examples/julia/train.jl
+using SamOpt
 using Random
 
 function rings(n, rng)

@@ -343,6 +343,107 @@ pub unsafe extern "C" fn sam_config_init(config: *mut SamConfig, size: usize) ->
     })
 }
 
+/// One field of `SamConfig` as this library lays it out: what `sam_config_layout` reports, so
+/// that a binding which declares its own copy of the struct (Julia's `SamOpt`, a Python `ctypes`
+/// mirror) can check it field by field against the library it loaded instead of trusting a copy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SamConfigField {
+    /// The field's name as `samopt.h` spells it (a static NUL-terminated string).
+    pub name: *const c_char,
+    /// `offsetof(SamConfig, name)` in bytes.
+    pub offset: usize,
+    /// `sizeof` the field in bytes.
+    pub size: usize,
+}
+
+/// The size of a field, named by a projection (offset_of! has no size counterpart).
+fn field_size<T>(_: fn(&SamConfig) -> &T) -> usize {
+    size_of::<T>()
+}
+
+/// Every field of [`SamConfig`] in declaration order, with its offset and size; a test checks the
+/// names against the generated header, so a field added to the struct and not here fails it.
+macro_rules! config_fields {
+    ($($field:ident),* $(,)?) => {
+        [$((concat!(stringify!($field), "\0"), offset_of!(SamConfig, $field), field_size(|c: &SamConfig| &c.$field))),*]
+    };
+}
+
+fn config_fields() -> [(&'static str, usize, usize); 35] {
+    config_fields!(
+        struct_size,
+        rho,
+        eps,
+        eta,
+        norm_p,
+        adaptive,
+        backend,
+        num_threads,
+        adapter,
+        base,
+        lr,
+        momentum,
+        dampening,
+        nesterov,
+        weight_decay,
+        beta1,
+        beta2,
+        adam_eps,
+        max_grad_norm,
+        gsam_alpha,
+        schedule,
+        schedule_k,
+        schedule_p,
+        schedule_seed,
+        looksam_alpha,
+        aesam_delta,
+        aesam_lambda1,
+        aesam_lambda2,
+        aesam_planned_steps,
+        loss_scale,
+        loss_scale_growth,
+        loss_scale_backoff,
+        loss_scale_interval,
+        master_weights,
+        preconditioned,
+    )
+}
+
+/// This library's `SamConfig` layout: stores the number of fields in `*out_count` and the first
+/// `capacity` of them, in declaration order, in `out_fields` (NULL with `capacity` 0 asks for
+/// the count; `sizeof(SamConfig)` is the last field's end rounded up to 8). For bindings that
+/// mirror the struct in another language: compare each of your fields' offset and size with the
+/// library's, by name, when the library is loaded. A binding built for an older layout sees the
+/// fields it knows at the same offsets (fields are only ever appended; see `SAM_ABI_VERSION`).
+///
+/// Fails with `SAM_ERR_NULL_POINTER` (`out_count` NULL, or `out_fields` NULL with `capacity` >
+/// 0), writing nothing.
+///
+/// # Safety
+/// `out_fields` must be NULL or writable for `capacity` elements; `out_count` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sam_config_layout(
+    out_fields: *mut SamConfigField,
+    capacity: usize,
+    out_count: *mut usize,
+) -> SamStatus {
+    boundary("sam_config_layout", || {
+        non_null(out_count, "out_count")?;
+        if capacity > 0 {
+            non_null(out_fields, "out_fields")?;
+        }
+        let fields = config_fields();
+        for (i, &(name, offset, size)) in fields.iter().take(capacity).enumerate() {
+            let field = SamConfigField { name: name.as_ptr().cast(), offset, size };
+            // SAFETY: writable for `capacity` elements (the caller's contract).
+            unsafe { out_fields.add(i).write(field) };
+        }
+        // SAFETY: checked non-null.
+        unsafe { write_out(out_count, "out_count", fields.len()) }
+    })
+}
+
 /// Creates an optimizer from `config` and stores its handle in `*out`.
 ///
 /// Fails with `SAM_ERR_NULL_POINTER` (config or out NULL), `SAM_ERR_INVALID_ARGUMENT` (a wrong

@@ -8,6 +8,7 @@
 //!
 //! A handle may be used from any thread; calls on one handle are serialised by a lock.
 
+mod abi;
 mod ffi;
 mod logging;
 

@@ -8,9 +8,7 @@ use crate::dtype::DType;
 use crate::engine::Optimizer;
 use crate::error::{Error, ErrorKind, Result};
 
-/// Version of the C ABI: bumped on any incompatible change to a signature or struct layout.
-/// Compare `sam_abi_version()` with `SAM_ABI_VERSION` from the header you compiled against.
-pub const SAM_ABI_VERSION: u32 = 1;
+pub use super::abi::SAM_ABI_VERSION;
 
 /// The result of every fallible call. `SAM_OK` is 0, errors are negative, non-fatal outcomes are
 /// positive, and a number never changes meaning (retired numbers are not reused).

@@ -1,11 +1,43 @@
-# The Julia binding's tests: numbers against a Float64 reference computed here, errors, dtypes,
-# contiguity checks, the base optimizer, checkpoints, the finalizer.
-#   SAMOPT_LIB=target/release/libsamopt.so julia bindings/julia/test/runtests.jl
+# The Julia package's tests: numbers against a Float64 reference computed here, errors, dtypes,
+# contiguity checks, the base optimizer, checkpoints, the finalizer, how the library is found, and
+# this module's SamConfig against the library's layout.
+#   SAMOPT_LIB=target/release/libsamopt.so julia -e 'using Pkg; Pkg.develop(path = "bindings/julia"); Pkg.test("SamOpt")'
 using Test
-include(joinpath(@__DIR__, "..", "SamOpt.jl"))
-using .SamOpt
+using SamOpt
+
+# `using SamOpt` in a fresh Julia of this test environment, with `env` changed; returns
+# (succeeded, output).
+function load_in_subprocess(env::Dict)
+    cmd = `$(Base.julia_cmd()) --startup-file=no --project=$(Base.active_project()) -e "using SamOpt; print(SamOpt.library_path())"`
+    full = merge(Dict(k => v for (k, v) in ENV if !haskey(env, k)), filter(kv -> kv[2] !== nothing, env))
+    out = IOBuffer()
+    ok = success(pipeline(setenv(cmd, full); stdout = out, stderr = out))
+    return ok, String(take!(out))
+end
 
 @testset "SamOpt.jl" begin
+    @testset "the library and its SamConfig layout" begin
+        @test isfile(SamOpt.library_path())
+        # Every field of the Julia struct, in order, where the library has it (and no field the
+        # library has is missing here: a field added to the C struct fails this test).
+        layout = SamOpt.config_layout()
+        @test [name for (name, _, _) in layout] == [String(n) for n in fieldnames(SamOpt.SamConfig)]
+        @test [(o, s) for (_, o, s) in layout] ==
+              [(Int(fieldoffset(SamOpt.SamConfig, i)), sizeof(fieldtype(SamOpt.SamConfig, i))) for i in 1:length(layout)]
+        # A SAMOPT_LIB that does not load: an error that names the variable and the path.
+        ok, out = load_in_subprocess(Dict("SAMOPT_LIB" => "/nonexistent/libsamopt.so"))
+        @test !ok
+        @test occursin("SAMOPT_LIB", out) && occursin("/nonexistent/libsamopt.so", out)
+        # Without SAMOPT_LIB: found on the loader's path by its SONAME, libsamopt.so.1 (here a link
+        # to the library under test, in a directory of its own).
+        dir = mktempdir()
+        symlink(SamOpt.library_path(), joinpath(dir, "libsamopt.so.1"))
+        ld = join(filter(!isempty, [dir, get(ENV, "LD_LIBRARY_PATH", "")]), ":")
+        ok, out = load_in_subprocess(Dict("SAMOPT_LIB" => nothing, "LD_LIBRARY_PATH" => ld))
+        @test ok
+        @test out == joinpath(dir, "libsamopt.so.1")
+    end
+
     @testset "first and second step against Float64" begin
         W = Float32[sin(i) for i in 1:1000]
         dW = Float32[0.01 * cos(0.7i) for i in 1:1000]

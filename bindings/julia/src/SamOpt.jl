@@ -2,10 +2,13 @@
     SamOpt
 
 Julia bindings for samopt, Sharpness-Aware Minimization as an embeddable optimizer, over `ccall`.
-Works on Julia 1.5 and later. The library is `ENV["SAMOPT_LIB"]` when set at load time (a path to
-`libsamopt.so`), else `libsamopt` from the system's library path.
+Works on Julia 1.5 and later. The library is found when the package loads: `ENV["SAMOPT_LIB"]`
+when set (a path to `libsamopt.so`), else `libsamopt.so.1` (the C ABI this module speaks) and then
+`libsamopt` from the system's library path (`make install`, `LD_LIBRARY_PATH`); loading fails with
+a message saying what to set when neither is found, or when the library's ABI or `SamConfig`
+layout differs from this module's.
 
-    include("bindings/julia/SamOpt.jl"); using .SamOpt
+    using SamOpt                     # after Pkg.develop(path = "bindings/julia") or Pkg.add
     opt = SamOptimizer(rho = 0.05)
     register!(opt, W, dW)            # any dense Float32/Float16 arrays (bf16: UInt16 with dtype = :bf16)
     if first_step!(opt) == :perturbed    # W -> W + e(W), after the gradient at W is in dW
@@ -19,12 +22,61 @@ garbage-collected (or at `close(opt)`).
 """
 module SamOpt
 
+using Libdl
+
 export SamOptimizer, SamError, register!, first_step!, second_step!, grad_norm, tensor_count,
        step_count, isperturbed, set_lr!, lr, add_group!, set_group!, save_state, load_state!,
        save_state_file, load_state_file!, grad_sq_norm_local, first_step_with_norm!,
        set_allreduce!, accumulate_step!, set_rho!, rho, schedule_counts, rebind!, loss_scale
 
-const libsamopt = get(ENV, "SAMOPT_LIB", "libsamopt")
+# The C ABI this module is written against (SAM_ABI_VERSION); the library's SONAME carries it.
+const ABI_VERSION = UInt32(1)
+
+# The library, opened by __init__ (not at precompile time, so SAMOPT_LIB is read in the session
+# that loads the package), and the address of every C function this module calls, resolved once.
+const LIB = Ref{Ptr{Cvoid}}(C_NULL)
+const LIBPATH = Ref{String}("")
+const SYMBOLS = Dict{Symbol,Ptr{Cvoid}}()
+const FUNCTIONS = (:sam_abi_version, :sam_config_layout, :sam_grad_norm, :sam_tensor_count,
+                   :sam_step_count, :sam_is_perturbed, :sam_get_lr, :sam_state_size, :sam_get_rho,
+                   :sam_get_loss_scale, :sam_accumulate_step, :sam_add_group, :sam_config_init,
+                   :sam_create, :sam_destroy, :sam_first_step, :sam_first_step_with_norm,
+                   :sam_grad_sq_norm_local, :sam_last_error, :sam_rebind_host,
+                   :sam_register_host_ex, :sam_schedule_counts, :sam_second_step,
+                   :sam_set_allreduce, :sam_set_lr, :sam_set_rho, :sam_set_tensor_group,
+                   :sam_state_load, :sam_state_load_file, :sam_state_save, :sam_state_save_file,
+                   :sam_status_string)
+
+sym(name::Symbol) = SYMBOLS[name]
+
+"""
+    SamOpt.library_path()
+
+The file of the samopt library this session loaded.
+"""
+library_path() = LIBPATH[]
+
+function open_library()
+    path = get(ENV, "SAMOPT_LIB", "")
+    if !isempty(path)
+        handle = try
+            Libdl.dlopen(path)
+        catch e
+            error("SamOpt: cannot load ENV[\"SAMOPT_LIB\"] = \"$path\": $(sprint(showerror, e)). ",
+                  "Set SAMOPT_LIB to the path of libsamopt.so (e.g. target/release/libsamopt.so after ",
+                  "`cargo build --release`), or unset it to search the system's library path.")
+        end
+        return handle, path
+    end
+    for name in ("libsamopt.so.$(Int(ABI_VERSION))", "libsamopt")
+        handle = Libdl.dlopen(name; throw_error = false)
+        handle === nothing || return handle, Libdl.dlpath(handle)
+    end
+    error("SamOpt: libsamopt not found on the system's library path (looked for ",
+          "libsamopt.so.$(Int(ABI_VERSION)) and libsamopt). Install it (`make install PREFIX=/usr/local` ",
+          "in samopt's repository, then `ldconfig`), add its directory to LD_LIBRARY_PATH, or set ",
+          "ENV[\"SAMOPT_LIB\"] to the library's path before `using SamOpt`.")
+end
 
 # SamStatus values used here.
 const SAM_OK = Int32(0)
@@ -44,16 +96,18 @@ struct SamError <: Exception
 end
 
 Base.showerror(io::IO, e::SamError) = print(io, "SamError(", e.status, ", ",
-    unsafe_string(ccall((:sam_status_string, libsamopt), Cstring, (Int32,), e.status)), "): ", e.message)
+    unsafe_string(ccall(sym(:sam_status_string), Cstring, (Int32,), e.status)), "): ", e.message)
 
 function check(status::Int32)
     if status < 0
-        throw(SamError(status, unsafe_string(ccall((:sam_last_error, libsamopt), Cstring, ()))))
+        throw(SamError(status, unsafe_string(ccall(sym(:sam_last_error), Cstring, ()))))
     end
     return status
 end
 
-# The C struct SamConfig, field for field (an isbits struct has the C layout).
+# The C struct SamConfig, field for field (an isbits struct has the C layout). Not trusted: at load
+# time check_config_layout compares every field's offset and size with what the library reports
+# (sam_config_layout), and the tests require the same fields in the same order.
 struct SamConfig
     struct_size::Csize_t
     rho::Cdouble
@@ -90,6 +144,42 @@ struct SamConfig
     loss_scale_interval::UInt64
     master_weights::Bool
     preconditioned::Bool
+end
+
+# One entry of sam_config_layout.
+struct SamConfigField
+    name::Cstring
+    offset::Csize_t
+    size::Csize_t
+end
+
+"""
+    SamOpt.config_layout()
+
+The library's `SamConfig` fields as `(name, offset, size)` tuples, in declaration order
+(`sam_config_layout`).
+"""
+function config_layout()
+    n = Ref{Csize_t}(0)
+    check(ccall(sym(:sam_config_layout), Int32, (Ptr{SamConfigField}, Csize_t, Ref{Csize_t}), C_NULL, 0, n))
+    fields = Vector{SamConfigField}(undef, n[])
+    check(ccall(sym(:sam_config_layout), Int32, (Ptr{SamConfigField}, Csize_t, Ref{Csize_t}), fields, length(fields), n))
+    return [(unsafe_string(f.name), Int(f.offset), Int(f.size)) for f in fields]
+end
+
+# Every field of this module's SamConfig must be where the library puts it, with its size. (A
+# newer library may have more fields: sam_config_init and sam_create accept this shorter layout.)
+function check_config_layout()
+    library = Dict(name => (offset, size) for (name, offset, size) in config_layout())
+    for i in 1:fieldcount(SamConfig)
+        name = String(fieldname(SamConfig, i))
+        ours = (Int(fieldoffset(SamConfig, i)), sizeof(fieldtype(SamConfig, i)))
+        theirs = get(library, name, nothing)
+        theirs === nothing && error("SamOpt: SamConfig.$name is not a field of $(LIBPATH[])'s SamConfig")
+        theirs == ours || error("SamOpt: SamConfig.$name is at byte $(ours[1]) ($(ours[2]) bytes) in SamOpt.jl ",
+                                "but at byte $(theirs[1]) ($(theirs[2]) bytes) in $(LIBPATH[])")
+    end
+    return nothing
 end
 
 const BACKENDS = Dict(:auto => UInt32(0), :cpu => UInt32(1), :gpu => UInt32(2))
@@ -148,7 +238,7 @@ mutable struct SamOptimizer
         # The defaults in this module's layout of SamConfig (sam_config_init takes its size; the
         # exported sam_config_default keeps the first released layout for old programs).
         r = Ref{SamConfig}()
-        check(ccall((:sam_config_init, libsamopt), Int32, (Ref{SamConfig}, Csize_t), r, sizeof(SamConfig)))
+        check(ccall(sym(:sam_config_init), Int32, (Ref{SamConfig}, Csize_t), r, sizeof(SamConfig)))
         d = r[]
         config = SamConfig(d.struct_size, rho, d.eps, eta, norm_p, adaptive, BACKENDS[backend],
                            threads, C_NULL, BASES[base], lr, momentum, dampening, nesterov,
@@ -158,7 +248,7 @@ mutable struct SamOptimizer
                            loss_scale, loss_scale_growth, loss_scale_backoff, loss_scale_interval,
                            master_weights, preconditioned)
         out = Ref{Ptr{Cvoid}}(C_NULL)
-        check(ccall((:sam_create, libsamopt), Int32, (Ref{SamConfig}, Ref{Ptr{Cvoid}}), config, out))
+        check(ccall(sym(:sam_create), Int32, (Ref{SamConfig}, Ref{Ptr{Cvoid}}), config, out))
         opt = new(out[], Any[], nothing)
         finalizer(close, opt)
         return opt
@@ -172,7 +262,7 @@ Frees the handle now (`sam_destroy`); the garbage collector does it otherwise. I
 """
 function Base.close(opt::SamOptimizer)
     if opt.handle != C_NULL
-        ccall((:sam_destroy, libsamopt), Cvoid, (Ptr{Cvoid},), opt.handle)
+        ccall(sym(:sam_destroy), Cvoid, (Ptr{Cvoid},), opt.handle)
         opt.handle = C_NULL
         empty!(opt.arrays)
     end
@@ -220,7 +310,7 @@ function register!(opt::SamOptimizer, param::AbstractArray{T}, grad::AbstractArr
     id = Ref{UInt32}(0)
     GC.@preserve param grad begin
         # sam_register_host_ex with SAM_REGISTER_GRAD_WRITABLE (1) when the gradient may be written.
-        check(ccall((:sam_register_host_ex, libsamopt), Int32,
+        check(ccall(sym(:sam_register_host_ex), Int32,
                     (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Csize_t, UInt32, UInt32, Ref{UInt32}),
                     handle(opt), pointer(param), pointer(grad), length(param), DTYPES[dt],
                     UInt32(grad_writable), id))
@@ -246,7 +336,7 @@ function rebind!(opt::SamOptimizer, id::Integer, param::AbstractArray{T}, grad::
     (eltype(old) == T && length(old) == length(param)) ||
         throw(ArgumentError("tensor $id holds $(length(old)) $(eltype(old)); got $(length(param)) $T"))
     GC.@preserve param grad begin
-        check(ccall((:sam_rebind_host, libsamopt), Int32, (Ptr{Cvoid}, UInt32, Ptr{Cvoid}, Ptr{Cvoid}),
+        check(ccall(sym(:sam_rebind_host), Int32, (Ptr{Cvoid}, UInt32, Ptr{Cvoid}, Ptr{Cvoid}),
                     handle(opt), id, pointer(param), pointer(grad)))
     end
     opt.arrays[2id+1] = param
@@ -264,7 +354,7 @@ second forward/backward and call `second_step!` now), or `:skipped` when loss sc
 overflow (nothing moved, scale lowered; skip the second forward/backward, `second_step!` ends it). Throws a `SamError` (status -4) with
 nothing changed on NaN or Inf in a gradient.
 """
-first_step!(opt::SamOptimizer) = first_symbol(check(ccall((:sam_first_step, libsamopt), Int32, (Ptr{Cvoid},), handle(opt))))
+first_step!(opt::SamOptimizer) = first_symbol(check(ccall(sym(:sam_first_step), Int32, (Ptr{Cvoid},), handle(opt))))
 
 first_symbol(s::Int32) = s == SAM_STEP_SINGLE_GRADIENT ? :single_gradient : s == SAM_STEP_SKIPPED ? :skipped : :perturbed
 
@@ -275,19 +365,19 @@ Restores every parameter exactly (and, with a built-in base optimizer, updates i
 `:done`, or `:skipped` when a non-finite second gradient made samopt skip the update.
 """
 function second_step!(opt::SamOptimizer)
-    s = check(ccall((:sam_second_step, libsamopt), Int32, (Ptr{Cvoid},), handle(opt)))
+    s = check(ccall(sym(:sam_second_step), Int32, (Ptr{Cvoid},), handle(opt)))
     return s == SAM_STEP_SKIPPED ? :skipped : :done
 end
 
-# `sam_*` calls that store one value through an output pointer: ccall needs the C name as a
-# constant, so each gets its own method.
+# `sam_*` calls that store one value through an output pointer, each its own method (the value's
+# type is fixed per method, so each ccall is compiled for it).
 for (name, cname, T) in [(:raw_grad_norm, :sam_grad_norm, Cdouble), (:raw_tensor_count, :sam_tensor_count, Csize_t),
                          (:raw_step_count, :sam_step_count, UInt64), (:raw_perturbed, :sam_is_perturbed, Bool),
                          (:raw_lr, :sam_get_lr, Cdouble), (:raw_state_size, :sam_state_size, Csize_t),
                          (:raw_rho, :sam_get_rho, Cdouble), (:raw_loss_scale, :sam_get_loss_scale, Cdouble)]
     @eval function $name(opt::SamOptimizer)
         out = Ref{$T}(zero($T))
-        check(ccall(($(QuoteNode(cname)), libsamopt), Int32, (Ptr{Cvoid}, Ref{$T}), handle(opt), out))
+        check(ccall(sym($(QuoteNode(cname))), Int32, (Ptr{Cvoid}, Ref{$T}), handle(opt), out))
         return out[]
     end
 end
@@ -311,7 +401,7 @@ rho(opt::SamOptimizer) = raw_rho(opt)
 
 "Sets rho from the next first step on (`sam_set_rho`), for a rho schedule."
 set_rho!(opt::SamOptimizer, rho::Real) =
-    (check(ccall((:sam_set_rho, libsamopt), Int32, (Ptr{Cvoid}, Cdouble), handle(opt), rho)); nothing)
+    (check(ccall(sym(:sam_set_rho), Int32, (Ptr{Cvoid}, Cdouble), handle(opt), rho)); nothing)
 
 """
     schedule_counts(opt) -> (sam, single)
@@ -321,14 +411,14 @@ far are `2sam + single`.
 """
 function schedule_counts(opt::SamOptimizer)
     sam, single = Ref{UInt64}(0), Ref{UInt64}(0)
-    check(ccall((:sam_schedule_counts, libsamopt), Int32, (Ptr{Cvoid}, Ref{UInt64}, Ref{UInt64}),
+    check(ccall(sym(:sam_schedule_counts), Int32, (Ptr{Cvoid}, Ref{UInt64}, Ref{UInt64}),
                 handle(opt), sam, single))
     return (Int(sam[]), Int(single[]))
 end
 
 "Sets the base optimizer's learning rate from the next second step on (`sam_set_lr`)."
 set_lr!(opt::SamOptimizer, lr::Real) =
-    (check(ccall((:sam_set_lr, libsamopt), Int32, (Ptr{Cvoid}, Cdouble), handle(opt), lr)); nothing)
+    (check(ccall(sym(:sam_set_lr), Int32, (Ptr{Cvoid}, Cdouble), handle(opt), lr)); nothing)
 
 """
     add_group!(opt, lr_scale; weight_decay = NaN) -> Int
@@ -337,35 +427,35 @@ A parameter group with its learning-rate scale and weight decay (NaN: group 0's)
 """
 function add_group!(opt::SamOptimizer, lr_scale::Real; weight_decay::Real = NaN)
     g = Ref{UInt32}(0)
-    check(ccall((:sam_add_group, libsamopt), Int32, (Ptr{Cvoid}, Cdouble, Cdouble, Ref{UInt32}),
+    check(ccall(sym(:sam_add_group), Int32, (Ptr{Cvoid}, Cdouble, Cdouble, Ref{UInt32}),
                 handle(opt), lr_scale, weight_decay, g))
     return Int(g[])
 end
 
 "Moves tensor `id` into `group`."
 set_group!(opt::SamOptimizer, id::Integer, group::Integer) =
-    (check(ccall((:sam_set_tensor_group, libsamopt), Int32, (Ptr{Cvoid}, UInt32, UInt32), handle(opt), id, group)); nothing)
+    (check(ccall(sym(:sam_set_tensor_group), Int32, (Ptr{Cvoid}, UInt32, UInt32), handle(opt), id, group)); nothing)
 
 "A checkpoint of the optimizer's state as bytes (`sam_state_save`; between steps)."
 function save_state(opt::SamOptimizer)
     n = Int(raw_state_size(opt))
     bytes = Vector{UInt8}(undef, n)
-    check(ccall((:sam_state_save, libsamopt), Int32, (Ptr{Cvoid}, Ptr{UInt8}, Csize_t, Ptr{Csize_t}),
+    check(ccall(sym(:sam_state_save), Int32, (Ptr{Cvoid}, Ptr{UInt8}, Csize_t, Ptr{Csize_t}),
                 handle(opt), bytes, n, C_NULL))
     return bytes
 end
 
 "Restores a checkpoint (`sam_state_load`); throws a `SamError` saying why a bad one is refused."
 load_state!(opt::SamOptimizer, bytes::Vector{UInt8}) =
-    (check(ccall((:sam_state_load, libsamopt), Int32, (Ptr{Cvoid}, Ptr{UInt8}, Csize_t), handle(opt), bytes, length(bytes))); nothing)
+    (check(ccall(sym(:sam_state_load), Int32, (Ptr{Cvoid}, Ptr{UInt8}, Csize_t), handle(opt), bytes, length(bytes))); nothing)
 
 "Writes a checkpoint to `path` (temporary file, then rename)."
 save_state_file(opt::SamOptimizer, path::AbstractString) =
-    (check(ccall((:sam_state_save_file, libsamopt), Int32, (Ptr{Cvoid}, Cstring), handle(opt), path)); nothing)
+    (check(ccall(sym(:sam_state_save_file), Int32, (Ptr{Cvoid}, Cstring), handle(opt), path)); nothing)
 
 "Restores a checkpoint from `path`."
 load_state_file!(opt::SamOptimizer, path::AbstractString) =
-    (check(ccall((:sam_state_load_file, libsamopt), Int32, (Ptr{Cvoid}, Cstring), handle(opt), path)); nothing)
+    (check(ccall(sym(:sam_state_load_file), Int32, (Ptr{Cvoid}, Cstring), handle(opt), path)); nothing)
 
 """
     grad_sq_norm_local(opt) -> Float64
@@ -377,13 +467,13 @@ need none of this: average the gradients before `first_step!`.)
 """
 function grad_sq_norm_local(opt::SamOptimizer)
     out = Ref{Cdouble}(0)
-    check(ccall((:sam_grad_sq_norm_local, libsamopt), Int32, (Ptr{Cvoid}, Ref{Cdouble}), handle(opt), out))
+    check(ccall(sym(:sam_grad_sq_norm_local), Int32, (Ptr{Cvoid}, Ref{Cdouble}), handle(opt), out))
     return out[]
 end
 
 "Parameters sharded across workers, step 2 of 2: the ascent with the norm over all shards."
 first_step_with_norm!(opt::SamOptimizer, global_norm::Real) =
-    first_symbol(check(ccall((:sam_first_step_with_norm, libsamopt), Int32, (Ptr{Cvoid}, Cdouble), handle(opt), global_norm)))
+    first_symbol(check(ccall(sym(:sam_first_step_with_norm), Int32, (Ptr{Cvoid}, Cdouble), handle(opt), global_norm)))
 
 """
     accumulate_step!(opt)
@@ -395,7 +485,7 @@ with it (the gradient arrays are only read); without one it writes the mean into
 arrays for your optimizer, which needs every tensor registered with `grad_writable = true`.
 """
 accumulate_step!(opt::SamOptimizer) =
-    (check(ccall((:sam_accumulate_step, libsamopt), Int32, (Ptr{Cvoid},), handle(opt))); nothing)
+    (check(ccall(sym(:sam_accumulate_step), Int32, (Ptr{Cvoid},), handle(opt))); nothing)
 
 # The C callback: `user` is the Julia function, which sums `values` across workers in place.
 function allreduce_trampoline(values::Ptr{Cdouble}, count::Csize_t, user::Ptr{Cvoid})::Int32
@@ -409,7 +499,6 @@ function allreduce_trampoline(values::Ptr{Cdouble}, count::Csize_t, user::Ptr{Cv
 end
 
 const TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
-__init__() = (TRAMPOLINE[] = @cfunction(allreduce_trampoline, Int32, (Ptr{Cdouble}, Csize_t, Ptr{Cvoid})))
 
 """
     set_allreduce!(opt, f)
@@ -423,11 +512,29 @@ gradients before `first_step!` instead. `nothing` removes it. An exception in `f
 """
 function set_allreduce!(opt::SamOptimizer, f)
     if f === nothing
-        check(ccall((:sam_set_allreduce, libsamopt), Int32, (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}), handle(opt), C_NULL, C_NULL))
+        check(ccall(sym(:sam_set_allreduce), Int32, (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}), handle(opt), C_NULL, C_NULL))
     else
-        check(ccall((:sam_set_allreduce, libsamopt), Int32, (Ptr{Cvoid}, Ptr{Cvoid}, Any), handle(opt), TRAMPOLINE[], f))
+        check(ccall(sym(:sam_set_allreduce), Int32, (Ptr{Cvoid}, Ptr{Cvoid}, Any), handle(opt), TRAMPOLINE[], f))
     end
     opt.allreduce = f
+    return nothing
+end
+
+# Last in the module: the @cfunction needs allreduce_trampoline defined.
+function __init__()
+    handle, path = open_library()
+    for name in FUNCTIONS
+        p = Libdl.dlsym(handle, name; throw_error = false)
+        p === nothing && error("SamOpt: $path has no function $name: it is older than this SamOpt.jl; ",
+                               "install a newer samopt or point ENV[\"SAMOPT_LIB\"] at one")
+        SYMBOLS[name] = p
+    end
+    LIB[] = handle
+    LIBPATH[] = path
+    abi = ccall(sym(:sam_abi_version), UInt32, ())
+    abi == ABI_VERSION || error("SamOpt: $path implements C ABI $abi, this SamOpt.jl ABI $ABI_VERSION")
+    check_config_layout()
+    TRAMPOLINE[] = @cfunction(allreduce_trampoline, Int32, (Ptr{Cdouble}, Csize_t, Ptr{Cvoid}))
     return nothing
 end
 
