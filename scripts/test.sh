@@ -43,14 +43,18 @@ fi
 # Release mode: the numeric tests run 10^8-element passes and the C programs link the release cdylib.
 cargo fmt --check
 cargo test --release --locked
-# `make install` into a temporary prefix; the examples built against it with CMake and pkg-config.
+# `make install` into a temporary prefix: the versioned library, its SONAME and links; the examples
+# built against it with CMake and pkg-config; `cargo package`'s file list and its build.
 bash scripts/package-test.sh
 
-# LibTorch: a training loop whose parameters samopt perturbs in place, checked against plain-LibTorch
+# LibTorch: a training loop through samopt_torch.hpp's samopt::SAM, built against the installed
+# package (make install into a prefix, find_package(samopt)), checked against plain-LibTorch
 # reference SAM, with the full batch and with the ascent on a quarter of it (installs LibTorch from
-# PyPI's torch wheel into a private virtualenv the first time).
+# PyPI's torch wheel into a private virtualenv the first time). Then one step of the benchmark
+# beside _foreach reference SAM on ResNet-50's layout: both must end at the same weights.
 bash scripts/libtorch-example.sh
-bash scripts/libtorch-example.sh --ascent-fraction 0.25 | tail -n 3
+bash scripts/libtorch-example.sh --ascent-fraction 0.25 | tail -n 8
+bash scripts/libtorch-bench.sh --reps 1 --layouts resnet50 | tail -n 3
 
 # A C engine's own Vulkan device and buffers under samopt, with the validation layer.
 bash scripts/vulkan-example.sh
@@ -59,7 +63,8 @@ bash scripts/vulkan-example.sh
 # vs SAM for a Burn MLP on Burn's wgpu device, in place in Burn's buffers). The longest build here.
 bash scripts/burn-test.sh
 
-# The Julia binding: its test suite and example (installs a private Julia the first time).
+# The Julia package: Pkg.develop, Pkg.test("SamOpt") and the example (installs a private Julia the
+# first time).
 bash scripts/julia-test.sh
 
 # SAM over MPI on 2 ranks: replicated parameters (gradients all-reduced before the first step),

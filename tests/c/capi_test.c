@@ -5,6 +5,7 @@
  * Prints "N passed, M failed" and exits non-zero on any failure.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -412,11 +413,70 @@ static void check_master_weights(void) {
     sam_destroy(opt);
 }
 
+/* sam_config_layout against this C compiler's own layout of SamConfig: every field's name, offset
+ * and size, in order. */
+static void check_config_layout(void) {
+#define FIELD(f) {#f, offsetof(SamConfig, f), sizeof(((SamConfig *)0)->f)}
+    static const struct {
+        const char *name;
+        size_t offset, size;
+    } want[] = {
+        FIELD(struct_size),
+        FIELD(rho),
+        FIELD(eps),
+        FIELD(eta),
+        FIELD(norm_p),
+        FIELD(adaptive),
+        FIELD(backend),
+        FIELD(num_threads),
+        FIELD(adapter),
+        FIELD(base),
+        FIELD(lr),
+        FIELD(momentum),
+        FIELD(dampening),
+        FIELD(nesterov),
+        FIELD(weight_decay),
+        FIELD(beta1),
+        FIELD(beta2),
+        FIELD(adam_eps),
+        FIELD(max_grad_norm),
+        FIELD(gsam_alpha),
+        FIELD(schedule),
+        FIELD(schedule_k),
+        FIELD(schedule_p),
+        FIELD(schedule_seed),
+        FIELD(looksam_alpha),
+        FIELD(aesam_delta),
+        FIELD(aesam_lambda1),
+        FIELD(aesam_lambda2),
+        FIELD(aesam_planned_steps),
+        FIELD(loss_scale),
+        FIELD(loss_scale_growth),
+        FIELD(loss_scale_backoff),
+        FIELD(loss_scale_interval),
+        FIELD(master_weights),
+        FIELD(preconditioned),
+    };
+#undef FIELD
+    const size_t n = sizeof want / sizeof want[0];
+    size_t count = 0;
+    EXPECT(sam_config_layout(NULL, 0, &count) == SAM_OK && count == n, "count %zu, want %zu", count, n);
+    SamConfigField got[64];
+    EXPECT(sam_config_layout(got, 64, &count) == SAM_OK && count == n, "count %zu", count);
+    for (size_t i = 0; i < n && i < count; i++) {
+        EXPECT(strcmp(got[i].name, want[i].name) == 0 && got[i].offset == want[i].offset && got[i].size == want[i].size,
+               "field %zu: library %s at %zu (%zu bytes), C %s at %zu (%zu bytes)", i, got[i].name, got[i].offset,
+               got[i].size, want[i].name, want[i].offset, want[i].size);
+    }
+    EXPECT(sam_config_layout(got, 1, NULL) == SAM_ERR_NULL_POINTER, "NULL out_count");
+}
+
 int main(void) {
     for (int adaptive = 0; adaptive <= 1; adaptive++)
         for (int sign = 0; sign <= 1; sign++) check_f32_step(adaptive, sign);
     check_f16_and_non_finite();
     check_errors();
+    check_config_layout();
     check_schedule();
     check_rebind();
     check_loss_scale();
