@@ -160,10 +160,13 @@ public:
     /// SAM over parameter groups; a group's options (a SAMOptions) may set its own lr and
     /// weight_decay (samopt's groups: the lr relative to the first group's, which schedulers keep).
     SAM(const std::vector<torch::optim::OptimizerParamGroup> &groups, const SAMOptions &options)
-        : torch::optim::Optimizer(groups, std::make_unique<SAMOptions>(options)), sam_(checked_config(options)) {
+        : torch::optim::Optimizer(groups, std::make_unique<SAMOptions>(options)),
+          config_(checked_config(options)),
+          sam_(config_) {
         for (size_t g = 0; g < param_groups_.size(); g++) {
             const auto &params = param_groups_[g].params();
-            for (size_t i = 0; i < params.size(); i++) check_tensor(params[i], g, i);
+            for (size_t i = 0; i < params.size(); i++)
+                if (!params[i].defined() || params[i].requires_grad()) check_tensor(params[i], g, i);
         }
     }
 
@@ -429,12 +432,20 @@ private:
     void register_all(std::vector<Registered> &all) {
         if (all.empty()) throw std::invalid_argument("samopt::SAM: no parameter requires a gradient");
         check_groups_agree();
-        std::vector<uint32_t> groups{0};
-        for (size_t g = 1; g < param_groups_.size(); g++) groups.push_back(sam_.add_group(lr_scale(g), weight_decay(g)));
-        for (auto &r : all) {
-            uint32_t id = sam_.register_host(r.param.data_ptr(), r.grad.data_ptr(), static_cast<size_t>(r.param.numel()),
-                                             dtype_of(r.param));
-            if (groups[r.group] != 0) sam_.set_group(id, groups[r.group]);
+        try {
+            std::vector<uint32_t> groups{0};
+            for (size_t g = 1; g < param_groups_.size(); g++)
+                groups.push_back(sam_.add_group(lr_scale(g), weight_decay(g)));
+            for (auto &r : all) {
+                uint32_t id = sam_.register_host(r.param.data_ptr(), r.grad.data_ptr(),
+                                                 static_cast<size_t>(r.param.numel()), dtype_of(r.param));
+                if (groups[r.group] != 0) sam_.set_group(id, groups[r.group]);
+            }
+        } catch (...) {
+            // samopt registers one tensor at a time and never unregisters: start again from a fresh
+            // handle, so that a refused registration (overlapping tensors, ...) leaves nothing.
+            sam_ = samopt::Optimizer(config_);
+            throw;
         }
         registered_ = std::move(all);
         lr_scales_.clear();
@@ -535,7 +546,8 @@ private:
     void abort_step() noexcept {
         try {
             torch::NoGradGuard no_grad;
-            torch::Tensor first = registered_.front().grad.view(-1).narrow(0, 0, 1);
+            const torch::Tensor &grad = registered_.front().grad;
+            torch::Tensor first = torch::from_blob(grad.data_ptr(), {1}, grad.options());  // any dense layout
             torch::Tensor kept = first.clone();
             first.fill_(std::numeric_limits<float>::quiet_NaN());
             sam_.second_step();
@@ -549,6 +561,7 @@ private:
         perturbed_ = false;
     }
 
+    samopt::Config config_;
     samopt::Optimizer sam_;
     std::vector<Registered> registered_;
     std::vector<double> lr_scales_;
