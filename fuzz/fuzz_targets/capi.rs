@@ -642,6 +642,28 @@ fuzz_target!(|data: &[u8]| {
                     else {
                         break;
                     };
+                    // sam_config_layout with any capacity: at most `capacity` entries written, all
+                    // of them in order and inside the struct; NULLs refused, writing nothing.
+                    const ROOM: usize = 48;
+                    let cap = poke as usize % ROOM;
+                    let mut fields = vec![SamConfigField { name: std::ptr::null(), offset: usize::MAX, size: 0 }; ROOM];
+                    let mut count = usize::MAX;
+                    let s = sam_config_layout(
+                        if poke == 254 { null_mut() } else { fields.as_mut_ptr() },
+                        cap,
+                        if poke == 253 { null_mut() } else { &mut count },
+                    );
+                    check(s, &before, &world.arena, "sam_config_layout");
+                    if s == SamStatus::SAM_OK {
+                        let written = cap.min(count);
+                        assert!(count > 30 && count < ROOM, "sam_config_layout: {count} fields");
+                        assert!(fields[written..].iter().all(|f| f.offset == usize::MAX), "wrote past capacity {cap}");
+                        assert!(fields[..written].windows(2).all(|p| p[0].offset + p[0].size <= p[1].offset));
+                        assert!(fields[..written].iter().all(|f| f.offset + f.size <= size_of::<SamConfig>()));
+                    } else {
+                        assert!(poke == 253 || (poke == 254 && cap > 0), "sam_config_layout refused capacity {cap}");
+                        assert!(fields.iter().all(|f| f.offset == usize::MAX) && count == usize::MAX);
+                    }
                     let ours = size_of::<SamConfig>();
                     let sizes =
                         [0, 8, ours - 8, ours, ours, ours + 1, ours + 8, ours + 64, 1 << 16, (1 << 16) + 1, usize::MAX];
