@@ -71,6 +71,17 @@ inline std::vector<SamAdapterInfo> gpu_adapters() {
     return out;
 }
 
+/// sam_config_layout: this library's SamConfig fields (name, offset, size) in declaration order,
+/// for code that mirrors the struct elsewhere and wants to check its copy.
+inline std::vector<SamConfigField> config_layout() {
+    size_t count = 0;
+    check(sam_config_layout(nullptr, 0, &count));
+    std::vector<SamConfigField> fields(count);
+    check(sam_config_layout(fields.data(), fields.size(), &count));
+    fields.resize(count);
+    return fields;
+}
+
 /// Sends samopt's log messages to `callback` (NULL stops them); see sam_set_log_callback.
 inline void set_log_callback(SamLogCallback callback, void *user = nullptr) {
     check(sam_set_log_callback(callback, user));

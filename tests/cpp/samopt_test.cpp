@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -106,6 +107,14 @@ static void errors_and_raii() {
     EXPECT(other.tensor_count() == 1);
     EXPECT(std::strlen(samopt::version()) > 0 && samopt::abi_version() == SAM_ABI_VERSION);
     for (const SamAdapterInfo &a : samopt::gpu_adapters()) EXPECT(a.name[0] != 0);
+    {
+        // The library's SamConfig layout is this header's, as the C++ compiler lays it out.
+        const auto fields = samopt::config_layout();
+        EXPECT(fields.size() > 30 && std::strcmp(fields.front().name, "struct_size") == 0 &&
+               std::strcmp(fields.back().name, "preconditioned") == 0 &&
+               fields.back().offset == offsetof(SamConfig, preconditioned) &&
+               fields[1].offset == offsetof(SamConfig, rho));
+    }
     samopt::set_log_callback(nullptr);
     // The Vulkan entry points translate errors the same way (tests/vulkan_interop.rs runs them on
     // a real device): a stale struct size, a missing instance, a CPU optimizer's registration.
