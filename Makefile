@@ -20,8 +20,10 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 ABI := $(shell sed -n 's/^\#define SAM_ABI_VERSION \([0-9][0-9]*\)$$/\1/p' include/samopt.h)
 SONAME := libsamopt.so.$(ABI)
 REALNAME := $(SONAME).$(VERSION)
+# The CMake config finds the headers from its own directory, wherever LIBDIR and INCLUDEDIR are.
+INCLUDEDIR_FROM_CMAKEDIR := $(shell realpath -m --relative-to='$(LIBDIR)/cmake/samopt' '$(INCLUDEDIR)')
 SUBST := -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@LIBDIR@|$(LIBDIR)|g' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|g' \
-         -e 's|@VERSION@|$(VERSION)|g' -e 's|@ABI@|$(ABI)|g'
+         -e 's|@VERSION@|$(VERSION)|g' -e 's|@ABI@|$(ABI)|g' -e 's|@INCLUDEDIR_FROM_CMAKEDIR@|$(INCLUDEDIR_FROM_CMAKEDIR)|g'
 
 .PHONY: all install uninstall
 all:

@@ -12,7 +12,8 @@ fn main() {
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let abi = abi::SAM_ABI_VERSION;
     match os.as_str() {
-        "linux" | "android" | "freebsd" | "netbsd" | "openbsd" | "dragonfly" | "illumos" | "solaris" => {
+        // Not Android: its app packages carry only unversioned lib*.so files.
+        "linux" | "freebsd" | "netbsd" | "openbsd" | "dragonfly" | "illumos" | "solaris" => {
             println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libsamopt.so.{abi}");
         }
         // Elsewhere (macOS's install name, Windows' DLL name) the linker's default stays: the

@@ -31,6 +31,14 @@ for exe in quickstart_c quickstart_cpp quickstart_static; do
     "$work/build/$exe" | tail -n 1 | sed "s/^/package: cmake $exe: /"
 done
 
+# A multiarch LIBDIR (Debian's layout): CMake's config still finds the library and the headers.
+multi="$work/multiarch"
+make --quiet install PREFIX="$multi" LIBDIR="$multi/lib/x86_64-linux-gnu" >/dev/null
+cmake -S examples/cmake -B "$work/build-multi" -DCMAKE_PREFIX_PATH="$multi" \
+      -DCMAKE_BUILD_RPATH="$multi/lib/x86_64-linux-gnu" >/dev/null
+cmake --build "$work/build-multi" --target quickstart_c >/dev/null
+"$work/build-multi/quickstart_c" | tail -n 1 | sed 's/^/package: cmake, LIBDIR=<prefix>\/lib\/x86_64-linux-gnu: quickstart_c: /'
+
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
 cc -std=c11 -Wall -Wextra -Werror examples/c/quickstart.c $(pkg-config --cflags --libs samopt) -lm \
    -Wl,-rpath,"$prefix/lib" -o "$work/pc_c"
@@ -49,7 +57,14 @@ files=$(cargo package --list --allow-dirty --locked 2>/dev/null)
 strays=$(grep -Ev '^(\.cargo_vcs_info\.json|Cargo\.(toml|toml\.orig|lock)|build\.rs|README\.md|LICENSE-(MIT|APACHE)|include/samopt\.h|src/.*)$' <<<"$files" || true)
 [ -z "$strays" ] || { echo "package: files in the crate that do not build it: $strays" >&2; exit 1; }
 grep -qx 'src/gpu/shaders/sam.wgsl' <<<"$files" || { echo "package: the crate lacks the WGSL shader" >&2; exit 1; }
-cargo package --allow-dirty --locked --quiet 2>&1 | grep -v '^warning: \(ignoring\|manifest has no\)\|^  |$\|^  = note: see' || true
 crate="target/package/samopt-$version.crate"
+rm -f "$crate"   # so that a crate left by an earlier run cannot stand in for this one
+log=$(mktemp)
+if ! cargo package --allow-dirty --locked --quiet > "$log" 2>&1; then
+    cat "$log" >&2
+    echo "package: cargo package failed" >&2
+    exit 1
+fi
+rm -f "$log"
 [ -f "$crate" ] || { echo "package: cargo package made no $crate" >&2; exit 1; }
 echo "package: cargo package: $(wc -l <<<"$files") files, $(du -k "$crate" | cut -f1) KiB, built from the packaged sources"

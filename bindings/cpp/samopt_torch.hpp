@@ -157,16 +157,21 @@ public:
         : SAM(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(std::move(params))},
               options) {}
 
-    /// SAM over parameter groups; a group's options (a SAMOptions) may set its own lr and
-    /// weight_decay (samopt's groups: the lr relative to the first group's, which schedulers keep).
+    /// SAM over parameter groups: a group without options takes `options`; a group's own options
+    /// (a SAMOptions) may differ from the others in lr and weight_decay only. Each group's lr is
+    /// read at every step, so LibTorch's schedulers, and schedules of your own per group, work.
     SAM(const std::vector<torch::optim::OptimizerParamGroup> &groups, const SAMOptions &options)
         : torch::optim::Optimizer(groups, std::make_unique<SAMOptions>(options)),
           config_(checked_config(options)),
           sam_(config_) {
-        for (size_t g = 0; g < param_groups_.size(); g++) {
-            const auto &params = param_groups_[g].params();
-            for (size_t i = 0; i < params.size(); i++)
-                if (!params[i].defined() || params[i].requires_grad()) check_tensor(params[i], g, i);
+        // LibTorch's add_param_group replaces options of a type it does not know with a copy of
+        // the defaults: give each group its own back.
+        for (size_t g = 0; g < groups.size(); g++)
+            if (groups[g].has_options()) param_groups_[g].set_options(groups[g].options().clone());
+        check_groups();
+        if (groups.size() > 0 && groups[0].has_options()) {
+            config_ = checked_config(group_options(0));
+            sam_ = samopt::Optimizer(config_);
         }
     }
 
@@ -180,6 +185,22 @@ public:
                                         std::to_string(static_cast<uint32_t>(options.base())) +
                                         " would both update the weights; use one (options.base(Base::None))");
         external_ = &base;
+    }
+
+    /// torch::optim's add_param_group, keeping the group's own SAMOptions (LibTorch would replace
+    /// them with the defaults). Before the first step only: samopt's set of tensors is fixed then.
+    void add_param_group(const torch::optim::OptimizerParamGroup &group) {
+        if (!registered_.empty())
+            throw std::invalid_argument("samopt::SAM::add_param_group: after the first step samopt's set of tensors "
+                                        "is fixed; add every group before it");
+        torch::optim::Optimizer::add_param_group(group);
+        if (group.has_options()) param_groups_.back().set_options(group.options().clone());
+        try {
+            check_groups();
+        } catch (...) {
+            param_groups_.pop_back();
+            throw;
+        }
     }
 
     /// Restores BatchNorm's running statistics (every buffer named running_mean, running_var or
@@ -199,22 +220,31 @@ public:
 
     /// The ascent: one gradient norm over every parameter's gradient, then w -> w + e(w) in place
     /// (unless the schedule makes this a single-gradient step). Registers the tensors on the first
-    /// call (their gradients exist from the first backward on) and re-points samopt at gradients
-    /// LibTorch reallocated since. Throws, changing nothing, for a parameter without a gradient or
-    /// with a gradient samopt cannot read, and for gradients holding NaN or infinity.
+    /// call (their gradients exist from the first backward on), re-points samopt at gradients
+    /// LibTorch reallocated since, and takes each group's lr and weight decay. Throws, changing
+    /// nothing, for a parameter without a gradient or with one samopt cannot read, a parameter
+    /// whose dtype or size changed since the first step, and gradients holding NaN or infinity.
     samopt::First first_step() {
         torch::NoGradGuard no_grad;
+        if (perturbed_)
+            throw std::invalid_argument("samopt::SAM::first_step: called twice; call second_step() after the "
+                                        "gradient at w + e(w)");
         if (registered_.empty()) {
             register_tensors();
         } else {
             follow_moved_tensors();
         }
-        sync_lr();
+        place_groups();
         samopt::First first = sam_.first_step();
         if (first == samopt::First::Perturbed) {
-            for (auto &s : stats_) s.saved = s.buffer.clone();
+            perturbed_ = true;
+            try {
+                for (auto &s : stats_) s.saved = s.buffer.clone();
+            } catch (...) {
+                abort_step();
+                throw;
+            }
         }
-        perturbed_ = first == samopt::First::Perturbed;
         return first;
     }
 
@@ -222,36 +252,38 @@ public:
     /// SGD/AdamW, or the torch::optim optimizer given to the constructor. The gradient is read
     /// wherever the second backward left it (copied into the buffer samopt holds when LibTorch
     /// reallocated it; zero where it was set to none). Returns Step::Skipped when a non-finite
-    /// second gradient made samopt skip the update (weights restored, no state touched).
+    /// second gradient made samopt skip the update (weights restored, no state touched). A
+    /// second gradient samopt cannot read (another shape or dtype), or a group's lr or weight
+    /// decay changed since first_step() to a ratio samopt cannot take then, throws after the
+    /// weights were restored exactly and with the update skipped.
     samopt::Step second_step() {
         torch::NoGradGuard no_grad;
-        std::string late_error;
-        for (size_t k = 0; k < registered_.size(); k++) {
-            Registered &r = registered_[k];
-            const torch::Tensor &grad = r.param.grad();
-            if (!grad.defined()) {
-                r.grad.zero_();
-            } else if (grad.data_ptr() != r.grad.data_ptr()) {
-                // Refusing here would leave the weights perturbed: restore with a zero gradient
-                // for this tensor and report it afterwards.
-                if (grad.sizes() == r.grad.sizes() && grad.scalar_type() == r.grad.scalar_type() && grad.is_cpu()) {
+        std::string error;
+        try {
+            for (auto &r : registered_) {
+                const torch::Tensor &grad = r.param.grad();
+                if (!grad.defined()) {
+                    r.grad.zero_();  // no gradient: the loss does not depend on it here
+                } else if (grad.data_ptr() != r.grad.data_ptr()) {
+                    if (grad.sizes() != r.grad.sizes() || grad.scalar_type() != r.grad.scalar_type() || !grad.is_cpu())
+                        throw std::invalid_argument(describe(r) + ": its gradient at w + e(w) is " + shape_of(grad) +
+                                                    ", not the parameter's");
                     r.grad.copy_(grad);
-                } else {
-                    r.grad.zero_();
-                    if (late_error.empty())
-                        late_error = describe(r) + ": its gradient at w + e(w) is " + shape_of(grad) +
-                                     ", not the parameter's; the step used zero for it";
                 }
             }
+            sync_lr();
+        } catch (const std::exception &e) {
+            error = e.what();
         }
-        sync_lr();
+        if (!error.empty()) {
+            const bool restored = perturbed_;
+            if (perturbed_) abort_step();
+            throw std::invalid_argument("samopt::SAM::second_step: " + error +
+                                        (restored ? " (the weights were restored exactly, the update skipped)" : ""));
+        }
         samopt::Step step = sam_.second_step();
         perturbed_ = false;
-        for (auto &s : stats_) {
-            if (s.saved.defined()) s.buffer.copy_(s.saved);
-            s.saved = torch::Tensor();
-        }
-        if (!late_error.empty()) throw std::invalid_argument("samopt::SAM::second_step: " + late_error);
+        restore_stats();
         if (external_ != nullptr && step == samopt::Step::Done) external_->step();
         return step;
     }
@@ -271,16 +303,14 @@ public:
             torch::AutoGradMode grad_mode(true);
             loss = closure();
         }
-        if (first_step() != samopt::First::Perturbed) {
-            second_step();
-            return loss;
-        }
-        try {
-            torch::AutoGradMode grad_mode(true);
-            closure();
-        } catch (...) {
-            abort_step();
-            throw;
+        if (first_step() == samopt::First::Perturbed) {
+            try {
+                torch::AutoGradMode grad_mode(true);
+                closure();
+            } catch (...) {
+                abort_step();
+                throw;
+            }
         }
         second_step();
         return loss;
@@ -300,29 +330,70 @@ public:
     /// The samopt optimizer underneath (grad_norm(), schedule_counts(), set_rho(), ...).
     samopt::Optimizer &engine() noexcept { return sam_; }
 
-    /// Writes samopt's state (momentum, Adam's moments, the step count, ...) and each group's lr.
+    /// Writes samopt's state (momentum, Adam's moments, the step count, ...), each group's lr,
+    /// and how the groups map onto samopt's. Between steps; before the first step it registers
+    /// the tensors first (so the checkpoint fits this model).
     void save(torch::serialize::OutputArchive &archive) const override {
-        std::vector<uint8_t> bytes = const_cast<samopt::Optimizer &>(sam_).save_state();
+        SAM &self = const_cast<SAM &>(*this);  // registering is not a visible change
+        if (perturbed_)
+            throw std::invalid_argument("samopt::SAM::save: between first_step() and second_step(); save before or after");
+        if (self.registered_.empty()) self.register_tensors(/*need_grads=*/false);
+        self.place_groups();
+        std::vector<uint8_t> bytes = self.sam_.save_state();
         archive.write("samopt_state",
                       torch::from_blob(bytes.data(), {static_cast<int64_t>(bytes.size())}, torch::kUInt8).clone(),
                       /*is_buffer=*/true);
-        std::vector<double> lrs;
+        std::vector<double> lrs, table;
+        std::vector<int64_t> group_of;
         for (const auto &g : param_groups_) lrs.push_back(g.options().get_lr());
+        for (const auto &g : sam_groups_) table.insert(table.end(), {g.scale, g.weight_decay});
+        for (size_t k : group_of_) group_of.push_back(static_cast<int64_t>(k));
         archive.write("samopt_group_lrs", torch::tensor(lrs, torch::kFloat64), /*is_buffer=*/true);
+        archive.write("samopt_groups", torch::tensor(table, torch::kFloat64), /*is_buffer=*/true);
+        archive.write("samopt_group_of", torch::tensor(group_of, torch::kInt64), /*is_buffer=*/true);
     }
 
-    /// Reads what save() wrote (into a SAM over the same tensors, before or between steps).
+    /// Reads what save() wrote, into a SAM over the same tensors (same groups, shapes and dtypes),
+    /// before the first step or between steps. All or nothing: a refused archive changes nothing.
     void load(torch::serialize::InputArchive &archive) override {
-        torch::Tensor state, lrs;
+        if (perturbed_)
+            throw std::invalid_argument("samopt::SAM::load: between first_step() and second_step(); load before or after");
+        torch::Tensor state, lrs, table, group_of;
         archive.read("samopt_state", state, /*is_buffer=*/true);
         archive.read("samopt_group_lrs", lrs, /*is_buffer=*/true);
-        if (lrs.numel() != static_cast<int64_t>(param_groups_.size()))
+        archive.read("samopt_groups", table, /*is_buffer=*/true);
+        archive.read("samopt_group_of", group_of, /*is_buffer=*/true);
+        const int64_t groups = static_cast<int64_t>(param_groups_.size());
+        if (lrs.numel() != groups || group_of.numel() != groups || table.numel() % 2 != 0 || table.numel() == 0)
             throw std::invalid_argument("samopt::SAM::load: the archive has " + std::to_string(lrs.numel()) +
-                                        " parameter groups, this optimizer " + std::to_string(param_groups_.size()));
-        if (registered_.empty()) register_tensors_without_gradients();
+                                        " parameter groups, this optimizer " + std::to_string(groups));
+        // A fresh samopt handle with the saved groups, swapped in only when the state loads.
+        std::vector<Registered> all = registered_.empty() ? collect(/*need_grads=*/false) : registered_;
+        samopt::Optimizer fresh(config_);
+        register_into(fresh, all);
+        std::vector<SamGroup> placed{{table[0].item<double>(), table[1].item<double>(), 0}};
+        for (int64_t k = 1; k < table.numel() / 2; k++) {
+            double scale = table[2 * k].item<double>(), wd = table[2 * k + 1].item<double>();
+            placed.push_back({scale, wd, fresh.add_group(scale, wd)});
+        }
+        std::vector<size_t> owner;
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t k = group_of[g].item<int64_t>();
+            if (k < 0 || k >= static_cast<int64_t>(placed.size()))
+                throw std::invalid_argument("samopt::SAM::load: a damaged group table (group " + std::to_string(g) +
+                                            " -> " + std::to_string(k) + ")");
+            owner.push_back(static_cast<size_t>(k));
+        }
+        for (size_t t = 0; t < all.size(); t++)
+            if (owner[all[t].group] != 0) fresh.set_group(static_cast<uint32_t>(t), placed[owner[all[t].group]].id);
         state = state.contiguous();
-        sam_.load_state(state.data_ptr(), static_cast<size_t>(state.numel()));
-        for (size_t g = 0; g < param_groups_.size(); g++) param_groups_[g].options().set_lr(lrs[g].item<double>());
+        fresh.load_state(state.data_ptr(), static_cast<size_t>(state.numel()));
+        sam_ = std::move(fresh);
+        registered_ = std::move(all);
+        sam_groups_ = std::move(placed);
+        group_of_ = std::move(owner);
+        last_lr_ = NAN;
+        for (int64_t g = 0; g < groups; g++) param_groups_[g].options().set_lr(lrs[g].item<double>());
     }
 
 private:
@@ -331,6 +402,13 @@ private:
         torch::Tensor grad;   // the gradient samopt reads, kept alive here
         size_t group, index;
         void *param_ptr;      // where samopt last saw the parameter's storage
+        torch::ScalarType dtype;  // as registered: samopt's buffers have this element size ...
+        int64_t numel;            // ... and this length for good
+    };
+    // One of samopt's groups: its lr as a multiple of samopt's lr, its weight decay, its id.
+    struct SamGroup {
+        double scale, weight_decay;
+        uint32_t id;
     };
     struct Stat {
         torch::Tensor buffer, saved;
@@ -383,8 +461,20 @@ private:
                                         " is not dense (sparse, overlapping or with gaps): samopt steps a flat buffer");
     }
 
+    // Every group's options are SAMOptions agreeing with group 0's but for lr and weight_decay,
+    // and every tensor that requires a gradient is one samopt can take.
+    void check_groups() const {
+        for (size_t g = 0; g < param_groups_.size(); g++) {
+            group_options(g);
+            const auto &params = param_groups_[g].params();
+            for (size_t i = 0; i < params.size(); i++)
+                if (!params[i].defined() || params[i].requires_grad()) check_tensor(params[i], g, i);
+        }
+        check_groups_agree();
+    }
+
     // The gradient must be readable as the same flat buffer: same dtype, shape and strides.
-    void check_grad(const torch::Tensor &p, const torch::Tensor &g, size_t group, size_t index) const {
+    static void check_grad(const torch::Tensor &p, const torch::Tensor &g, size_t group, size_t index) {
         if (!g.defined())
             throw std::invalid_argument("samopt::SAM::first_step: " + describe(group, index, p) +
                                         " has no gradient: compute the loss's gradient first (every parameter that "
@@ -397,59 +487,46 @@ private:
                                         "shape and strides, dense, on the CPU)");
     }
 
-    // The tensors, in group order, each group a samopt group (group 0 is samopt's group 0).
-    void register_tensors() {
+    // The tensors that require a gradient, in group order, with their gradients (or, for save and
+    // load before the first step, zero buffers of our own until the first step rebinds them).
+    std::vector<Registered> collect(bool need_grads) const {
         std::vector<Registered> all;
         for (size_t g = 0; g < param_groups_.size(); g++) {
             const auto &params = param_groups_[g].params();
             for (size_t i = 0; i < params.size(); i++) {
                 const torch::Tensor &p = params[i];
-                check_tensor(p, g, i);
                 if (!p.requires_grad()) continue;
-                check_grad(p, p.grad(), g, i);
-                all.push_back({p, p.grad(), g, i, p.data_ptr()});
+                check_tensor(p, g, i);
+                torch::Tensor grad = p.grad();
+                if (need_grads || grad.defined()) {
+                    check_grad(p, grad, g, i);
+                } else {
+                    grad = torch::zeros_like(p);
+                }
+                all.push_back({p, grad, g, i, p.data_ptr(), p.scalar_type(), p.numel()});
             }
         }
-        register_all(all);
-    }
-
-    // load() before the first step: gradient buffers of our own until the first step rebinds.
-    void register_tensors_without_gradients() {
-        std::vector<Registered> all;
-        for (size_t g = 0; g < param_groups_.size(); g++) {
-            const auto &params = param_groups_[g].params();
-            for (size_t i = 0; i < params.size(); i++) {
-                const torch::Tensor &p = params[i];
-                check_tensor(p, g, i);
-                if (!p.requires_grad()) continue;
-                torch::Tensor grad = p.grad().defined() ? p.grad() : torch::zeros_like(p);
-                all.push_back({p, grad, g, i, p.data_ptr()});
-            }
-        }
-        register_all(all);
-    }
-
-    void register_all(std::vector<Registered> &all) {
         if (all.empty()) throw std::invalid_argument("samopt::SAM: no parameter requires a gradient");
-        check_groups_agree();
-        try {
-            std::vector<uint32_t> groups{0};
-            for (size_t g = 1; g < param_groups_.size(); g++)
-                groups.push_back(sam_.add_group(lr_scale(g), weight_decay(g)));
-            for (auto &r : all) {
-                uint32_t id = sam_.register_host(r.param.data_ptr(), r.grad.data_ptr(),
-                                                 static_cast<size_t>(r.param.numel()), dtype_of(r.param));
-                if (groups[r.group] != 0) sam_.set_group(id, groups[r.group]);
-            }
-        } catch (...) {
-            // samopt registers one tensor at a time and never unregisters: start again from a fresh
-            // handle, so that a refused registration (overlapping tensors, ...) leaves nothing.
-            sam_ = samopt::Optimizer(config_);
-            throw;
-        }
+        return all;
+    }
+
+    static void register_into(samopt::Optimizer &sam, const std::vector<Registered> &all) {
+        for (const auto &r : all)
+            sam.register_host(r.param.data_ptr(), r.grad.data_ptr(), static_cast<size_t>(r.numel), dtype_of(r.param));
+    }
+
+    // samopt registers one tensor at a time and never unregisters: register into a fresh handle
+    // and keep it only when every tensor was taken, so a refusal (overlapping tensors, ...)
+    // leaves nothing behind.
+    void register_tensors(bool need_grads = true) {
+        std::vector<Registered> all = collect(need_grads);
+        samopt::Optimizer fresh(config_);
+        register_into(fresh, all);
+        sam_ = std::move(fresh);
         registered_ = std::move(all);
-        lr_scales_.clear();
-        for (size_t g = 0; g < param_groups_.size(); g++) lr_scales_.push_back(g == 0 ? 1.0 : lr_scale(g));
+        sam_groups_ = {{1.0, weight_decay(0), 0}};  // samopt's group 0: the config's (group 0's) decay
+        group_of_.assign(param_groups_.size(), 0);
+        last_lr_ = NAN;
     }
 
     void follow_moved_tensors() {
@@ -466,6 +543,12 @@ private:
         std::vector<torch::Tensor> keep;
         for (size_t k = 0; k < registered_.size(); k++) {
             Registered &r = registered_[k];
+            if (r.param.scalar_type() != r.dtype || r.param.numel() != r.numel)
+                throw std::invalid_argument("samopt::SAM::first_step: " + describe(r) + " was " +
+                                            c10::toString(r.dtype) + " with " + std::to_string(r.numel) +
+                                            " elements at the first step; samopt's buffers keep their dtype and "
+                                            "size (make a new SAM after changing the model's dtype or shapes)");
+            check_tensor(r.param, r.group, r.index);
             const torch::Tensor grad = r.param.grad();
             check_grad(r.param, grad, r.group, r.index);
             if (grad.data_ptr() != r.grad.data_ptr() || r.param.data_ptr() != r.param_ptr) {
@@ -491,20 +574,11 @@ private:
         return *o;
     }
 
-    double lr_scale(size_t g) const {
-        if (group_options(0).base() == Base::None) return 1.0;  // no lr in samopt's passes then
-        double lr0 = group_options(0).lr(), lr = group_options(g).lr();
-        if (!(lr0 > 0))
-            throw std::invalid_argument("samopt::SAM: group 0's lr is " + std::to_string(lr0) +
-                                        "; with several groups samopt scales the others' lr by theirs, so it must be > 0");
-        return lr / lr0;
-    }
-
     // samopt has one configuration; groups differ in lr and weight_decay only.
     void check_groups_agree() const {
-        const SAMOptions &first = group_options(0);
+        const samopt::Config a = group_options(0).config();
         for (size_t g = 1; g < param_groups_.size(); g++) {
-            const samopt::Config a = first.config(), b = group_options(g).config();
+            const samopt::Config b = group_options(g).config();
             if (!(a.rho == b.rho && a.eps == b.eps && a.adaptive == b.adaptive && a.eta == b.eta &&
                   a.norm_p == b.norm_p && a.base == b.base && a.momentum == b.momentum && a.dampening == b.dampening &&
                   a.nesterov == b.nesterov && a.beta1 == b.beta1 && a.beta2 == b.beta2 && a.adam_eps == b.adam_eps &&
@@ -519,30 +593,80 @@ private:
         }
     }
 
-    double weight_decay(size_t g) const { return group_options(g).weight_decay(); }
+    // A group's weight decay as a number (NAN in SAMOptions is PyTorch's default for the base).
+    double weight_decay(size_t g) const {
+        double wd = group_options(g).weight_decay();
+        if (std::isnan(wd)) wd = config_.base == SAM_BASE_ADAMW ? 1e-2 : 0.0;
+        return wd;
+    }
 
-    // samopt's lr is group 0's; the other groups' must keep the ratio they were registered with
-    // (schedulers that scale every group alike do).
-    void sync_lr() {
-        if (static_cast<SamBase>(group_options(0).base()) == SAM_BASE_NONE) return;
-        for (size_t g = 1; g < lr_scales_.size(); g++) {
-            double now = lr_scale(g);
-            if (std::fabs(now - lr_scales_[g]) > 1e-12 * std::fabs(lr_scales_[g]))
-                throw std::invalid_argument("samopt::SAM: group " + std::to_string(g) + "'s lr is now " +
-                                            std::to_string(now) + " times group 0's, it was " +
-                                            std::to_string(lr_scales_[g]) +
-                                            "; samopt's groups keep their ratio to group 0's lr");
+    // samopt's lr and each group's multiple of it: the first non-zero group lr, so that any group
+    // (group 0 included) may have lr 0, as a warmup or an annealed schedule gives.
+    std::pair<double, std::vector<double>> lr_plan() const {
+        double lr = 0;
+        for (size_t g = 0; g < param_groups_.size() && lr == 0; g++) lr = group_options(g).lr();
+        std::vector<double> scales;
+        for (size_t g = 0; g < param_groups_.size(); g++) scales.push_back(lr != 0 ? group_options(g).lr() / lr : 1.0);
+        return {lr, scales};
+    }
+
+    static bool same(double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); }
+
+    // Puts each group's tensors in a samopt group with the group's lr multiple and weight decay
+    // (samopt's group 0 has multiple 1 and the config's weight decay; others are added the first
+    // time a pair is needed and reused after), and sets samopt's lr. Between steps only: samopt
+    // moves tensors between groups then. With the base outside samopt there is nothing to do.
+    void place_groups() {
+        if (config_.base == SAM_BASE_NONE) return;
+        auto [lr, scales] = lr_plan();
+        for (size_t g = 0; g < param_groups_.size(); g++) {
+            const double wd = weight_decay(g);
+            const SamGroup &now = sam_groups_[group_of_[g]];
+            if (now.scale == scales[g] && same(now.weight_decay, wd)) continue;
+            size_t k = 0;
+            while (k < sam_groups_.size() && !(sam_groups_[k].scale == scales[g] && same(sam_groups_[k].weight_decay, wd))) k++;
+            if (k == sam_groups_.size()) sam_groups_.push_back({scales[g], wd, sam_.add_group(scales[g], wd)});
+            for (size_t t = 0; t < registered_.size(); t++)
+                if (registered_[t].group == g) sam_.set_group(static_cast<uint32_t>(t), sam_groups_[k].id);
+            group_of_[g] = k;
         }
-        double lr = group_options(0).lr();
+        set_lr(lr);
+    }
+
+    // Before the update: samopt's lr from the groups' now. Between the two steps samopt cannot
+    // move tensors between its groups, so a changed ratio between groups is refused then.
+    void sync_lr() {
+        if (config_.base == SAM_BASE_NONE) return;
+        auto [lr, scales] = lr_plan();
+        for (size_t g = 0; g < param_groups_.size(); g++) {
+            const SamGroup &now = sam_groups_[group_of_[g]];
+            if (now.scale != scales[g] || !same(now.weight_decay, weight_decay(g)))
+                throw std::invalid_argument("group " + std::to_string(g) + "'s lr or weight decay changed between "
+                                            "first_step() and second_step() relative to the other groups; change "
+                                            "them before first_step()");
+        }
+        set_lr(lr);
+    }
+
+    void set_lr(double lr) {
         if (lr != last_lr_) {
             sam_.set_lr(lr);
             last_lr_ = lr;
         }
     }
 
-    // The closure threw at w + e(w): restore exactly and skip the update, through samopt's own
-    // rule for a non-finite second gradient (restore, no update, no state touched). One element of
-    // the gradient samopt reads is NaN for the call and gets its value back after.
+    void restore_stats() {
+        for (auto &s : stats_) {
+            if (s.saved.defined()) s.buffer.copy_(s.saved);
+            s.saved = torch::Tensor();
+        }
+    }
+
+    // Ends a perturbed step without its update: the weights restored exactly, through samopt's
+    // own rule for a non-finite second gradient (restore, no update, no optimizer state touched).
+    // One element of the gradient samopt reads is NaN for the call and gets its value back after.
+    // With Base::None samopt reads no second gradient: it restores and counts the step (its only
+    // state then), and the torch::optim base is not stepped.
     void abort_step() noexcept {
         try {
             torch::NoGradGuard no_grad;
@@ -552,10 +676,7 @@ private:
             first.fill_(std::numeric_limits<float>::quiet_NaN());
             sam_.second_step();
             first.copy_(kept);
-            for (auto &s : stats_) {
-                if (s.saved.defined()) s.buffer.copy_(s.saved);
-                s.saved = torch::Tensor();
-            }
+            restore_stats();
         } catch (...) {
         }
         perturbed_ = false;
@@ -564,7 +685,8 @@ private:
     samopt::Config config_;
     samopt::Optimizer sam_;
     std::vector<Registered> registered_;
-    std::vector<double> lr_scales_;
+    std::vector<SamGroup> sam_groups_;  // samopt's groups; [0] is samopt's group 0
+    std::vector<size_t> group_of_;      // torch group -> index in sam_groups_
     std::vector<Stat> stats_;
     torch::optim::Optimizer *external_ = nullptr;
     double last_lr_ = NAN;

@@ -292,6 +292,93 @@ static bool check_promises() {
         ok = ok && refused;
     }
 
+    // A parameter whose dtype changes after the first step (model->to(torch::kHalf)) is refused:
+    // samopt's buffers keep the element size they were registered with.
+    {
+        torch::manual_seed(7);
+        auto w = torch::randn({64}).requires_grad_(true);
+        samopt::SAM sam({w}, samopt::SAMOptions(kRho));
+        auto closure = [&] {
+            sam.zero_grad();
+            auto l = w.to(torch::kFloat).square().sum();
+            l.backward();
+            return l;
+        };
+        sam.step(closure);
+        {
+            torch::NoGradGuard guard;
+            w.set_data(w.to(torch::kHalf));
+        }
+        auto before = w.detach().clone();
+        std::string message;
+        try {
+            sam.step(closure);
+        } catch (const std::invalid_argument &e) {
+            message = e.what();
+        }
+        bool refused = message.find("make a new SAM") != std::string::npos && torch::equal(w.detach(), before) &&
+                       !sam.engine().perturbed();
+        std::printf("  a parameter whose dtype changed after the first step refused, weights untouched: %s\n",
+                    refused ? "yes" : "NO");
+        if (!refused) std::printf("    message: %s\n", message.c_str());
+        ok = ok && refused;
+    }
+
+    // Parameter groups with their own lr and weight decay, group 0 warming up from lr 0 (so the
+    // ratio between the groups changes for five steps), against torch::optim::SGD's groups.
+    {
+        const auto batches = make_batches(20, 64);
+        torch::manual_seed(6);
+        Net a, b;
+        {
+            torch::NoGradGuard guard;
+            auto pa = a->parameters(), pb = b->parameters();
+            for (size_t i = 0; i < pa.size(); i++) pb[i].copy_(pa[i]);
+            auto ba = a->buffers(), bb = b->buffers();
+            for (size_t i = 0; i < ba.size(); i++) bb[i].copy_(ba[i]);
+        }
+        auto split = [](Net &net) {
+            std::vector<torch::Tensor> first = net->fc1->parameters(), rest = net->bn->parameters();
+            for (auto &p : net->fc2->parameters()) rest.push_back(p);
+            return std::make_pair(first, rest);
+        };
+        auto [a1, a2] = split(a);
+        auto [b1, b2] = split(b);
+        auto defaults = samopt::SAMOptions(kRho).base(samopt::Base::SGD).lr(0.0).momentum(kMomentum);
+        std::vector<torch::optim::OptimizerParamGroup> groups;
+        groups.emplace_back(a1);
+        groups.emplace_back(a2, std::make_unique<samopt::SAMOptions>(
+                                    samopt::SAMOptions(defaults).lr(0.02).weight_decay(1e-3)));
+        samopt::SAM sam(groups, defaults);
+        sam.keep_running_stats(*a);
+        std::vector<torch::optim::OptimizerParamGroup> ref_groups;
+        ref_groups.emplace_back(b1);
+        ref_groups.emplace_back(b2, std::make_unique<torch::optim::SGDOptions>(
+                                        torch::optim::SGDOptions(0.02).momentum(kMomentum).weight_decay(1e-3)));
+        torch::optim::SGD reference(ref_groups, torch::optim::SGDOptions(0.0).momentum(kMomentum));
+        allocate_grads(b);
+        double worst = 0;
+        for (int step = 0; step < 20; step++) {
+            const double warm = std::min(0.05, 0.01 * step);  // group 0: 0, 0.01, ..., 0.05
+            sam.param_groups()[0].options().set_lr(warm);
+            reference.param_groups()[0].options().set_lr(warm);
+            const Batch &batch = batches[step];
+            sam.step([&] {
+                sam.zero_grad();
+                auto l = torch::nn::functional::cross_entropy(a->forward(batch.x), batch.y);
+                l.backward();
+                return l;
+            });
+            reference_step(b, reference, batch, batch);
+            worst = std::fmax(worst, largest_relative_difference(a, b));
+        }
+        bool close = worst < 1e-5;
+        std::printf("  two parameter groups (lr warming up from 0 in one, weight decay in the other) against "
+                    "torch::optim::SGD's groups, 20 steps: largest relative difference %.2e: %s\n",
+                    worst, close ? "yes" : "NO");
+        ok = ok && close;
+    }
+
     // save/load: a restored optimizer continues exactly as the original (momentum and lr).
     {
         torch::manual_seed(5);
@@ -305,6 +392,17 @@ static bool check_promises() {
         auto y = torch::randint(0, 4, {16});
         auto options = samopt::SAMOptions(kRho).base(samopt::Base::SGD).lr(kLr).momentum(kMomentum);
         samopt::SAM sa(a->parameters(), options), sb(b->parameters(), options);
+        {
+            // A checkpoint from before the first step loads too (the tensors are registered for it).
+            torch::serialize::OutputArchive early;
+            sb.save(early);
+            std::ostringstream bytes;
+            early.save_to(bytes);
+            std::istringstream in(bytes.str());
+            torch::serialize::InputArchive back;
+            back.load_from(in);
+            sb.load(back);
+        }
         auto closure = [&](Net &net, samopt::SAM &sam) {
             return [&] {
                 sam.zero_grad();
