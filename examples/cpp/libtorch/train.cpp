@@ -60,6 +60,15 @@ static void allocate_grads(Net &net) {
     for (auto &p : net->parameters()) p.mutable_grad() = torch::zeros_like(p);
 }
 
+// The same weights and BatchNorm buffers in `to` as in `from`.
+static void copy_model(Net &from, Net &to) {
+    torch::NoGradGuard guard;
+    auto pa = from->parameters(), pb = to->parameters();
+    for (size_t i = 0; i < pa.size(); i++) pb[i].copy_(pa[i]);
+    auto ba = from->buffers(), bb = to->buffers();
+    for (size_t i = 0; i < ba.size(); i++) bb[i].copy_(ba[i]);
+}
+
 static double largest_relative_difference(Net &a, Net &b) {
     double worst = 0;
     auto pa = a->parameters(), pb = b->parameters();
@@ -129,14 +138,7 @@ static bool run(Mode mode, double ascent_fraction, int steps) {
     const auto batches = make_batches(steps, 64);
     torch::manual_seed(2);
     Net plugin_net, reference_net;
-    {
-        // The same initialisation for both: parameters and BatchNorm's buffers.
-        torch::NoGradGuard guard;
-        auto pa = plugin_net->parameters(), pb = reference_net->parameters();
-        for (size_t i = 0; i < pa.size(); i++) pb[i].copy_(pa[i]);
-        auto ba = plugin_net->buffers(), bb = reference_net->buffers();
-        for (size_t i = 0; i < ba.size(); i++) bb[i].copy_(ba[i]);
-    }
+    copy_model(plugin_net, reference_net);  // the same initialisation for both
     allocate_grads(reference_net);
     torch::optim::SGD reference_sgd(reference_net->parameters(), torch::optim::SGDOptions(kLr).momentum(kMomentum));
     torch::optim::StepLR reference_schedule(reference_sgd, 20, 0.5);
@@ -330,13 +332,7 @@ static bool check_promises() {
         const auto batches = make_batches(20, 64);
         torch::manual_seed(6);
         Net a, b;
-        {
-            torch::NoGradGuard guard;
-            auto pa = a->parameters(), pb = b->parameters();
-            for (size_t i = 0; i < pa.size(); i++) pb[i].copy_(pa[i]);
-            auto ba = a->buffers(), bb = b->buffers();
-            for (size_t i = 0; i < ba.size(); i++) bb[i].copy_(ba[i]);
-        }
+        copy_model(a, b);
         auto split = [](Net &net) {
             std::vector<torch::Tensor> first = net->fc1->parameters(), rest = net->bn->parameters();
             for (auto &p : net->fc2->parameters()) rest.push_back(p);
@@ -383,11 +379,7 @@ static bool check_promises() {
     {
         torch::manual_seed(5);
         Net a, b;
-        {
-            torch::NoGradGuard guard;
-            auto pa = a->parameters(), pb = b->parameters();
-            for (size_t i = 0; i < pa.size(); i++) pb[i].copy_(pa[i]);
-        }
+        copy_model(a, b);
         auto x = torch::randn({16, 20});
         auto y = torch::randint(0, 4, {16});
         auto options = samopt::SAMOptions(kRho).base(samopt::Base::SGD).lr(kLr).momentum(kMomentum);
@@ -413,13 +405,7 @@ static bool check_promises() {
         };
         for (int i = 0; i < 3; i++) sa.step(closure(a, sa));
         sa.param_groups()[0].options().set_lr(0.02);
-        {
-            torch::NoGradGuard guard;
-            auto pa = a->parameters(), pb = b->parameters();
-            for (size_t i = 0; i < pa.size(); i++) pb[i].copy_(pa[i]);
-            auto ba = a->buffers(), bb = b->buffers();
-            for (size_t i = 0; i < ba.size(); i++) bb[i].copy_(ba[i]);
-        }
+        copy_model(a, b);
         std::ostringstream bytes;
         {
             torch::serialize::OutputArchive archive;
