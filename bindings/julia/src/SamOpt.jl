@@ -32,9 +32,8 @@ export SamOptimizer, SamError, register!, first_step!, second_step!, grad_norm, 
 # The C ABI this module is written against (SAM_ABI_VERSION); the library's SONAME carries it.
 const ABI_VERSION = UInt32(1)
 
-# The library, opened by __init__ (not at precompile time, so SAMOPT_LIB is read in the session
+# The library is opened by __init__ (not at precompile time, so SAMOPT_LIB is read in the session
 # that loads the package), and the address of every C function this module calls, resolved once.
-const LIB = Ref{Ptr{Cvoid}}(C_NULL)
 const LIBPATH = Ref{String}("")
 const SYMBOLS = Dict{Symbol,Ptr{Cvoid}}()
 const FUNCTIONS = (:sam_abi_version, :sam_config_layout, :sam_grad_norm, :sam_tensor_count,
@@ -529,7 +528,6 @@ function __init__()
                                "install a newer samopt or point ENV[\"SAMOPT_LIB\"] at one")
         SYMBOLS[name] = p
     end
-    LIB[] = handle
     LIBPATH[] = path
     abi = ccall(sym(:sam_abi_version), UInt32, ())
     abi == ABI_VERSION || error("SamOpt: $path implements C ABI $abi, this SamOpt.jl ABI $ABI_VERSION")
