@@ -33,7 +33,7 @@ export SamOptimizer, SamError, register!, first_step!, second_step!, grad_norm, 
 const ABI_VERSION = UInt32(1)
 
 # The library is opened by __init__ (not at precompile time, so SAMOPT_LIB is read in the session
-# that loads the package), and the address of every C function this module calls, resolved once.
+# that loads the package); here its path and the address of every C function this module calls.
 const LIBPATH = Ref{String}("")
 const SYMBOLS = Dict{Symbol,Ptr{Cvoid}}()
 const FUNCTIONS = (:sam_abi_version, :sam_config_layout, :sam_grad_norm, :sam_tensor_count,
